@@ -1,0 +1,336 @@
+"""Configuration: frozen dataclasses with every default in one place, and one loader.
+
+`load_config(path)` reads YAML (safe loader only), rejects unknown keys, checks types and
+bounds, and raises ConfigError naming the dotted key. `config_from_dict` does the same for
+an in-memory mapping (tests, per-job overrides reuse the field checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+SCHEDULERS = (
+    "dpmpp_2m_karras",
+    "dpmpp_2m",
+    "euler_a",
+    "euler",
+    "ddim",
+    "unipc",
+    "lcm",
+    "pndm",
+)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")
+OUTPUT_FORMATS = ("same", "png", "jpg", "webp")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "inpaintd"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # None means the embedded default: a tiny random-weight model generated on first use.
+    path: Path | None = None
+    dtype: str = "auto"  # auto | bf16 | fp32
+    threads: int = 0  # 0 = number of physical cores
+    allow_pickle: bool = False  # .bin/.ckpt run code when loaded; off unless the operator says so
+    attention_slicing: str = "auto"  # auto | on | off
+    vae_tiling: str = "auto"  # auto | on | off
+    vae_tiling_min_side: int = 1024  # auto: tile the VAE only when a working side reaches this
+    compile: str = "off"  # off | inductor
+    # Activations in channels-last layout (a pre-hook on the UNet and VAE; weights untouched, so
+    # they stay memory-mapped). Measured: VAE decode 5.1 s -> 1.9 s at 512x512 in bf16.
+    channels_last: bool = True
+    # Weight-only int8 UNet (half the bytes of bf16, cached on disk and mmapped). auto: on when
+    # the memory this process may use (cgroup MemoryMax/MemoryHigh, else RAM) is below
+    # unet_int8_below_gib; a bf16 SD-1.5 UNet alone is 1.6 GiB. See BENCHMARKS.md.
+    unet_int8: str = "auto"  # auto | on | off
+    unet_int8_below_gib: float = 3.0
+    # Give glibc's free heap pages back to the kernel before and after each VAE pass and after each job.
+    malloc_trim: bool = True
+    # After encoding a new prompt (embeddings are cached), drop the text encoder's mmapped
+    # weight pages; they come back from the file when the next new prompt arrives.
+    release_text_encoder: bool = True
+    text_embedding_cache: int = 16  # prompts kept encoded (LRU)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    prompt: str = ""
+    negative_prompt: str = ""
+    scheduler: str = "dpmpp_2m_karras"
+    steps: int = 20
+    guidance: float = 7.5
+    strength: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per job, always reported
+
+
+@dataclass(frozen=True)
+class RoiConfig:
+    mask_threshold: int = 127  # mask pixels above this are repainted
+    dilate: int = 8  # px the mask grows before anything else
+    feather: int = 8  # px of soft edge when pasting back
+    padding: int = 32  # context px around a region's mask bbox
+    merge_gap: int = 32  # regions whose context boxes are closer than this merge
+    min_size: int = 512  # context box grows towards this side length (model's native size)
+    max_size: int = 512  # working side cap; bigger boxes are downscaled to fit
+    # Working sides snap to these values so a warmed/compiled model sees few distinct shapes.
+    bucket_sides: tuple[int, ...] = (256, 384, 512)
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    inbox: Path = Path("/var/lib/inpaintd/inbox")
+    outbox: Path = Path("/var/lib/inpaintd/outbox")
+    failed: Path = Path("/var/lib/inpaintd/failed")
+    archive: Path = Path("/var/lib/inpaintd/archive")
+    state: Path = Path("/var/lib/inpaintd/state")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    observer: str = "auto"  # auto | inotify | polling
+    settle_seconds: float = 2.0  # no writes for this long before a file counts as complete
+    poll_interval: float = 1.0
+    incomplete_timeout: float = 600.0  # a job missing a part this long goes to failed
+    rescan_interval: float = 60.0  # safety net full scan even when events flow
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_pixels: int = 50_000_000  # refused before decoding (decompression bomb guard)
+    max_prompt_bytes: int = 65_536
+    max_input_bytes: int = 256 * 1024 * 1024
+    poison_after: int = 3  # a job that crashed the daemon this many times goes to failed
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    format: str = "same"  # same | png | jpg | webp
+    jpeg_quality: int = 95
+    after_success: str = "archive"  # archive | delete
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    shutdown_timeout: float = 30.0
+    watchdog_from_steps: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "auto"  # auto | console | json | journald
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Bounds and choices, checked by _check. Keys are dotted paths.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "bf16", "fp32"),
+    "model.attention_slicing": ("auto", "on", "off"),
+    "model.vae_tiling": ("auto", "on", "off"),
+    "model.compile": ("off", "inductor"),
+    "model.unet_int8": ("auto", "on", "off"),
+    "inference.scheduler": SCHEDULERS,
+    "watch.observer": ("auto", "inotify", "polling"),
+    "output.format": OUTPUT_FORMATS,
+    "output.after_success": ("archive", "delete"),
+    "logging.format": ("auto", "console", "json", "journald"),
+    "logging.level": ("debug", "info", "warning", "error"),
+}
+_RANGES: dict[str, tuple[float, float]] = {
+    "model.threads": (0, 256),
+    "model.vae_tiling_min_side": (64, 16384),
+    "model.text_embedding_cache": (0, 4096),
+    "model.unet_int8_below_gib": (0.0, 1024.0),
+    "inference.steps": (1, 150),
+    "inference.guidance": (0.0, 30.0),
+    "inference.strength": (0.01, 1.0),
+    "inference.seed": (0, 2**32 - 1),
+    "roi.mask_threshold": (0, 254),
+    "roi.dilate": (0, 256),
+    "roi.feather": (0, 256),
+    "roi.padding": (0, 4096),
+    "roi.merge_gap": (0, 4096),
+    "roi.min_size": (64, 4096),
+    "roi.max_size": (64, 4096),
+    "watch.settle_seconds": (0.0, 3600.0),
+    "watch.poll_interval": (0.05, 3600.0),
+    "watch.incomplete_timeout": (1.0, 7 * 86400.0),
+    "watch.rescan_interval": (1.0, 86400.0),
+    "limits.max_pixels": (1, 2**31),
+    "limits.max_prompt_bytes": (1, 16 * 1024 * 1024),
+    "limits.max_input_bytes": (1, 2**40),
+    "limits.poison_after": (1, 100),
+    "output.jpeg_quality": (1, 100),
+    "service.shutdown_timeout": (1.0, 3600.0),
+}
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a YAML config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"{path} is not UTF-8 text") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    config = config_from_dict(data)
+    return _resolve_relative_paths(config, Path(path).resolve().parent)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    if not isinstance(data, Mapping):
+        raise ConfigError("<root>", "the config must be a mapping of sections")
+    return _build(Config, data, prefix="")
+
+
+def replace_section(config: Config, section: str, **changes: Any) -> Config:
+    """A copy of config with some fields of one section changed, validated like a file."""
+    current = dataclasses.asdict(getattr(config, section))
+    current.update(changes)
+    merged = dataclasses.asdict(config)
+    merged[section] = current
+    return config_from_dict(merged)
+
+
+def check_field(key: str, value: Any, annotation: Any) -> Any:
+    """Validate and normalise one value for a dotted key; used by per-job overrides too."""
+    return _check(key, value, annotation)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(
+            f"{prefix}{unknown[0]}",
+            f"unknown key in {where} (known: {', '.join(sorted(fields))})",
+        )
+    kwargs: dict[str, Any] = {}
+    hints = _type_hints(cls)
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, "must be a mapping")
+            kwargs[name] = _build(hint, value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _check(key, value, hint)
+    config = cls(**kwargs)
+    if cls is RoiConfig and config.min_size > config.max_size:
+        raise ConfigError(f"{prefix}min_size", f"must be <= roi.max_size ({config.max_size})")
+    if cls is RoiConfig and min(config.bucket_sides) > config.max_size:
+        raise ConfigError(f"{prefix}bucket_sides", f"needs a side <= roi.max_size ({config.max_size})")
+    return config
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _check(key: str, value: Any, hint: Any) -> Any:
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        _check_range(key, value)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        _check_range(key, float(value))
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        choices = _CHOICES.get(key)
+        if choices is not None:
+            value = value.strip().lower()
+            if value not in choices:
+                raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise ConfigError(key, f"must be a path, got {value!r}")
+        return Path(os.path.expanduser(str(value)))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(key, f"must be a non-empty list, got {value!r}")
+        items = []
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int) or not 64 <= item <= 4096 or item % 8:
+                raise ConfigError(f"{key}[{index}]", f"must be a multiple of 8 in 64..4096, got {item!r}")
+            items.append(item)
+        return tuple(sorted(set(items)))
+    raise ConfigError(key, f"unsupported type {hint!r}")  # a programming error, named anyway
+
+
+def _check_range(key: str, value: float) -> None:
+    bounds = _RANGES.get(key)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise ConfigError(key, f"must be between {bounds[0]} and {bounds[1]}, got {value!r}")
+
+
+def _resolve_relative_paths(config: Config, base: Path) -> Config:
+    """Relative paths in a config file are relative to the file, not to the working directory."""
+
+    def fix(p: Path | None) -> Path | None:
+        if p is None or p.is_absolute():
+            return p
+        return base / p
+
+    paths = PathsConfig(**{f.name: fix(getattr(config.paths, f.name)) for f in dataclasses.fields(PathsConfig)})
+    model = dataclasses.replace(config.model, path=fix(config.model.path), cache_dir=fix(config.model.cache_dir))
+    return dataclasses.replace(config, paths=paths, model=model)
