@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny random-weight inpainting model built once per test session.
+
+`tiny_model_raw` is the diffusers folder testmodels writes (fp32, no manifest);
+`tiny_model` is its prepared copy (fp32 safetensors + inpaintd-manifest.json), the form the
+daemon loads; `tiny_engine` is an Engine on `tiny_model` with one thread, loaded once.
+Tests must not modify these folders: copy them (shutil.copytree) to tamper.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inpaintd import models, testmodels
+
+
+@pytest.fixture(scope="session")
+def tiny_model_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return testmodels.build_random_model("tiny", tmp_path_factory.mktemp("tiny-model") / "raw")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_raw: Path) -> Path:
+    dst = tiny_model_raw.parent / "prepared"
+    models.prepare_model(tiny_model_raw, dst, dtype="fp32")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    from inpaintd.config import ModelConfig
+    from inpaintd.engine import Engine
+
+    config = ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path_factory.mktemp("cache"))
+    return Engine.load(config)

@@ -1,0 +1,270 @@
+"""The inference engine on the tiny random model (one thread, fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from inpaintd import engine as engine_mod
+from inpaintd.config import SCHEDULERS, ModelConfig
+from inpaintd.engine import Engine, detect_dtype, physical_cores, versions
+from inpaintd.errors import Interrupted, ModelError
+from inpaintd.jobs import InpaintParams
+
+SIZE = (64, 64)
+
+
+def _params(**changes) -> InpaintParams:
+    base = InpaintParams(
+        prompt="a red bicycle",
+        negative_prompt="blurry",
+        scheduler="dpmpp_2m_karras",
+        steps=3,
+        guidance=7.5,
+        strength=1.0,
+        seed=1234,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _inputs(size: tuple[int, int] = SIZE) -> tuple[Image.Image, Image.Image]:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[size[1] // 4 : size[1] * 3 // 4, size[0] // 4 : size[0] * 3 // 4] = 255
+    return image, Image.fromarray(mask, "L")
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_inpaint_returns_rgb_of_the_working_size(tiny_engine: Engine) -> None:
+    image, mask = _inputs((64, 48))
+    out = tiny_engine.inpaint(image, mask, _params())
+    assert out.mode == "RGB" and out.size == (64, 48)
+
+
+def test_same_seed_gives_identical_pixels_and_another_seed_differs(tiny_engine: Engine) -> None:
+    image, mask = _inputs()
+    first = _pixels(tiny_engine.inpaint(image, mask, _params(seed=7)))
+    second = _pixels(tiny_engine.inpaint(image, mask, _params(seed=7)))
+    other = _pixels(tiny_engine.inpaint(image, mask, _params(seed=8)))
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+def test_model_info_labels_random_weights(tiny_engine: Engine, tiny_model: Path) -> None:
+    info = tiny_engine.info
+    assert info.random_weights is True
+    assert info.dtype == "fp32" and info.unet_in_channels == 9
+    assert info.path == str(tiny_model)
+    assert info.manifest is not None and info.model_id == info.manifest["id"]
+    assert info.architecture.startswith("unet9-")
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_runs(tiny_engine: Engine, name: str) -> None:
+    image, mask = _inputs()
+    steps: list[tuple[int, int]] = []
+    out = tiny_engine.inpaint(image, mask, _params(scheduler=name, steps=2), on_step=lambda d, t: steps.append((d, t)))
+    assert out.size == SIZE
+    assert steps and steps[-1][0] == steps[-1][1]
+    assert type(tiny_engine.pipeline.scheduler).__name__ == type(tiny_engine.scheduler(name)).__name__
+    assert tiny_engine.scheduler(name) is tiny_engine.scheduler(name)
+
+
+def test_karras_scheduler_uses_karras_sigmas(tiny_engine: Engine) -> None:
+    assert tiny_engine.scheduler("dpmpp_2m_karras").config.use_karras_sigmas is True
+    assert tiny_engine.scheduler("dpmpp_2m").config.use_karras_sigmas is False
+
+
+def test_on_step_is_called_once_per_step(tiny_engine: Engine) -> None:
+    image, mask = _inputs()
+    calls: list[tuple[int, int]] = []
+    tiny_engine.inpaint(image, mask, _params(steps=5), on_step=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+
+
+def test_an_exception_raised_in_on_step_propagates_unchanged(tiny_engine: Engine) -> None:
+    image, mask = _inputs()
+    raised = Interrupted("stop now")
+    seen: list[int] = []
+
+    def on_step(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            raise raised
+
+    with pytest.raises(Interrupted) as info:
+        tiny_engine.inpaint(image, mask, _params(steps=5), on_step=on_step)
+    assert info.value is raised
+    assert seen == [1, 2]
+    # The engine is still usable afterwards.
+    assert tiny_engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+
+
+def test_text_embeddings_are_cached_per_prompt_pair(tiny_engine: Engine) -> None:
+    calls = []
+    hook = tiny_engine.pipeline.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        image, mask = _inputs()
+        params = _params(prompt="a prompt nobody used before", negative_prompt="and its negative")
+        tiny_engine.inpaint(image, mask, params)
+        after_first = len(calls)
+        assert after_first == 2  # prompt and negative prompt, encoded once each
+        tiny_engine.inpaint(image, mask, dataclasses.replace(params, seed=99, steps=2))
+        assert len(calls) == after_first  # cache hit: the encoder did not run
+        tiny_engine.inpaint(image, mask, dataclasses.replace(params, negative_prompt="another negative"))
+        assert len(calls) == after_first + 2
+    finally:
+        hook.remove()
+
+
+def test_embedding_cache_is_bounded_lru(tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, text_embedding_cache=2, cache_dir=tmp_path))
+    for prompt in ("a", "b", "a", "c"):
+        engine.encode(prompt, "")
+    assert list(engine._embeddings) == [("a", ""), ("c", "")]
+    assert engine.embedding_hits == 1 and engine.embedding_misses == 3
+
+
+def test_warm_runs_each_working_size_and_reports_progress(tiny_engine: Engine) -> None:
+    progress: list[tuple[int, int]] = []
+    tiny_engine.warm([(64, 64), (128, 64), (64, 64)], on_progress=lambda d, t: progress.append((d, t)))
+    assert progress == [(1, 2), (2, 2)]
+
+
+def test_runtime_report_names_the_policies(tiny_engine: Engine) -> None:
+    report = tiny_engine.runtime_report((64, 64))
+    assert report["dtype"] == "fp32" and report["threads"] == 1
+    assert report["attention"] == "sdpa" and report["vae_tiling"] is False
+    assert report["compile"] == "off" and report["zero_copy_load"] is True
+    assert torch.get_num_threads() == 1
+
+
+def test_vae_tiling_auto_follows_the_minimum_side(tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, vae_tiling_min_side=128, cache_dir=tmp_path))
+    assert engine.runtime_report((64, 64))["vae_tiling"] is False
+    assert engine.runtime_report((128, 64))["vae_tiling"] is True
+    image, mask = _inputs((128, 64))
+    engine.inpaint(image, mask, _params(steps=1))
+    assert engine.pipeline.vae.use_tiling is True
+    image, mask = _inputs((64, 64))
+    engine.inpaint(image, mask, _params(steps=1))
+    assert engine.pipeline.vae.use_tiling is False
+
+
+def test_attention_slicing_on_is_applied(tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, attention_slicing="on", cache_dir=tmp_path))
+    assert engine.runtime_report((64, 64))["attention"] == "sliced"
+    image, mask = _inputs()
+    assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+
+
+def test_bf16_engine_loads_prepared_bf16_files(tiny_model_raw: Path, tmp_path: Path) -> None:
+    from inpaintd import models
+
+    dst = tmp_path / "bf16"
+    models.prepare_model(tiny_model_raw, dst, dtype="bf16")
+    engine = Engine.load(ModelConfig(path=dst, dtype="bf16", threads=1, cache_dir=tmp_path))
+    assert engine.pipeline.unet.dtype == torch.bfloat16
+    assert engine.runtime_report((64, 64))["zero_copy_load"] is True
+    image, mask = _inputs()
+    assert engine.inpaint(image, mask, _params(steps=2)).size == SIZE
+
+
+def test_raw_diffusers_folder_loads_without_manifest(tiny_model_raw: Path, tmp_path: Path) -> None:
+    engine = Engine.load(ModelConfig(path=tiny_model_raw, dtype="fp32", threads=1, cache_dir=tmp_path))
+    assert engine.info.manifest is None and engine.info.model_id.startswith("raw-")
+    assert engine.info.random_weights is True
+
+
+def test_embedded_model_is_used_when_no_path_is_configured(tmp_path: Path) -> None:
+    engine = Engine.load(ModelConfig(path=None, dtype="fp32", threads=1, cache_dir=tmp_path))
+    assert engine.info.path == str(tmp_path / "models" / "tiny-random")
+    assert engine.info.random_weights is True
+
+
+def test_pickle_model_is_refused_unless_allowed(tiny_model_raw: Path, tmp_path: Path) -> None:
+    src = tmp_path / "pickled"
+    shutil.copytree(tiny_model_raw, src)
+    for f in list(src.rglob("*.safetensors")):
+        name = "pytorch_model.bin" if f.parent.name == "text_encoder" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(str(f)), f.with_name(name))
+        f.unlink()
+    with pytest.raises(ModelError, match="pickle"):
+        Engine.load(ModelConfig(path=src, dtype="fp32", threads=1, cache_dir=tmp_path))
+    engine = Engine.load(ModelConfig(path=src, dtype="fp32", threads=1, allow_pickle=True, cache_dir=tmp_path))
+    image, mask = _inputs()
+    assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+
+
+def test_four_channel_model_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "t2i"
+    shutil.copytree(tiny_model_raw, src)
+    config = json.loads((src / "unet" / "config.json").read_text())
+    config["in_channels"] = 4
+    (src / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="text-to-image model with 4 input channels"):
+        Engine.load(ModelConfig(path=src, dtype="fp32", threads=1, cache_dir=tmp_path))
+
+
+def test_missing_model_folder_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        Engine.load(ModelConfig(path=tmp_path / "missing", dtype="fp32", threads=1, cache_dir=tmp_path))
+
+
+def test_inputs_must_match_and_be_multiples_of_eight(tiny_engine: Engine) -> None:
+    image, mask = _inputs()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        tiny_engine.inpaint(image.resize((60, 64)), mask.resize((60, 64)), _params())
+    with pytest.raises(ValueError, match="differs"):
+        tiny_engine.inpaint(image, mask.resize((64, 56)), _params())
+
+
+def test_compile_failure_falls_back_to_eager(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+    engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path))
+    eager = engine.pipeline.unet
+
+    class Broken(torch.nn.Module):
+        config = eager.config
+        dtype = eager.dtype
+        device = eager.device
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler")
+
+    engine.pipeline.unet = Broken()
+    engine._compile_state = "inductor-pending"
+    image, mask = _inputs()
+    assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+    assert engine.runtime_report((64, 64))["compile"] == "inductor-failed"
+    assert engine.pipeline.unet is eager
+
+
+def test_cpu_facts_from_cpuinfo_text() -> None:
+    x86 = "processor\t: 0\nphysical id\t: 0\ncore id\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\n" \
+          "processor\t: 1\nphysical id\t: 0\ncore id\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\n" \
+          "processor\t: 2\nphysical id\t: 0\ncore id\t: 1\nflags\t\t: fpu avx512f avx512_bf16\n"
+    assert detect_dtype(x86) == "bf16"
+    assert detect_dtype("flags\t: fpu avx2 avx512f\n") == "fp32"
+    assert detect_dtype("Features\t: fp asimd bf16 i8mm\n") == "bf16"
+    assert detect_dtype("Features\t: fp asimd\n") == "fp32"
+    assert physical_cores(x86) == min(2, len(__import__("os").sched_getaffinity(0)))
+    assert physical_cores("Features\t: fp asimd\n") >= 1
+
+
+def test_versions_names_the_libraries() -> None:
+    v = versions()
+    assert set(v) >= {"torch", "diffusers", "transformers", "python", "inpaintd"}
+    assert engine_mod.versions()["torch"] == torch.__version__

@@ -1,0 +1,275 @@
+"""Random model generation, prepare-model and check-model, on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from inpaintd import models, testmodels
+from inpaintd.errors import ModelError
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): models.sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tensor_dtypes(folder: Path) -> set[torch.dtype]:
+    dtypes = set()
+    for f in folder.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point():
+                    dtypes.add(tensor.dtype)
+    return dtypes
+
+
+def test_generated_folder_loads_with_from_pretrained_offline(tiny_model_raw: Path) -> None:
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(tiny_model_raw), safety_checker=None, feature_extractor=None, local_files_only=True
+    )
+    assert pipe.unet.config.in_channels == 9
+    ids = pipe.tokenizer("a red cat, über").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    assert max(ids) < pipe.text_encoder.config.vocab_size
+
+
+def test_generated_folder_is_labelled_random(tiny_model_raw: Path) -> None:
+    assert (tiny_model_raw / testmodels.RANDOM_MARKER).is_file()
+    source = json.loads((tiny_model_raw / testmodels.SOURCE_FILE).read_text())
+    assert source["random_weights"] is True and source["preset"] == "tiny"
+    index = json.loads((tiny_model_raw / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+
+
+def test_tiny_build_is_deterministic(tiny_model_raw: Path, tmp_path: Path) -> None:
+    again = testmodels.build_random_model("tiny", tmp_path / "again")
+    assert _tree_hashes(again) == _tree_hashes(tiny_model_raw)
+
+
+def test_build_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    out.mkdir()
+    with pytest.raises(FileExistsError):
+        testmodels.build_random_model("tiny", out)
+    assert list(tmp_path.iterdir()) == [out]  # no temp dir left behind
+
+
+def test_unknown_preset_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown preset"):
+        testmodels.build_random_model("sdxl", tmp_path / "m")
+
+
+def test_sd15_preset_configs_match_the_published_architecture() -> None:
+    configs = testmodels._preset_configs("sd15-inpaint")
+    unet, text = configs["unet"], configs["text_encoder"]
+    assert unet["in_channels"] == 9 and unet["block_out_channels"] == (320, 640, 1280, 1280)
+    assert unet["cross_attention_dim"] == 768 and unet["attention_head_dim"] == 8
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (768, 12, 12)
+    assert (text["intermediate_size"], text["max_position_embeddings"], text["vocab_size"]) == (3072, 77, 49408)
+    vocab, _ = testmodels.tokenizer_vocab()
+    assert len(vocab) < text["vocab_size"]
+
+
+def test_sd15_unet_has_860m_parameters_on_meta_device() -> None:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**testmodels._preset_configs("sd15-inpaint")["unet"])
+    params = sum(p.numel() for p in unet.parameters())
+    assert 859_000_000 < params < 860_000_000  # SD-1.5-inpainting: 859,535,364
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_prepare_round_trip_from_fp32(tiny_model_raw: Path, tmp_path: Path, dtype: str, torch_dtype) -> None:
+    dst = tmp_path / f"prepared-{dtype}"
+    manifest = models.prepare_model(tiny_model_raw, dst, dtype=dtype)
+    assert models.check_model(dst) == []
+    assert manifest["dtype"] == dtype and manifest["random_weights"] is True
+    assert manifest["architecture"]["unet_in_channels"] == 9
+    assert manifest["architecture"]["unet_params"] > 0
+    assert len(manifest["id"]) == 12
+    assert manifest["schema"] == models.MANIFEST_SCHEMA
+    assert json.loads((dst / models.MANIFEST_NAME).read_text()) == manifest
+    assert _tensor_dtypes(dst) == {torch_dtype}
+    original = load_file(str(tiny_model_raw / "unet" / "diffusion_pytorch_model.safetensors"))
+    converted = load_file(str(dst / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert original.keys() == converted.keys()
+    for key, tensor in original.items():
+        assert torch.equal(tensor.to(torch_dtype), converted[key])
+    assert not list(tmp_path.glob(".*"))  # the temp build dir was renamed away
+
+
+def test_prepare_from_fp16_variant_files(tiny_model_raw: Path, tmp_path: Path) -> None:
+    src = tmp_path / "fp16-variant"
+    shutil.copytree(tiny_model_raw, src)
+    for f in list(src.rglob("*.safetensors")):
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(f)).items()}
+        save_file(tensors, str(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors"))))
+        f.unlink()
+    layout = models.inspect_model(src)
+    assert layout.variant == "fp16" and layout.files_dtype == "fp16"
+    dst = tmp_path / "prepared"
+    models.prepare_model(src, dst, dtype="bf16")
+    assert models.check_model(dst) == []
+    assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(dst.rglob("*.fp16.*"))
+    assert _tensor_dtypes(dst) == {torch.bfloat16}
+    assert models.inspect_model(dst).variant is None
+
+
+def test_prepare_refuses_existing_destination_unless_overwrite(tiny_model_raw: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "prepared"
+    first = models.prepare_model(tiny_model_raw, dst, dtype="fp32")
+    with pytest.raises(FileExistsError):
+        models.prepare_model(tiny_model_raw, dst, dtype="fp32")
+    second = models.prepare_model(tiny_model_raw, dst, dtype="bf16", overwrite=True)
+    assert second["dtype"] == "bf16" and second["id"] != first["id"]
+    assert models.check_model(dst) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]
+
+
+def test_check_detects_a_tampered_weight_file(tiny_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model, copy)
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    problems = models.check_model(copy)
+    assert len(problems) == 1 and problems[0].startswith("vae/diffusion_pytorch_model.safetensors: sha256")
+
+
+def test_check_detects_missing_file_extra_weights_and_wrong_dtype(tiny_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model, copy)
+    (copy / "tokenizer" / "vocab.json").unlink()
+    save_file({"x": torch.zeros(2)}, str(copy / "unet" / "extra.safetensors"))
+    manifest = json.loads((copy / models.MANIFEST_NAME).read_text())
+    manifest["dtype"] = "bf16"
+    (copy / models.MANIFEST_NAME).write_text(json.dumps(manifest))
+    problems = "\n".join(models.check_model(copy))
+    assert "tokenizer/vocab.json: missing" in problems
+    assert "unet/extra.safetensors: weight file not listed" in problems
+    assert "manifest says bf16" in problems
+
+
+def test_check_without_manifest_says_to_prepare(tiny_model_raw: Path) -> None:
+    problems = models.check_model(tiny_model_raw)
+    assert len(problems) == 1 and "prepare-model" in problems[0]
+
+
+def test_missing_folder_and_missing_model_index_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        models.inspect_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no model_index.json"):
+        models.inspect_model(tmp_path / "empty")
+
+
+def _make_text_to_image(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    config_path = dst / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["in_channels"] = 4
+    config_path.write_text(json.dumps(config))
+    return dst
+
+
+def test_four_channel_unet_is_refused_with_an_explanation(tiny_model_raw: Path, tmp_path: Path) -> None:
+    src = _make_text_to_image(tiny_model_raw, tmp_path / "t2i")
+    with pytest.raises(ModelError, match="text-to-image model with 4 input channels.*inpainting UNet with 9"):
+        models.inspect_model(src)
+    with pytest.raises(ModelError, match="4 input channels"):
+        models.prepare_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _make_pickle_only(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for f in list(dst.rglob("*.safetensors")):
+        name = "pytorch_model.bin" if f.parent.name == "text_encoder" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(str(f)), f.with_name(name))
+        f.unlink()
+    return dst
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_model_raw: Path, tmp_path: Path) -> None:
+    src = _make_pickle_only(tiny_model_raw, tmp_path / "pickled")
+    with pytest.raises(ModelError, match="pickle"):
+        models.inspect_model(src)
+    with pytest.raises(ModelError, match="allow_pickle"):
+        models.prepare_model(src, tmp_path / "out")
+    layout = models.inspect_model(src, allow_pickle=True)
+    assert layout.weight_format == "pickle"
+    manifest = models.prepare_model(src, tmp_path / "out", dtype="fp32", allow_pickle=True)
+    assert models.check_model(tmp_path / "out") == []
+    assert not list((tmp_path / "out").rglob("*.bin"))
+    assert manifest["files"]["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_a_pickle_file_beside_safetensors_is_not_a_problem(tiny_model_raw: Path, tmp_path: Path) -> None:
+    src = tmp_path / "both"
+    shutil.copytree(tiny_model_raw, src)
+    torch.save({"x": torch.zeros(1)}, src / "unet" / "diffusion_pytorch_model.bin")
+    assert models.inspect_model(src).weight_format == "safetensors"
+
+
+def test_single_file_checkpoint_needs_config_dir(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(ckpt))
+    with pytest.raises(ModelError, match="config_dir"):
+        models.prepare_model(ckpt, tmp_path / "out")
+    with pytest.raises(ModelError, match="single-file"):
+        models.inspect_model(ckpt)
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not really")
+    with pytest.raises(ModelError, match="pickle"):
+        models.prepare_model(pickled, tmp_path / "out", config_dir=tmp_path)
+
+
+def test_offline_environment_is_set_on_import() -> None:
+    import os
+
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        assert os.environ[key] == "1"
+
+
+def test_embedded_model_is_built_once_and_prepared(tmp_path: Path) -> None:
+    path = testmodels.ensure_embedded_model(tmp_path, dtype="fp32")
+    assert path == tmp_path / "models" / "tiny-random"
+    assert models.check_model(path) == []
+    manifest = models.read_manifest(path)
+    assert manifest is not None and manifest["random_weights"] is True and manifest["dtype"] == "fp32"
+    mtime = (path / models.MANIFEST_NAME).stat().st_mtime_ns
+    assert testmodels.ensure_embedded_model(tmp_path, dtype="fp32") == path
+    assert (path / models.MANIFEST_NAME).stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-random"]
+    testmodels.ensure_embedded_model(tmp_path, dtype="bf16")
+    assert models.read_manifest(path)["dtype"] == "bf16"
+
+
+def test_make_random_model_script(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_random_model.py"
+    out = tmp_path / "m"
+    result = subprocess.run(
+        [sys.executable, str(script), "--preset", "tiny", str(out), "--prepare", "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "model_index.json").is_file()
+    assert models.check_model(tmp_path / "m-bf16") == []
