@@ -1,0 +1,248 @@
+"""The `inpaintd` command: process, prepare-model, check, run, status, demo.
+
+Exit codes (also in the README):
+  0  success
+  1  the job failed: the input is unusable (message names the code, e.g. mask_size_mismatch)
+  2  usage or configuration error (message names the key)
+  3  the model cannot be loaded or failed its check
+  4  the output could not be written (disk full, unwritable directory); nothing was lost
+  130 interrupted (Ctrl-C / SIGTERM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .config import SCHEDULERS, Config, load_config
+from .errors import ConfigError, Interrupted, JobError, ModelError, TransientError
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_OUTPUT = 4
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return EXIT_USAGE
+    except ModelError as exc:
+        _error(f"model error: {exc}")
+        return EXIT_MODEL
+    except JobError as exc:
+        _error(f"job failed [{exc.code}]: {exc.message}")
+        return EXIT_JOB_FAILED
+    except TransientError as exc:
+        _error(f"cannot write output [{exc.code}]: {exc.message}")
+        return EXIT_OUTPUT
+    except (KeyboardInterrupt, Interrupted):
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inpaintd",
+        description="ROI-sliced Stable Diffusion inpainting for CPU-only devices.",
+        epilog="Exit codes: 0 ok, 1 job failed, 2 usage/config error, 3 model error, 4 output not writable, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"inpaintd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("process", help="inpaint one image now and write OUT plus OUT's JSON sidecar")
+    p.add_argument("image", type=Path, help="the image to repaint")
+    p.add_argument("--mask", type=Path, help="mask image, white = repaint (default: the image's alpha channel)")
+    p.add_argument("--prompt", help="what to paint into the masked area")
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--model", type=Path, help="prepared model folder (default: config, else the embedded tiny random model)")
+    p.add_argument("-o", "--output", type=Path, help="output image (default: IMAGE.inpainted.EXT beside the input)")
+    p.add_argument("--config", type=Path, help="YAML config file (defaults apply without one)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--scheduler", choices=SCHEDULERS)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--strength", type=float)
+    p.add_argument("--debug-overlay", action="store_true", help="also write OUT.overlay.png with region boxes and mask outline")
+    p.set_defaults(handler=_cmd_process)
+
+    p = sub.add_parser("prepare-model", help="convert a model into the mmap-ready runtime form with a manifest")
+    p.add_argument("source", type=Path, help="diffusers folder (fp16/fp32 safetensors) or a single-file .safetensors checkpoint")
+    p.add_argument("destination", type=Path, help="folder to create")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto", help="runtime dtype (auto: bf16 where the CPU has native bf16)")
+    p.add_argument("--config-dir", type=Path, help="diffusers config folder for a single-file checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code when loaded)")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture) and a config file")
+    p.add_argument("model", type=Path, nargs="?", help="prepared model folder (default: the config's model)")
+    p.add_argument("--config", type=Path)
+    p.set_defaults(handler=_cmd_check)
+
+    p = sub.add_parser("run", help="run the watch-folder daemon (what the systemd unit starts)")
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("status", help="show the running daemon's queue, current job and last error")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("demo", help="run the daemon on a demo inbox, drop a sample job, wait for the result, stop")
+    p.add_argument("--dir", type=Path, default=Path("demo"), help="demo folder (default: ./demo)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    from . import fsutil, jobspec, process
+    from .engine import Engine
+
+    config = load_config(args.config)
+    if args.model is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=args.model))
+    options = {
+        key: value
+        for key, value in {
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "steps": args.steps,
+            "seed": args.seed,
+            "scheduler": args.scheduler,
+            "guidance": args.guidance,
+            "strength": args.strength,
+        }.items()
+        if value is not None
+    }
+    request = jobspec.build_request(args.image.stem, args.image, args.mask, options, config)
+    _say(f"loading model {config.model.path or '(embedded tiny random model)'} ...")
+    engine = Engine.load(config.model)
+    if engine.info.random_weights:
+        _say("note: this model has RANDOM WEIGHTS: it exercises the pipeline but paints noise")
+    result = process.run_job(engine, request, config, on_step=_progress_printer(), debug_overlay=args.debug_overlay)
+    _end_progress()
+
+    output = args.output or args.image.with_name(f"{args.image.stem}.inpainted.{result.extension}")
+    sidecar_path = output.with_suffix(".json")
+    try:
+        fsutil.atomic_write_bytes(output, result.image_bytes)
+        if result.debug_overlay is not None:
+            fsutil.atomic_write_bytes(output.with_suffix(".overlay.png"), result.debug_overlay)
+        sidecar = {**result.sidecar, "status": "done", "output_file": output.name}
+        fsutil.atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise TransientError("output_unwritable", f"cannot write {output}: {exc.strerror or exc}") from exc
+    regions = ", ".join(f"{r.crop_box} @ {r.work_size[0]}x{r.work_size[1]}" for r in result.regions)
+    print(f"wrote {output}")
+    print(f"wrote {sidecar_path}")
+    print(f"seed {request.params.seed}; {len(result.regions)} region(s): {regions}")
+    return EXIT_OK
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from . import models
+
+    dtype = args.dtype
+    if dtype == "auto":
+        from .engine import detect_dtype
+
+        dtype = detect_dtype()
+    manifest = models.prepare_model(
+        args.source, args.destination, dtype=dtype, config_dir=args.config_dir, allow_pickle=args.allow_pickle
+    )
+    print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
+    if manifest.get("random_weights"):
+        print("note: RANDOM WEIGHTS model (for tests and benchmarks; paints noise)")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from . import models
+
+    config = load_config(args.config)
+    if args.config is not None:
+        print(f"config {args.config}: ok")
+    model_path = args.model or config.model.path
+    if model_path is None:
+        print("model: embedded tiny random model (generated on first use); nothing to check")
+        return EXIT_OK
+    problems = models.check_model(Path(model_path))
+    if problems:
+        for problem in problems:
+            _error(f"{model_path}: {problem}")
+        return EXIT_MODEL
+    print(f"model {model_path}: ok")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import service
+
+    config = load_config(args.config)
+    return service.run_service(config, args.config)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    config = load_config(args.config)
+    state = status.read_status(config.paths.state)
+    print(json.dumps(state, indent=2) if args.json else status.format_status(state))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run_demo(args.dir.resolve(), timeout=args.timeout)
+
+
+_progress_active = False
+
+
+def _progress_printer() -> Any:
+    """Step progress on a terminal; silent when stderr is a pipe or file."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        global _progress_active
+        _progress_active = True
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r  painting [{'#' * filled}{'.' * (width - filled)}] step {done}/{total}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _end_progress() -> None:
+    if _progress_active:
+        sys.stderr.write("\n")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _error(message: str) -> None:
+    print(f"inpaintd: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""What a job asks for: the prompt file's options merged over the configured defaults.
+
+A prompt arrives as NAME.txt (the prompt, UTF-8), or NAME.yaml / NAME.json (a mapping with
+`prompt` and per-job overrides). Overrides are checked against the same bounds as the config
+file; unknown keys are rejected so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import stat
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import config as config_mod
+from .config import Config, LimitsConfig, RoiConfig
+from .errors import ConfigError, JobError
+from .jobs import InpaintParams, JobRequest
+
+# Per-job key -> (dotted config key it is checked as, type)
+_INFERENCE_KEYS: dict[str, tuple[str, Any]] = {
+    "prompt": ("inference.prompt", str),
+    "negative_prompt": ("inference.negative_prompt", str),
+    "scheduler": ("inference.scheduler", str),
+    "steps": ("inference.steps", int),
+    "guidance": ("inference.guidance", float),
+    "strength": ("inference.strength", float),
+    "seed": ("inference.seed", int),
+}
+_ROI_KEYS: dict[str, tuple[str, Any]] = {
+    "padding": ("roi.padding", int),
+    "dilate": ("roi.dilate", int),
+    "feather": ("roi.feather", int),
+    "mask_threshold": ("roi.mask_threshold", int),
+}
+_OUTPUT_KEYS: dict[str, tuple[str, Any]] = {
+    "output_format": ("output.format", str),
+}
+JOB_OPTION_KEYS = tuple(sorted({**_INFERENCE_KEYS, **_ROI_KEYS, **_OUTPUT_KEYS}))
+
+
+def load_job_options(path: Path | None, limits: LimitsConfig) -> dict[str, Any]:
+    """Read a prompt file into a dict of raw options (validated later by build_request)."""
+    if path is None:
+        return {}
+    text = _read_text(path, limits.max_prompt_bytes)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return {"prompt": text.strip()}
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        kind = "JSON" if suffix == ".json" else "YAML"
+        raise JobError("prompt_invalid", f"{path.name} is not valid {kind}: {_first_line(exc)}") from exc
+    if data is None:
+        return {}
+    if isinstance(data, str):  # a YAML file holding just the prompt
+        return {"prompt": data.strip()}
+    if not isinstance(data, dict):
+        raise JobError("options_invalid", f"{path.name} must hold a mapping of options, not {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+def build_request(
+    name: str,
+    image: Path,
+    mask: Path | None,
+    options: dict[str, Any],
+    config: Config,
+    draw_seed: Callable[[], int] = lambda: random.SystemRandom().randrange(2**32),
+) -> JobRequest:
+    """Merge options over config defaults, validate them, and fix the seed."""
+    unknown = sorted(set(options) - set(JOB_OPTION_KEYS))
+    if unknown:
+        raise JobError(
+            "options_invalid",
+            f"unknown option {unknown[0]!r}; allowed: {', '.join(JOB_OPTION_KEYS)}",
+            {"key": unknown[0]},
+        )
+    checked = {key: _check_option(key, value) for key, value in options.items()}
+
+    defaults = config.inference
+    seed = checked.get("seed", defaults.seed)
+    params = InpaintParams(
+        prompt=checked.get("prompt", defaults.prompt),
+        negative_prompt=checked.get("negative_prompt", defaults.negative_prompt),
+        scheduler=checked.get("scheduler", defaults.scheduler),
+        steps=checked.get("steps", defaults.steps),
+        guidance=checked.get("guidance", defaults.guidance),
+        strength=checked.get("strength", defaults.strength),
+        seed=draw_seed() if seed is None else seed,
+    )
+    roi_overrides = {key: checked[key] for key in _ROI_KEYS if key in checked}
+    return JobRequest(
+        name=name,
+        image=image,
+        mask=mask,
+        params=params,
+        output_format=checked.get("output_format", config.output.format),
+        roi_overrides=roi_overrides,
+    )
+
+
+def effective_roi(roi: RoiConfig, overrides: dict[str, Any]) -> RoiConfig:
+    """The ROI settings for one job; overrides were validated by build_request."""
+    from dataclasses import replace
+
+    return replace(roi, **overrides)
+
+
+def _check_option(key: str, value: Any) -> Any:
+    dotted, kind = {**_INFERENCE_KEYS, **_ROI_KEYS, **_OUTPUT_KEYS}[key]
+    if key == "seed" and value is None:
+        return None
+    try:
+        return config_mod.check_field(dotted, value, kind)
+    except ConfigError as exc:
+        raise JobError("options_invalid", f"option {key!r} {exc.message}", {"key": key}) from exc
+
+
+def _read_text(path: Path, max_bytes: int) -> str:
+    # O_NONBLOCK + fstat: a FIFO planted under a prompt name must not block the daemon.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise JobError("job_unsafe", f"{path.name} is a symbolic link; inpaintd never follows links") from exc
+        raise JobError("prompt_invalid", f"cannot open {path.name}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise JobError("job_unsafe", f"{path.name} is not a regular file")
+        if info.st_size > max_bytes:
+            raise JobError(
+                "prompt_invalid",
+                f"{path.name} is {info.st_size} bytes; the limit is {max_bytes} (limits.max_prompt_bytes)",
+            )
+        raw = os.read(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JobError("prompt_invalid", f"{path.name} is not UTF-8 text (byte {exc.start})") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,291 @@
+"""One job, start to finish, without writing anything: inputs -> regions -> engine -> blend -> result.
+
+The path of a job: read the image (display orientation) and its mask (a separate file or the
+alpha channel) -> threshold and dilate -> split into regions (geometry.find_regions) -> for
+each region crop with context, resize to its working size, let the engine paint it, resize
+back and paste it with a feathered edge -> encode in the input's format, mode, ICC and EXIF.
+Pixels outside the dilated+feathered mask are never touched, so they stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import resource
+import stat
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import __version__, geometry, images
+from .config import Config
+from .errors import JobError
+from .jobs import SIDECAR_SCHEMA, JobRequest, JobResult, RegionReport
+from .jobspec import effective_roi
+
+StepCallback = Callable[[int, int], None]
+
+RANDOM_WEIGHTS_WARNING = (
+    "random weights: this model exercises the whole pipeline but paints noise; "
+    "install a real model for real results (see README)"
+)
+
+
+def run_job(
+    engine: Any,
+    request: JobRequest,
+    config: Config,
+    on_step: StepCallback | None = None,
+    debug_overlay: bool = False,
+) -> JobResult:
+    """Paint one job; raises JobError for bad input and lets Interrupted from on_step through."""
+    clock = time.monotonic
+    started = clock()
+    roi = effective_roi(config.roi, request.roi_overrides)
+    limits = config.limits
+
+    source = images.load_image(request.image, limits.max_pixels)
+    if request.mask is not None:
+        mask_values = images.load_mask(request.mask, source.size, limits.max_pixels)
+        mask_source = "file"
+    elif source.alpha is not None:
+        mask_values = images.mask_from_alpha(source.alpha)
+        mask_source = "alpha"
+    else:
+        raise JobError(
+            "mask_missing",
+            f"{request.image.name} has no mask file and no alpha channel to use as the mask",
+        )
+    mask = geometry.dilate(geometry.threshold_mask(mask_values, roi.mask_threshold), roi.dilate)
+    regions = geometry.find_regions(mask, roi)
+    if not regions:
+        raise JobError(
+            "mask_empty",
+            f"the mask selects no pixel above threshold {roi.mask_threshold}; nothing to repaint",
+        )
+    read_done = clock()
+
+    pixels = source.pixels.copy()
+    alpha_out = None if source.alpha is None else source.alpha.copy()
+    reports: list[RegionReport] = []
+    for index, region in enumerate(regions):
+        region_started = clock()
+        progress = _region_progress(on_step, index, len(regions))
+        _paint_region(engine, pixels, alpha_out, mask, region, roi.feather, request, progress, mask_source)
+        reports.append(
+            RegionReport(
+                mask_box=region.mask_box.as_tuple(),
+                crop_box=region.crop.as_tuple(),
+                work_size=tuple(region.work_size),
+                seconds=round(clock() - region_started, 3),
+            )
+        )
+    paint_done = clock()
+
+    image_bytes, extension = images.encode_image(
+        pixels, alpha_out, source, request.output_format, config.output.jpeg_quality
+    )
+    finished = clock()
+
+    sidecar = _sidecar(
+        request=request,
+        config=config,
+        engine=engine,
+        source=source,
+        mask_source=mask_source,
+        roi=roi,
+        reports=reports,
+        image_bytes=image_bytes,
+        extension=extension,
+        timings={
+            "read_seconds": round(read_done - started, 3),
+            "paint_seconds": round(paint_done - read_done, 3),
+            "encode_seconds": round(finished - paint_done, 3),
+            "total_seconds": round(finished - started, 3),
+        },
+    )
+    result = JobResult(
+        name=request.name, image_bytes=image_bytes, extension=extension, sidecar=sidecar, regions=reports
+    )
+    if debug_overlay:
+        result.debug_overlay = render_overlay(source.pixels, mask, regions)
+    return result
+
+
+def _paint_region(
+    engine: Any,
+    pixels: np.ndarray,
+    alpha_out: np.ndarray | None,
+    mask: np.ndarray,
+    region: geometry.Region,
+    feather: int,
+    request: JobRequest,
+    on_step: StepCallback | None,
+    mask_source: str,
+) -> None:
+    """Paint one region in place into pixels (and alpha when the mask came from it)."""
+    crop = region.crop
+    window = (slice(crop.y0, crop.y1), slice(crop.x0, crop.x1))
+    # Only this region's own mask pixels: another region's pixels inside this crop belong to
+    # that region's pass, which sees them with their full feather.
+    own_mask = np.zeros((crop.height, crop.width), dtype=bool)
+    mb = region.mask_box
+    own_mask[mb.y0 - crop.y0 : mb.y1 - crop.y0, mb.x0 - crop.x0 : mb.x1 - crop.x0] = mask[
+        mb.y0 : mb.y1, mb.x0 : mb.x1
+    ]
+
+    work_w, work_h = region.work_size
+    crop_image = Image.fromarray(pixels[window])
+    crop_mask = Image.fromarray(own_mask.astype(np.uint8) * 255)
+    if (work_w, work_h) != (crop.width, crop.height):
+        crop_image = crop_image.resize((work_w, work_h), Image.Resampling.LANCZOS)
+        # Bilinear then any-coverage keeps thin strokes from vanishing when downscaling.
+        crop_mask = crop_mask.resize((work_w, work_h), Image.Resampling.BILINEAR).point(lambda v: 255 if v else 0)
+
+    painted = engine.inpaint(crop_image, crop_mask, request.params, on_step=on_step)
+    if painted.size != (crop.width, crop.height):
+        painted = painted.resize((crop.width, crop.height), Image.Resampling.LANCZOS)
+    painted_pixels = np.asarray(painted.convert("RGB"), dtype=np.uint8)
+
+    weight = geometry.feather_alpha(own_mask, feather)
+    local = geometry.Box(0, 0, crop.width, crop.height)
+    pixels[window] = geometry.blend(pixels[window], painted_pixels, local, weight)
+    if alpha_out is not None and mask_source == "alpha":
+        # Repainted pixels were transparent; make them as opaque as the paint that covers them.
+        opaque = np.full((crop.height, crop.width, 1), 255, dtype=np.uint8)
+        alpha_out[window] = geometry.blend(alpha_out[window][..., None], opaque, local, weight)[..., 0]
+
+
+def _region_progress(on_step: StepCallback | None, index: int, count: int) -> StepCallback | None:
+    """Report steps across all regions of a job as one count."""
+    if on_step is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        on_step(index * total + done, count * total)
+
+    return report
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """sha256 and size of a regular file, never following a symlink or opening a FIFO for blocking reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobError("job_unsafe", f"{path.name} is not a regular file")
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), size
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sidecar(
+    *,
+    request: JobRequest,
+    config: Config,
+    engine: Any,
+    source: images.LoadedImage,
+    mask_source: str,
+    roi: Any,
+    reports: list[RegionReport],
+    image_bytes: bytes,
+    extension: str,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    from .engine import versions  # engine owns torch; imported here so process stays light to import
+
+    image_sha, image_size = file_digest(request.image)
+    inputs: dict[str, Any] = {
+        "image": {
+            "name": request.image.name,
+            "sha256": image_sha,
+            "bytes": image_size,
+            "width": source.size[0],
+            "height": source.size[1],
+            "mode": source.mode,
+            "format": source.format,
+            "exif_orientation": source.orientation,
+        }
+    }
+    if request.mask is not None:
+        mask_sha, mask_size = file_digest(request.mask)
+        inputs["mask"] = {"name": request.mask.name, "sha256": mask_sha, "bytes": mask_size}
+    else:
+        inputs["mask"] = {"source": mask_source}
+
+    info = engine.info
+    model = {
+        "path": info.path,
+        "id": info.model_id,
+        "dtype": info.dtype,
+        "architecture": info.architecture,
+        "random_weights": info.random_weights,
+    }
+    sidecar: dict[str, Any] = {
+        "schema": SIDECAR_SCHEMA,
+        "name": request.name,
+        "inputs": inputs,
+        "parameters": asdict(request.params),
+        "seed": request.params.seed,
+        "roi": asdict(roi),
+        "regions": [
+            {
+                "mask_box": list(r.mask_box),
+                "crop_box": list(r.crop_box),
+                "work_size": list(r.work_size),
+                "seconds": r.seconds,
+            }
+            for r in reports
+        ],
+        "model": model,
+        "runtime": engine.runtime_report(reports[0].work_size) if reports else {},
+        "output": {
+            "format": extension,
+            "sha256": hashlib.sha256(image_bytes).hexdigest(),
+            "bytes": len(image_bytes),
+        },
+        "timings": timings,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "versions": {**versions(), "inpaintd": __version__},
+    }
+    if info.random_weights:
+        sidecar["warning"] = RANDOM_WEIGHTS_WARNING
+    return sidecar
+
+
+def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.Region]) -> bytes:
+    """PNG of the image with the mask outline (red) and each region's crop box (green) drawn on it."""
+    picture = Image.fromarray(pixels).convert("RGB")
+    # A pixel is on the outline when it is masked and one of its 4 neighbours is not.
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    edge = mask & ~inner
+    overlay = np.asarray(picture).copy()
+    overlay[edge] = (255, 0, 0)
+    picture = Image.fromarray(overlay)
+    draw = ImageDraw.Draw(picture)
+    width = max(1, max(picture.size) // 400)
+    for number, region in enumerate(regions, start=1):
+        box = region.crop
+        draw.rectangle((box.x0, box.y0, box.x1 - 1, box.y1 - 1), outline=(0, 255, 0), width=width)
+        draw.text((box.x0 + 3 * width, box.y0 + 3 * width), f"{number}: {region.work_size[0]}x{region.work_size[1]}", fill=(0, 255, 0))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()

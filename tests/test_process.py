@@ -1,0 +1,207 @@
+"""One job through process.run_job with the real tiny model: regions, byte identity, modes, EXIF."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inpaintd import geometry, process
+from inpaintd.config import Config, config_from_dict
+from inpaintd.errors import Interrupted, JobError
+from inpaintd.jobspec import build_request
+
+# Small working sizes keep the tiny model fast; the geometry rules are the same at 512.
+SMALL = {"roi": {"min_size": 64, "max_size": 128, "bucket_sides": [64, 128], "dilate": 2, "feather": 4, "padding": 8}}
+
+
+def config(**sections: dict) -> Config:
+    data = {key: dict(value) for key, value in SMALL.items()}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    data.setdefault("inference", {}).setdefault("steps", 2)
+    return config_from_dict(data)
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def mask_with(width: int, height: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        mask[y0:y1, x0:x1] = 255
+    return mask
+
+
+def run(engine, tmp_path: Path, image: np.ndarray, mask: np.ndarray | None, cfg: Config, **save_kwargs):
+    image_path = save(tmp_path / "in.png", image, **save_kwargs)
+    mask_path = save(tmp_path / "in.mask.png", mask) if mask is not None else None
+    request = build_request("in", image_path, mask_path, {"seed": 7}, cfg)
+    return process.run_job(engine, request, cfg)
+
+
+def decoded(result) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.image_bytes)))
+
+
+def affected_area(mask: np.ndarray, cfg: Config) -> np.ndarray:
+    grown = geometry.dilate(geometry.threshold_mask(mask, cfg.roi.mask_threshold), cfg.roi.dilate)
+    return geometry.feather_alpha(grown, cfg.roi.feather) > 0
+
+
+@pytest.mark.parametrize("size", [(64, 64), (97, 61), (300, 200)])
+def test_pixels_outside_the_mask_are_byte_identical(tiny_engine, tmp_path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    cfg = config()
+    image = photo(width, height)
+    mask = mask_with(width, height, (width // 3, height // 3, width // 3 + 9, height // 3 + 7))
+    result = run(tiny_engine, tmp_path, image, mask, cfg)
+    out = decoded(result)
+    assert out.shape == image.shape
+    outside = ~affected_area(mask, cfg)
+    assert np.array_equal(out[outside], image[outside])
+    assert not np.array_equal(out[~outside], image[~outside]), "the masked area was not painted"
+
+
+def test_two_far_apart_scratches_are_two_small_regions(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    image = photo(600, 400)
+    mask = mask_with(600, 400, (10, 10, 20, 20), (570, 370, 590, 390))
+    result = run(tiny_engine, tmp_path, image, mask, cfg)
+    assert len(result.regions) == 2
+    for region in result.regions:
+        x0, y0, x1, y1 = region.crop_box
+        assert (x1 - x0) * (y1 - y0) < 600 * 400 / 10
+    assert len(result.sidecar["regions"]) == 2
+    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= {(64, 64), (64, 128), (128, 64), (128, 128)}
+
+
+def test_a_big_region_is_downscaled_to_the_working_size_and_pasted_back(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    image = photo(400, 300)
+    mask = mask_with(400, 300, (50, 50, 350, 250))
+    result = run(tiny_engine, tmp_path, image, mask, cfg)
+    (region,) = result.regions
+    assert max(region.work_size) <= cfg.roi.max_size
+    x0, y0, x1, y1 = region.crop_box
+    assert x1 - x0 > region.work_size[0]
+    outside = ~affected_area(mask, cfg)
+    assert np.array_equal(decoded(result)[outside], image[outside])
+
+
+def test_the_alpha_channel_is_the_mask_and_the_mode_is_kept(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    rgba = np.dstack([photo(80, 80), np.full((80, 80), 255, dtype=np.uint8)])
+    rgba[30:40, 30:40, 3] = 0  # transparent = repaint
+    result = run(tiny_engine, tmp_path, rgba, None, cfg)
+    out = Image.open(io.BytesIO(result.image_bytes))
+    assert out.mode == "RGBA"
+    pixels = np.asarray(out)
+    assert pixels[35, 35, 3] == 255, "repainted pixels become opaque"
+    hole = np.zeros((80, 80), dtype=np.uint8)
+    hole[30:40, 30:40] = 255
+    outside = ~affected_area(hole, cfg)
+    assert np.array_equal(pixels[outside], rgba[outside])
+    assert result.sidecar["inputs"]["mask"] == {"source": "alpha"}
+
+
+def test_greyscale_input_stays_greyscale(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    grey = photo(64, 64)[..., 0]
+    result = run(tiny_engine, tmp_path, grey, mask_with(64, 64, (20, 20, 30, 30)), cfg)
+    assert Image.open(io.BytesIO(result.image_bytes)).mode == "L"
+
+
+def test_exif_orientation_is_kept_and_the_mask_is_in_display_orientation(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    stored = photo(96, 64)  # stored landscape; orientation 6 displays it as portrait 64x96
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    display_mask = mask_with(64, 96, (5, 5, 15, 15))
+    result = run(tiny_engine, tmp_path, stored, display_mask, cfg, exif=exif.tobytes())
+    out = Image.open(io.BytesIO(result.image_bytes))
+    assert out.size == (96, 64), "pixel layout is the input's"
+    assert out.getexif().get(0x0112) == 6
+    assert result.sidecar["inputs"]["image"]["exif_orientation"] == 6
+
+
+def test_a_mask_of_another_size_is_an_error_not_a_resize(tiny_engine, tmp_path: Path) -> None:
+    with pytest.raises(JobError) as caught:
+        run(tiny_engine, tmp_path, photo(64, 64), mask_with(65, 64, (1, 1, 9, 9)), config())
+    assert caught.value.code == "mask_size_mismatch"
+    assert "65" in caught.value.message
+
+
+def test_an_all_black_mask_fails_the_job(tiny_engine, tmp_path: Path) -> None:
+    with pytest.raises(JobError) as caught:
+        run(tiny_engine, tmp_path, photo(64, 64), mask_with(64, 64), config())
+    assert caught.value.code == "mask_empty"
+
+
+def test_no_mask_and_no_alpha_fails_the_job(tiny_engine, tmp_path: Path) -> None:
+    with pytest.raises(JobError) as caught:
+        run(tiny_engine, tmp_path, photo(64, 64), None, config())
+    assert caught.value.code == "mask_missing"
+
+
+def test_the_sidecar_reports_what_reproduces_the_result(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    result = run(tiny_engine, tmp_path, photo(64, 64), mask_with(64, 64, (20, 20, 30, 30)), cfg)
+    sidecar = result.sidecar
+    assert sidecar["seed"] == 7 == sidecar["parameters"]["seed"]
+    assert sidecar["model"]["random_weights"] is True
+    assert "random weights" in sidecar["warning"]
+    assert len(sidecar["inputs"]["image"]["sha256"]) == 64
+    assert sidecar["peak_rss_bytes"] > 0
+    assert set(sidecar["timings"]) == {"read_seconds", "paint_seconds", "encode_seconds", "total_seconds"}
+    assert {"torch", "diffusers", "inpaintd"} <= set(sidecar["versions"])
+    again = run(tiny_engine, tmp_path, photo(64, 64), mask_with(64, 64, (20, 20, 30, 30)), cfg)
+    assert again.image_bytes == result.image_bytes, "same inputs and seed give the same bytes"
+
+
+def test_an_interrupt_from_the_step_callback_propagates(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    image_path = save(tmp_path / "in.png", photo(64, 64))
+    mask_path = save(tmp_path / "in.mask.png", mask_with(64, 64, (20, 20, 30, 30)))
+    request = build_request("in", image_path, mask_path, {"seed": 1, "steps": 3}, cfg)
+    seen: list[tuple[int, int]] = []
+
+    def stop_after_first(done: int, total: int) -> None:
+        seen.append((done, total))
+        raise Interrupted("shutdown")
+
+    with pytest.raises(Interrupted):
+        process.run_job(tiny_engine, request, cfg, on_step=stop_after_first)
+    assert seen == [(1, 3)]
+
+
+def test_progress_counts_steps_across_regions(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    image_path = save(tmp_path / "in.png", photo(600, 400))
+    mask_path = save(tmp_path / "in.mask.png", mask_with(600, 400, (10, 10, 20, 20), (570, 370, 590, 390)))
+    request = build_request("in", image_path, mask_path, {"seed": 1, "steps": 2}, cfg)
+    seen: list[tuple[int, int]] = []
+    process.run_job(tiny_engine, request, cfg, on_step=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_the_debug_overlay_draws_the_boxes(tiny_engine, tmp_path: Path) -> None:
+    cfg = config()
+    image_path = save(tmp_path / "in.png", np.full((100, 100, 3), 128, dtype=np.uint8))
+    mask_path = save(tmp_path / "in.mask.png", mask_with(100, 100, (40, 40, 50, 50)))
+    request = build_request("in", image_path, mask_path, {"seed": 1}, cfg)
+    result = process.run_job(tiny_engine, request, cfg, debug_overlay=True)
+    overlay = np.asarray(Image.open(io.BytesIO(result.debug_overlay)).convert("RGB"))
+    x0, y0, x1, y1 = result.regions[0].crop_box
+    assert tuple(overlay[y0, (x0 + x1) // 2]) == (0, 255, 0), "crop box outline"
+    assert (overlay == (255, 0, 0)).all(axis=-1).any(), "mask outline"
