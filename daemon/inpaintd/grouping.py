@@ -1,0 +1,506 @@
+"""Which inbox entries form which job, and when a job is ready. Pure: no files, no clock.
+
+The intake (service) scans the inbox into `Stat`s, folds them with the watcher's hints into
+`Seen` records with `observe`, and asks `plan` what to do. `now` is always a parameter, so
+every timing rule here is tested without sleeping.
+
+Inbox contract:
+- loose files sharing a stem NAME: image `NAME.<ext>`, mask `NAME.mask.<ext>`, prompt
+  `NAME.txt|NAME.yaml|NAME.json` (extensions case-insensitive);
+- or a folder `NAME/` holding `image.<ext>`, `mask.<ext>` and `prompt.txt|job.yaml|job.json`.
+A file counts once it has been unchanged for `settle_seconds` and, where the observer reports
+writes (inotify), once its writer closed it (`merge_hint`: an attribute change never hides a
+write or a close). A job is complete with an image, a mask (unless the image has an alpha
+channel) and a prompt file (when `require_prompt`). A job missing a part for
+`incomplete_timeout` since its last activity is rejected, naming the part. A job with a file
+over `max_input_bytes` is rejected as soon as it settled, from its size alone.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Iterable, Mapping
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")
+PROMPT_EXTENSIONS = ("txt", "yaml", "json")
+FOLDER_PROMPT_NAMES = ("prompt.txt", "prompt.yaml", "prompt.json", "job.txt", "job.yaml", "job.json")
+
+JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+JUNK_SUFFIXES = (".part", ".partial", ".tmp", ".filepart", ".crdownload")
+
+# Codes for rejections decided here (see errors.JOB_ERROR_CODES).
+INCOMPLETE = "job_incomplete"
+UNSAFE = "job_unsafe"
+AMBIGUOUS = "job_ambiguous"
+TOO_LARGE = "input_too_large"
+
+
+class Kind(str, Enum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    SPECIAL = "special"  # FIFO, socket, device
+
+
+class Hint(str, Enum):
+    """What the watcher saw happen to a path since the last observation."""
+
+    WRITE = "write"  # created or written: a writer may still have it open
+    CLOSE = "close"  # a writer closed it after writing
+    CHANGE = "change"  # renamed in, deleted, metadata changed
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One inbox entry as a scan saw it (lstat: links are never followed)."""
+
+    path: str  # "NAME.png" or, inside a job folder, "NAME/image.png"
+    kind: Kind
+    size: int = 0
+    mtime_ns: int = 0
+    nlink: int = 1
+    inode: int = 0
+    ctime_ns: int = 0  # inode change time: orders jobs first seen in the same look (not settling)
+
+    @property
+    def signature(self) -> tuple[object, ...]:
+        return (self.kind, self.size, self.mtime_ns, self.nlink, self.inode)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An entry followed over time."""
+
+    stat: Stat
+    first_seen: float
+    changed_at: float  # last time its stat changed or the watcher reported a write
+    writing: bool = False  # opened for writing and not closed yet (inotify only)
+    alpha: bool | None = None  # images: has an alpha channel; None = not probed yet
+
+
+@dataclass(frozen=True)
+class Rules:
+    settle_seconds: float
+    incomplete_timeout: float
+    require_prompt: bool = False
+    max_input_bytes: int | None = None  # a bigger file fails its job before anything reads it
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """A job ready to claim. Paths are relative to the inbox."""
+
+    name: str
+    image: str
+    mask: str | None
+    prompt: str | None
+    entries: tuple[str, ...]  # top-level entries to move: the files, or the folder
+    folder: str | None
+    arrived: float  # when its first part was seen
+    # Earliest ctime of its files: after an overflow rescan every job is first seen in the same
+    # look, and this keeps them in the order they were written rather than by name.
+    first_ctime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A job (or a stray part) that goes to failed/ without processing."""
+
+    name: str
+    code: str
+    message: str
+    entries: tuple[str, ...]
+    details: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    name: str
+    reason: str
+    entries: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    ready: tuple[JobGroup, ...] = ()
+    rejected: tuple[Rejected, ...] = ()
+    waiting: tuple[Waiting, ...] = ()
+    ignored: tuple[tuple[str, str], ...] = ()  # (path, why)
+    probe: tuple[str, ...] = ()  # settled images without a mask whose alpha must be read
+
+
+# --------------------------------------------------------------------------- names
+
+
+def junk_reason(name: str) -> str | None:
+    """Why a file name is client debris to ignore, or None for a real name."""
+    lower = name.lower()
+    if name.startswith("._"):
+        return "AppleDouble file"
+    if name.startswith("."):
+        return "hidden or temporary file (dotfile, rsync temp)"
+    if name.startswith("~$"):
+        return "Office lock file"
+    if lower in JUNK_NAMES:
+        return "system file"
+    for suffix in JUNK_SUFFIXES:
+        if lower.endswith(suffix):
+            return f"partial upload ({suffix})"
+    return None
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name cannot be used safely (escapes the inbox, unprintable), or None."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return "name escapes the inbox"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "name is not valid UTF-8"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "name contains control characters"
+    return None
+
+
+def parse_name(name: str) -> tuple[str, str] | None:
+    """(stem, role) for a loose inbox file name; role is image, mask or prompt."""
+    base, dot, ext = name.rpartition(".")
+    if not dot or not base:
+        return None
+    ext = ext.lower()
+    if ext in IMAGE_EXTENSIONS:
+        if base.lower().endswith(".mask") and len(base) > len(".mask"):
+            return base[: -len(".mask")], "mask"
+        return base, "image"
+    if ext in PROMPT_EXTENSIONS:
+        return base, "prompt"
+    return None
+
+
+def parse_folder_member(name: str) -> str | None:
+    """Role of a file inside a job folder: image.*, mask.*, prompt.txt|job.yaml|job.json."""
+    lower = name.lower()
+    base, dot, ext = lower.rpartition(".")
+    if dot and ext in IMAGE_EXTENSIONS and base in ("image", "mask"):
+        return base
+    if lower in FOLDER_PROMPT_NAMES:
+        return "prompt"
+    return None
+
+
+# --------------------------------------------------------------------------- observing
+
+
+def observe(
+    seen: Mapping[str, Seen],
+    scan: Iterable[Stat],
+    hints: Mapping[str, Hint],
+    now: float,
+) -> dict[str, Seen]:
+    """Fold a fresh scan and the watcher's hints into what we know; vanished entries drop out."""
+    result: dict[str, Seen] = {}
+    for stat in scan:
+        hint = hints.get(stat.path)
+        prev = seen.get(stat.path)
+        if prev is None:
+            result[stat.path] = Seen(stat, first_seen=now, changed_at=now, writing=hint is Hint.WRITE)
+            continue
+        changed = prev.stat.signature != stat.signature
+        writing = prev.writing
+        if hint is Hint.WRITE:
+            writing = True
+        elif hint is Hint.CLOSE:
+            writing = False
+        if hint is not None and stat.kind is not Kind.DIR:
+            changed = True  # a reported write or close restarts the settle time
+        if changed and prev.stat.inode != stat.inode:
+            writing = hint is Hint.WRITE  # a new file under this name (renamed in)
+        result[stat.path] = Seen(
+            stat,
+            first_seen=prev.first_seen,
+            changed_at=now if changed else prev.changed_at,
+            writing=writing,
+            alpha=prev.alpha if not changed else None,
+        )
+    return result
+
+
+def merge_hint(previous: Hint | None, new: Hint) -> Hint:
+    """Two watcher signals for one path between two looks: the one the next look acts on.
+
+    WRITE and CLOSE say whether a writer has the file open; CHANGE (attributes, a rename, a
+    delete) says nothing about that, so it never replaces either: close-then-attrib (scp -p,
+    rsync --inplace and smbd set the times after closing) stays closed instead of "still being
+    written", and create-then-attrib (smbd creates the file, sets its attributes and holds it
+    open at 0 bytes while the client sends) stays open instead of settling empty. Between WRITE
+    and CLOSE the later one wins: a file written, closed and opened again is open.
+    """
+    if new is Hint.CHANGE and previous is not None:
+        return previous
+    return new
+
+
+def forget_writes(seen: Mapping[str, Seen]) -> dict[str, Seen]:
+    """After lost events (queue overflow) no close can be trusted to come: rely on settling.
+
+    Except for an empty file still open for writing: an upload looks like that until its first
+    byte (smbd holds the file open at 0 bytes while the client sends), and settling it would
+    claim it mid-upload. It keeps waiting for its close, at most incomplete_timeout (is_settled).
+    """
+    return {p: s if s.writing and s.stat.size == 0 else replace(s, writing=False) for p, s in seen.items()}
+
+
+def with_alpha(seen: Mapping[str, Seen], path: str, alpha: bool) -> dict[str, Seen]:
+    out = dict(seen)
+    if path in out:
+        out[path] = replace(out[path], alpha=alpha)
+    return out
+
+
+def is_settled(s: Seen, now: float, rules: Rules) -> bool:
+    quiet = now - s.changed_at
+    if s.writing:
+        # An open writer holds the file back, however long it pauses (an empty file too: an
+        # upload that has not sent its first byte). A close event that never came (lost
+        # events, a client holding its handle) must not hold it back forever, so a file
+        # quiet for the whole timeout counts.
+        return quiet >= rules.incomplete_timeout
+    return quiet >= rules.settle_seconds
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Group:
+    name: str
+    folder: str | None = None
+    entries: list[str] = field(default_factory=list)  # top-level entries
+    members: list[str] = field(default_factory=list)  # every observed path that belongs
+    roles: dict[str, list[str]] = field(default_factory=lambda: {"image": [], "mask": [], "prompt": []})
+    unsafe: dict[str, str] = field(default_factory=dict)
+    conflict: list[str] = field(default_factory=list)
+
+
+def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
+    """Decide, for every entry, whether it is ignored, waiting, ready or rejected."""
+    groups: dict[str, _Group] = {}
+    ignored: list[tuple[str, str]] = []
+    top = sorted(p for p in seen if "/" not in p)
+    children: dict[str, list[str]] = {}
+    for path in seen:
+        if "/" in path:
+            parent, _, child = path.partition("/")
+            children.setdefault(parent, []).append(path)
+
+    for name in top:
+        stat = seen[name].stat
+        junk = junk_reason(name)
+        if junk is not None:
+            ignored.append((name, junk))
+            continue
+        if stat.kind is Kind.DIR:
+            group = groups.setdefault(name, _Group(name))
+            if group.folder is not None or group.entries:
+                group.conflict.append(name)
+            group.folder = name
+            group.entries.append(name)
+            group.members.append(name)
+            problem = name_problem(name)
+            if problem:
+                group.unsafe[name] = problem
+            _add_folder_members(group, sorted(children.get(name, ())), seen, ignored)
+            continue
+        parsed = parse_name(name)
+        if parsed is None:
+            ignored.append((name, "not part of any job (unknown file type)"))
+            continue
+        stem, role = parsed
+        group = groups.setdefault(stem, _Group(stem))
+        if group.folder is not None:
+            group.conflict.append(name)
+        group.entries.append(name)
+        group.members.append(name)
+        group.roles[role].append(name)
+        problem = _unsafe(name, stat) or name_problem(stem)
+        if problem:
+            group.unsafe[name] = problem
+
+    ready: list[JobGroup] = []
+    rejected: list[Rejected] = []
+    waiting: list[Waiting] = []
+    probe: list[str] = []
+    for group in groups.values():
+        _decide(group, seen, now, rules, ready, rejected, waiting, probe)
+    ready.sort(key=lambda j: (j.arrived, j.first_ctime_ns, j.name))
+    return Plan(
+        ready=tuple(ready),
+        rejected=tuple(sorted(rejected, key=lambda r: r.name)),
+        waiting=tuple(sorted(waiting, key=lambda w: w.name)),
+        ignored=tuple(sorted(ignored)),
+        probe=tuple(sorted(probe)),
+    )
+
+
+def oversize_message(sizes: Mapping[str, int], limit: int) -> str:
+    """The sentence for files over limits.max_input_bytes ({path: bytes})."""
+    files = ", ".join(f"{p} is {size:,} bytes" for p, size in sorted(sizes.items()))
+    return f"input too large: {files}; the limit is {limit:,} bytes (limits.max_input_bytes); not read"
+
+
+def _unsafe(path: str, stat: Stat) -> str | None:
+    if stat.kind is Kind.SYMLINK:
+        return "is a symbolic link"
+    if stat.kind is Kind.SPECIAL:
+        return "is not a regular file (FIFO, socket or device)"
+    if stat.kind is Kind.FILE and stat.nlink > 1:
+        return "is a hard link to another file"
+    return None
+
+
+def _add_folder_members(
+    group: _Group, paths: list[str], seen: Mapping[str, Seen], ignored: list[tuple[str, str]]
+) -> None:
+    for path in paths:
+        child = path.partition("/")[2]
+        stat = seen[path].stat
+        junk = junk_reason(child)
+        if junk is not None:
+            ignored.append((path, junk))
+            continue
+        if stat.kind is Kind.DIR:
+            ignored.append((path, "folder inside a job folder"))
+            continue
+        role = parse_folder_member(child)
+        problem = _unsafe(path, stat)
+        if problem:
+            group.members.append(path)
+            group.unsafe[path] = problem
+            continue
+        if role is None:
+            ignored.append((path, "not part of the job (unknown file name in a job folder)"))
+            continue
+        group.members.append(path)
+        group.roles[role].append(path)
+
+
+def _decide(
+    group: _Group,
+    seen: Mapping[str, Seen],
+    now: float,
+    rules: Rules,
+    ready: list[JobGroup],
+    rejected: list[Rejected],
+    waiting: list[Waiting],
+    probe: list[str],
+) -> None:
+    entries = tuple(sorted(group.entries))
+    members = [seen[p] for p in group.members]
+    unsettled = [p for p in group.members if not is_settled(seen[p], now, rules)]
+    if unsettled:
+        waiting.append(Waiting(group.name, "settling: " + ", ".join(sorted(unsettled)), entries))
+        return
+
+    if group.unsafe:
+        detail = "; ".join(f"{p} {why}" for p, why in sorted(group.unsafe.items()))
+        rejected.append(
+            Rejected(group.name, UNSAFE, f"unsafe inbox entry: {detail}", entries, {"entries": dict(group.unsafe)})
+        )
+        return
+
+    if group.conflict:
+        rejected.append(
+            Rejected(
+                group.name,
+                AMBIGUOUS,
+                f"both a job folder {group.name}/ and loose files named {group.name}.* are present; "
+                "send a job one way only",
+                entries,
+                {"entries": list(entries)},
+            )
+        )
+        return
+
+    for role, label in (("image", "images"), ("mask", "masks"), ("prompt", "prompt files")):
+        if len(group.roles[role]) > 1:
+            names = sorted(group.roles[role])
+            rejected.append(
+                Rejected(
+                    group.name,
+                    AMBIGUOUS,
+                    f"more than one {role} for job {group.name}: {', '.join(names)}; keep exactly one",
+                    entries,
+                    {"role": role, "entries": names},
+                )
+            )
+            return
+
+    if rules.max_input_bytes is not None:
+        # Judged from the scan's sizes, before the alpha probe or the job reads a byte.
+        sizes = {p: seen[p].stat.size for p in group.members if seen[p].stat.kind is Kind.FILE}
+        big = {p: size for p, size in sorted(sizes.items()) if size > rules.max_input_bytes}
+        if big:
+            rejected.append(
+                Rejected(
+                    group.name, TOO_LARGE, oversize_message(big, rules.max_input_bytes), entries,
+                    {"entries": big, "max_input_bytes": rules.max_input_bytes},
+                )
+            )
+            return
+
+    image = group.roles["image"][0] if group.roles["image"] else None
+    mask = group.roles["mask"][0] if group.roles["mask"] else None
+    prompt = group.roles["prompt"][0] if group.roles["prompt"] else None
+    prefix = f"{group.folder}/" if group.folder is not None else f"{group.name}."
+    missing: list[str] = []
+    if image is None:
+        missing.append(f"image ({prefix}{'image.' if group.folder is not None else ''}<png|jpg|webp|...>)")
+    elif mask is None:
+        alpha = seen[image].alpha
+        if alpha is None:
+            probe.append(image)
+            waiting.append(Waiting(group.name, "checking the image for an alpha channel", entries))
+            return
+        if not alpha:
+            missing.append(
+                f"mask ({prefix}mask.<png|jpg|...>, or an image with an alpha channel)"
+                if group.folder is not None
+                else f"mask ({group.name}.mask.<png|jpg|...>, or an image with an alpha channel)"
+            )
+    if prompt is None and rules.require_prompt:
+        missing.append(
+            f"prompt ({prefix}prompt.txt or job.yaml/job.json)"
+            if group.folder is not None
+            else f"prompt ({group.name}.txt, .yaml or .json)"
+        )
+
+    if missing:
+        last_activity = max(s.changed_at for s in members)
+        if now - last_activity >= rules.incomplete_timeout:
+            rejected.append(
+                Rejected(
+                    group.name,
+                    INCOMPLETE,
+                    f"job {group.name} incomplete after {rules.incomplete_timeout:g} s: missing "
+                    + "; ".join(missing),
+                    entries,
+                    {"missing": [m.split(" ", 1)[0] for m in missing], "present": sorted(group.members)},
+                )
+            )
+        else:
+            waiting.append(Waiting(group.name, "missing " + "; ".join(missing), entries))
+        return
+
+    assert image is not None
+    ready.append(
+        JobGroup(
+            name=group.name,
+            image=image,
+            mask=mask,
+            prompt=prompt,
+            entries=entries,
+            folder=group.folder,
+            arrived=min(s.first_seen for s in members),
+            first_ctime_ns=min(s.stat.ctime_ns for s in members),
+        )
+    )

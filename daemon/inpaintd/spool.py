@@ -1,0 +1,419 @@
+"""Claiming: a ready job leaves the inbox by atomic rename into state/claimed/<job-id>/.
+
+A claim directory holds `job.json` (name, original entries, arrival, attempts, state) and
+`inputs/` with the job's entries under their original names. Renames never follow links
+and never read a file: a crash or a second daemon can never process a job twice, and a
+job found claimed at start-up is simply queued again. `begin_attempt` counts (fsynced)
+every start of processing; a job still counted `limits.poison_after` times at the next
+start crashed the daemon that often and is failed as a poison job.
+
+A claim's `state`: claiming (entries still moving in), claimed, publishing (the outbox names it
+is about to write are recorded in `publishing` first, see outbox.settle_publication), published
+(only archiving is left), failing (only the move to failed/ is left). Every change is fsynced
+before the step it announces, so a kill -9 anywhere leaves a state recovery can finish.
+
+The inbox scan lives here too: lstat only, links are reported as links, never followed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import stat as stat_mod
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .errors import ConfigError, JobError
+from .fsutil import atomic_write_bytes, fsync_dir
+from .grouping import JobGroup, Kind, Stat, junk_reason
+
+log = structlog.get_logger("inpaintd.spool")
+
+CLAIM_SCHEMA = "inpaintd.claim/1"
+INPUTS = "inputs"
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _kind(mode: int) -> Kind:
+    if stat_mod.S_ISREG(mode):
+        return Kind.FILE
+    if stat_mod.S_ISDIR(mode):
+        return Kind.DIR
+    if stat_mod.S_ISLNK(mode):
+        return Kind.SYMLINK
+    return Kind.SPECIAL
+
+
+def _stat(path: str, st: os.stat_result) -> Stat:
+    return Stat(path, _kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_nlink, st.st_ino, st.st_ctime_ns)
+
+
+def scan_inbox(inbox: Path) -> list[Stat]:
+    """Every entry of the inbox, and the entries one level inside real (non-junk) folders."""
+    out: list[Stat] = []
+    with os.scandir(inbox) as entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            item = _stat(entry.name, st)
+            out.append(item)
+            if item.kind is Kind.DIR and junk_reason(entry.name) is None:
+                out.extend(_scan_folder(Path(entry.path), entry.name))
+    return out
+
+
+def _scan_folder(folder: Path, name: str) -> list[Stat]:
+    out: list[Stat] = []
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return out  # replaced or removed meanwhile; the next scan sees what it is
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out.append(_stat(f"{name}/{entry.name}", st))
+    finally:
+        os.close(fd)
+    return out
+
+
+def probe_alpha(path: Path) -> bool:
+    """Whether an image file has an alpha channel; reads its header only, never follows a link."""
+    from PIL import Image
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as handle, Image.open(handle) as image:
+            return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False  # unreadable images are failed properly by process; here: no alpha
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- moving
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def move_entry(src: Path, dst: Path) -> str:
+    """Move one entry (file, folder, link, FIFO) without ever reading through a link.
+
+    Returns "renamed", "copied" (a regular file or plain folder across filesystems) or
+    "removed" (a link or special file that cannot be renamed across filesystems: it holds
+    no data of ours, and copying it would mean following it). dst must not exist.
+    """
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    try:
+        os.rename(src, dst)
+        return "renamed"
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    st = os.lstat(src)
+    if stat_mod.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        _copy_file(src, dst)
+        os.unlink(src)
+        return "copied"
+    if stat_mod.S_ISDIR(st.st_mode) and _plain_tree(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_copy_file)
+        shutil.rmtree(src)
+        return "copied"
+    if stat_mod.S_ISDIR(st.st_mode):
+        shutil.rmtree(src)  # holds links or special files: nothing we may copy
+    else:
+        os.unlink(src)
+    return "removed"
+
+
+def _copy_file(src: str | Path, dst: str | Path) -> None:
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as reader, open(dst, "xb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
+            writer.flush()
+            os.fsync(writer.fileno())
+    finally:
+        os.close(fd)
+    shutil.copystat(src, dst, follow_symlinks=False)
+
+
+def _plain_tree(root: Path) -> bool:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat_mod.S_ISDIR(st.st_mode):
+                continue
+            if not (stat_mod.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                return False
+    return True
+
+
+def distinct_dir(parent: Path, name: str) -> Path:
+    """Create and return parent/name, or parent/name-1, -2 ... if taken (mkdir is exclusive)."""
+    for index in range(10_000):
+        candidate = parent / (name if index == 0 else f"{name}-{index}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"no free name for {name} in {parent}")
+
+
+# --------------------------------------------------------------------------- claims
+
+
+@dataclass
+class Claim:
+    """A job that left the inbox and is ours until published or failed."""
+
+    dir: Path
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> str:
+        return str(self.record["job_id"])
+
+    @property
+    def name(self) -> str:
+        return str(self.record["name"])
+
+    @property
+    def attempts(self) -> int:
+        return int(self.record.get("attempts", 0))
+
+    @property
+    def arrived(self) -> float:
+        return float(self.record["arrived"])
+
+    @property
+    def state(self) -> str:
+        return str(self.record.get("state", "claimed"))
+
+    @property
+    def inputs(self) -> Path:
+        return self.dir / INPUTS
+
+    def input_path(self, role: str) -> Path | None:
+        rel = self.record["files"].get(role)
+        return None if rel is None else self.inputs / rel
+
+    def entries(self) -> list[str]:
+        return list(self.record["entries"])
+
+
+def new_job_id(now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+class Spool:
+    """state/claimed/: the jobs this daemon has taken out of the inbox."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.claimed = self.state_dir / "claimed"
+        self._lock_fd: int | None = None
+
+    def open(self, inbox: Path) -> None:
+        """Create the spool, check it shares a filesystem with the inbox, and lock it."""
+        self.claimed.mkdir(parents=True, exist_ok=True)
+        if not same_filesystem(inbox, self.claimed):
+            raise ConfigError(
+                "paths.state",
+                f"{self.state_dir} must be on the same filesystem as paths.inbox ({inbox}): "
+                "claims are atomic renames",
+            )
+        fd = os.open(self.state_dir / "inpaintd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                "paths.state", f"another inpaintd is already running with state directory {self.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- taking jobs --------------------------------------------------------------------
+
+    def claim(self, inbox: Path, group: JobGroup, arrived: float, now: float | None = None) -> Claim | None:
+        """Move a ready job's entries into a new claim; None if they vanished (another daemon)."""
+        now = time.time() if now is None else now
+        job_id = new_job_id(now)
+        claim = Claim(
+            self.claimed / job_id,
+            {
+                "schema": CLAIM_SCHEMA,
+                "job_id": job_id,
+                "name": group.name,
+                "folder": group.folder,
+                "entries": list(group.entries),
+                "files": {"image": group.image, "mask": group.mask, "prompt": group.prompt},
+                "arrived": arrived,
+                "claimed": now,
+                "attempts": 0,
+                "state": "claiming",
+            },
+        )
+        claim.inputs.mkdir(parents=True)
+        self.save(claim)
+        moved: list[str] = []
+        try:
+            for entry in group.entries:
+                os.rename(inbox / entry, claim.inputs / entry)
+                moved.append(entry)
+        except OSError as exc:
+            self._roll_back(claim, inbox, moved)
+            if isinstance(exc, FileNotFoundError):
+                log.warning("job.claim_lost", job=group.name, missing=entry, note="taken by someone else")
+                return None
+            raise
+        fsync_dir(claim.inputs)
+        fsync_dir(inbox)
+        claim.record["state"] = "claimed"
+        self.save(claim)
+        return claim
+
+    def _roll_back(self, claim: Claim, inbox: Path, moved: list[str]) -> None:
+        for entry in moved:
+            try:
+                os.rename(claim.inputs / entry, inbox / entry)
+            except OSError:
+                log.exception("job.rollback_failed", job=claim.name, entry=entry)
+                return  # keep the claim: recovery finishes it
+        shutil.rmtree(claim.dir, ignore_errors=True)
+
+    def recover(self, inbox: Path) -> list[Claim]:
+        """Claims left by an earlier run, oldest arrival first; half-made claims are completed."""
+        claims: list[Claim] = []
+        for path in sorted(self.claimed.iterdir()):
+            if not path.is_dir() or path.name.startswith("."):
+                continue
+            claim = self.load(path)
+            if claim is None:
+                continue
+            if claim.state == "claiming":
+                for entry in claim.entries():
+                    if not os.path.lexists(claim.inputs / entry) and os.path.lexists(inbox / entry):
+                        os.rename(inbox / entry, claim.inputs / entry)
+                claim.record["state"] = "claimed"
+                self.save(claim)
+            claims.append(claim)
+        claims.sort(key=lambda c: (c.arrived, c.job_id))
+        return claims
+
+    def load(self, path: Path) -> Claim | None:
+        try:
+            record = json.loads((path / "job.json").read_text(encoding="utf-8"))
+            if record.get("schema") != CLAIM_SCHEMA:
+                raise ValueError(f"unknown schema {record.get('schema')!r}")
+        except FileNotFoundError:
+            inputs = path / INPUTS
+            if not inputs.exists() or not any(inputs.iterdir()):
+                shutil.rmtree(path, ignore_errors=True)  # crashed before anything moved in
+                return None
+            log.error("spool.unreadable_claim", path=str(path), error="job.json missing")
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("spool.unreadable_claim", path=str(path), error=str(exc))
+            return None
+        return Claim(path, record)
+
+    def save(self, claim: Claim) -> None:
+        data = json.dumps(claim.record, indent=2, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        atomic_write_bytes(claim.dir / "job.json", data)
+
+    # -- attempts -----------------------------------------------------------------------
+
+    def begin_attempt(self, claim: Claim, poison_after: int) -> None:
+        """Count a start of processing on disk before it happens; raise poison_job past the limit."""
+        if claim.attempts >= poison_after:
+            raise JobError(
+                "poison_job",
+                f"job {claim.name} was being processed when the daemon stopped unexpectedly "
+                f"{claim.attempts} times; not trying again",
+                {"attempts": claim.attempts, "poison_after": poison_after},
+            )
+        claim.record["attempts"] = claim.attempts + 1
+        self.save(claim)
+
+    def undo_attempt(self, claim: Claim) -> None:
+        """The attempt ended cleanly (interrupted, or a transient error): it was no crash."""
+        claim.record["attempts"] = max(0, claim.attempts - 1)
+        self.save(claim)
+
+    def mark(self, claim: Claim, state: str, **fields: Any) -> None:
+        claim.record["state"] = state
+        claim.record.update(fields)
+        self.save(claim)
+
+    def drop(self, claim: Claim) -> None:
+        shutil.rmtree(claim.dir)
+        fsync_dir(self.claimed)
+
+    def oversized_inputs(self, claim: Claim, max_bytes: int) -> dict[str, int]:
+        """Claimed files over max_bytes ({path: bytes}), from lstat: nothing is read.
+
+        The intake refuses such jobs already; this catches a file that grew after the scan
+        (a writer still holding it) and claims made before the limit was lowered.
+        """
+        sizes: dict[str, int] = {}
+        for dirpath, _dirs, files in os.walk(claim.inputs):
+            for name in files:
+                path = Path(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if stat_mod.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+                    sizes[str(path.relative_to(claim.inputs))] = st.st_size
+        return sizes
+
+    def unsafe_inputs(self, claim: Claim) -> dict[str, str]:
+        """Entries that turned out to be links or special files once claimed (swapped after the scan)."""
+        problems: dict[str, str] = {}
+        paths = [claim.inputs / e for e in claim.entries()]
+        paths += [p for p in (claim.input_path(r) for r in ("image", "mask", "prompt")) if p is not None]
+        for path in dict.fromkeys(paths):
+            rel = str(path.relative_to(claim.inputs))
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                problems[rel] = "is missing"
+                continue
+            if stat_mod.S_ISDIR(st.st_mode) and rel == claim.record.get("folder"):
+                continue
+            if not stat_mod.S_ISREG(st.st_mode):
+                problems[rel] = "is not a regular file"
+            elif st.st_nlink > 1:
+                problems[rel] = "is a hard link to another file"
+        return problems

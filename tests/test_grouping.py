@@ -1,0 +1,307 @@
+"""grouping: which inbox entries make which job, and when; the clock is a parameter."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inpaintd.grouping import (
+    AMBIGUOUS,
+    INCOMPLETE,
+    TOO_LARGE,
+    UNSAFE,
+    Hint,
+    Kind,
+    Rules,
+    Seen,
+    Stat,
+    forget_writes,
+    junk_reason,
+    merge_hint,
+    observe,
+    parse_name,
+    plan,
+    with_alpha,
+)
+
+RULES = Rules(settle_seconds=2.0, incomplete_timeout=60.0)
+
+
+def stat(path: str, kind: Kind = Kind.FILE, size: int = 10, mtime: int = 1, nlink: int = 1, inode: int = 0) -> Stat:
+    return Stat(path, kind, size, mtime, nlink, inode or abs(hash(path)) % 10_000 + 1)
+
+
+def seen_at(t: float, *paths: str, **kw) -> dict[str, Seen]:
+    out = {}
+    for p in paths:
+        kind = Kind.DIR if p.endswith("/") else kw.get("kind", Kind.FILE)
+        p = p.rstrip("/")
+        out[p] = Seen(stat(p, kind, nlink=kw.get("nlink", 1)), first_seen=t, changed_at=t, alpha=kw.get("alpha"))
+    return out
+
+
+def test_a_complete_job_of_loose_files_is_ready_once_every_part_settled():
+    seen = seen_at(0.0, "cat.png", "cat.mask.png", "cat.txt")
+    assert plan(seen, 1.0, RULES).ready == ()
+    (job,) = plan(seen, 2.0, RULES).ready
+    assert (job.name, job.image, job.mask, job.prompt, job.folder) == ("cat", "cat.png", "cat.mask.png", "cat.txt", None)
+    assert job.entries == ("cat.mask.png", "cat.png", "cat.txt")
+
+
+def test_extensions_are_case_insensitive_and_stems_may_contain_dots():
+    assert parse_name("Holiday.v2.JPG") == ("Holiday.v2", "image")
+    assert parse_name("Holiday.v2.Mask.PNG") == ("Holiday.v2", "mask")
+    assert parse_name("a.YAML") == ("a", "prompt")
+    assert parse_name("notes.doc") is None
+    assert parse_name("png") is None
+    (job,) = plan(seen_at(0, "x.y.TIFF", "x.y.MASK.bmp"), 5, RULES).ready
+    assert (job.image, job.mask) == ("x.y.TIFF", "x.y.MASK.bmp")
+
+
+def test_a_part_written_later_restarts_the_settle_time_of_the_job():
+    seen = seen_at(0.0, "cat.png", "cat.txt")
+    seen.update(seen_at(9.0, "cat.mask.png"))
+    assert plan(seen, 10.0, RULES).ready == ()
+    assert len(plan(seen, 11.0, RULES).ready) == 1
+
+
+def test_an_image_without_mask_is_probed_for_alpha_and_taken_when_it_has_one():
+    seen = seen_at(0.0, "a.png")
+    p = plan(seen, 5.0, RULES)
+    assert p.probe == ("a.png",) and p.ready == ()
+    assert plan(with_alpha(seen, "a.png", True), 5.0, RULES).ready[0].mask is None
+    p = plan(with_alpha(seen, "a.png", False), 5.0, RULES)
+    assert p.ready == () and "missing mask" in p.waiting[0].reason
+
+
+def test_parts_arriving_apart_wait_and_complete_when_the_last_one_arrives():
+    seen = with_alpha(seen_at(0.0, "dog.jpg"), "dog.jpg", False)
+    assert "mask" in plan(seen, 50.0, RULES).waiting[0].reason
+    seen.update(seen_at(55.0, "dog.mask.png"))
+    (job,) = plan(seen, 57.0, RULES).ready
+    assert job.arrived == 0.0
+
+
+def test_an_incomplete_job_is_rejected_after_the_timeout_naming_the_missing_part():
+    seen = with_alpha(seen_at(0.0, "dog.jpg"), "dog.jpg", False)
+    (rej,) = plan(seen, 60.0, RULES).rejected
+    assert rej.code == INCOMPLETE and rej.name == "dog" and rej.entries == ("dog.jpg",)
+    assert "missing mask" in rej.message and "dog.mask." in rej.message
+    assert rej.details["missing"] == ["mask"]
+    (rej,) = plan(seen_at(0.0, "lone.mask.png"), 61.0, RULES).rejected
+    assert "missing image" in rej.message
+
+
+def test_a_prompt_file_is_required_only_when_the_rules_say_so():
+    seen = seen_at(0.0, "a.png", "a.mask.png")
+    assert len(plan(seen, 5.0, RULES).ready) == 1
+    strict = Rules(2.0, 60.0, require_prompt=True)
+    assert "prompt" in plan(seen, 5.0, strict).waiting[0].reason
+    assert "a.txt" in plan(seen, 61.0, strict).rejected[0].message
+
+
+def test_junk_left_by_clients_is_ignored_and_never_part_of_a_job():
+    names = [".DS_Store", "._cat.png", "Thumbs.db", "desktop.ini", "~$doc.docx", "cat.png.part", "cat.png.partial",
+             "x.TMP", "cat.png.filepart", "cat.png.crdownload", ".cat.png.Xa12Bc", ".hidden.png"]
+    for n in names:
+        assert junk_reason(n), n
+    p = plan(seen_at(0.0, *names), 100.0, RULES)
+    assert p.ready == () and p.rejected == () and p.waiting == ()
+    assert sorted(n for n, _ in p.ignored) == sorted(names)
+    assert junk_reason("cat.png") is None and junk_reason("part.png") is None
+
+
+def test_unknown_files_are_ignored_not_failed():
+    p = plan(seen_at(0.0, "readme.md"), 100.0, RULES)
+    assert p.ignored == (("readme.md", "not part of any job (unknown file type)"),)
+
+
+def test_two_images_with_one_stem_reject_the_job_as_ambiguous():
+    (rej,) = plan(seen_at(0.0, "a.png", "a.jpg", "a.mask.png"), 5.0, RULES).rejected
+    assert rej.code == AMBIGUOUS and "a.jpg, a.png" in rej.message
+    assert rej.entries == ("a.jpg", "a.mask.png", "a.png")
+    (rej,) = plan(seen_at(0.0, "a.png", "a.mask.png", "a.txt", "a.yaml"), 5.0, RULES).rejected
+    assert rej.code == AMBIGUOUS and "prompt" in rej.message
+
+
+def test_a_job_folder_is_a_job_and_clashes_with_loose_files_of_the_same_name():
+    seen = seen_at(0.0, "job1/", "job1/Image.PNG", "job1/mask.png", "job1/job.yaml", "job1/.DS_Store")
+    (job,) = plan(seen, 3.0, RULES).ready
+    assert job.folder == "job1" and job.entries == ("job1",)
+    assert (job.image, job.mask, job.prompt) == ("job1/Image.PNG", "job1/mask.png", "job1/job.yaml")
+    seen.update(seen_at(0.0, "job1.png"))
+    (rej,) = plan(seen, 3.0, RULES).rejected
+    assert rej.code == AMBIGUOUS and rej.entries == ("job1", "job1.png")
+
+
+def test_an_empty_job_folder_waits_then_fails_as_incomplete():
+    seen = seen_at(0.0, "j/")
+    assert plan(seen, 3.0, RULES).waiting[0].name == "j"
+    (rej,) = plan(seen, 60.0, RULES).rejected
+    assert rej.code == INCOMPLETE and "j/image." in rej.message
+
+
+def test_symlinks_fifos_and_hardlinks_make_the_job_unsafe():
+    for kw in ({"kind": Kind.SYMLINK}, {"kind": Kind.SPECIAL}, {"nlink": 2}):
+        seen = seen_at(0.0, "a.mask.png")
+        seen.update(seen_at(0.0, "a.png", **kw))
+        (rej,) = plan(seen, 5.0, RULES).rejected
+        assert rej.code == UNSAFE and rej.entries == ("a.mask.png", "a.png"), kw
+    seen = seen_at(0.0, "f/", "f/image.png", "f/mask.png")
+    seen.update(seen_at(0.0, "f/mask.png", kind=Kind.SYMLINK))
+    (rej,) = plan(seen, 5.0, RULES).rejected
+    assert rej.code == UNSAFE and rej.entries == ("f",)
+
+
+def test_names_with_control_characters_or_undecodable_bytes_are_unsafe():
+    (rej,) = plan(seen_at(0.0, "a\nb.png", "a\nb.mask.png"), 5.0, RULES).rejected
+    assert rej.code == UNSAFE
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    (rej,) = plan(seen_at(0.0, f"{bad}.png", f"{bad}.mask.png"), 5.0, RULES).rejected
+    assert rej.code == UNSAFE and "UTF-8" in rej.message
+
+
+def test_a_file_over_max_input_bytes_fails_the_job_from_its_size_before_any_probe():
+    rules = Rules(2.0, 60.0, max_input_bytes=1000)
+    seen = {p: Seen(stat(p, size=size), first_seen=0.0, changed_at=0.0)
+            for p, size in (("big.bmp", 1001), ("big.txt", 5), ("ok.png", 1000), ("ok.mask.png", 10))}
+    p = plan(seen, 5.0, rules)
+    (rej,) = p.rejected
+    assert rej.code == TOO_LARGE and rej.name == "big" and rej.entries == ("big.bmp", "big.txt")
+    assert rej.details["entries"] == {"big.bmp": 1001} and "limits.max_input_bytes" in rej.message
+    assert p.probe == () and [j.name for j in p.ready] == ["ok"]  # big.bmp (no mask) was never probed
+    assert plan(seen, 5.0, RULES).probe == ("big.bmp",)  # no limit: the usual path
+
+
+def test_ready_jobs_come_out_in_arrival_order():
+    seen = seen_at(5.0, "b.png", "b.mask.png")
+    seen.update(seen_at(1.0, "c.png", "c.mask.png"))
+    seen.update(seen_at(3.0, "a.png", "a.mask.png"))
+    assert [j.name for j in plan(seen, 10.0, RULES).ready] == ["c", "a", "b"]
+
+
+def test_jobs_first_seen_in_the_same_look_come_out_in_the_order_they_were_written():
+    seen = {}
+    for name, ctime in (("a", 30), ("b", 10), ("c", 20)):
+        for path in (f"{name}.png", f"{name}.mask.png"):
+            st_ = Stat(path, Kind.FILE, 10, 1, 1, abs(hash(path)) % 10_000 + 1, ctime_ns=ctime)
+            seen[path] = Seen(st_, first_seen=1.0, changed_at=1.0)  # one rescan saw them all
+    assert [j.name for j in plan(seen, 10.0, RULES).ready] == ["b", "c", "a"]
+
+
+# ---------------------------------------------------------------- observe
+
+
+def test_observe_restarts_the_settle_time_when_size_or_mtime_changes():
+    s0 = observe({}, [stat("a.png", size=1)], {}, now=0.0)
+    s1 = observe(s0, [stat("a.png", size=1)], {}, now=1.5)
+    assert s1["a.png"].changed_at == 0.0
+    s2 = observe(s1, [stat("a.png", size=2)], {}, now=1.9)
+    assert s2["a.png"].changed_at == 1.9 and s2["a.png"].first_seen == 0.0
+    assert observe(s2, [], {}, now=2.0) == {}
+
+
+def test_an_open_writer_holds_a_file_back_until_it_closes():
+    s = observe({}, [stat("a.png")], {"a.png": Hint.WRITE}, now=0.0)
+    s = observe(s, [stat("a.png")], {}, now=10.0)
+    assert s["a.png"].writing and not plan(s, 10.0, RULES).probe
+    s = observe(s, [stat("a.png")], {"a.png": Hint.CLOSE}, now=11.0)
+    assert not s["a.png"].writing
+    assert plan(s, 12.9, RULES).probe == () and plan(s, 13.0, RULES).probe == ("a.png",)
+
+
+def test_a_lost_close_event_delays_a_file_but_never_strands_it():
+    s = observe({}, [stat("a.png")], {"a.png": Hint.WRITE}, now=0.0)
+    assert plan(s, 59.0, RULES).probe == ()
+    assert plan(s, 60.0, RULES).probe == ("a.png",)
+    assert plan(forget_writes(s), 2.0, RULES).probe == ("a.png",)
+
+
+def test_a_file_renamed_over_an_open_one_is_a_new_file():
+    s = observe({}, [stat("a.png", inode=1)], {"a.png": Hint.WRITE}, now=0.0)
+    s = observe(s, [stat("a.png", inode=2)], {"a.png": Hint.CHANGE}, now=1.0)
+    assert not s["a.png"].writing and s["a.png"].changed_at == 1.0
+
+
+def test_a_changed_image_must_be_probed_again():
+    s = with_alpha(observe({}, [stat("a.png", size=1)], {}, 0.0), "a.png", True)
+    assert observe(s, [stat("a.png", size=1)], {}, 1.0)["a.png"].alpha is True
+    assert observe(s, [stat("a.png", size=2)], {}, 1.0)["a.png"].alpha is None
+
+
+def merged(*hints: Hint) -> Hint | None:
+    out = None
+    for hint in hints:
+        out = merge_hint(out, hint)
+    return out
+
+
+def test_an_attribute_change_never_hides_a_close_or_a_write():
+    assert merged(Hint.WRITE, Hint.CLOSE, Hint.CHANGE) is Hint.CLOSE  # scp -p: times set after close
+    assert merged(Hint.WRITE, Hint.CHANGE) is Hint.WRITE  # smbd: create, set attributes, hold open
+    assert merged(Hint.CLOSE, Hint.WRITE) is Hint.WRITE  # reopened for writing
+    assert merged(Hint.CHANGE) is Hint.CHANGE and merged(Hint.CHANGE, Hint.CLOSE) is Hint.CLOSE
+
+
+def test_times_set_after_the_close_within_one_look_leave_the_file_closed():
+    s = observe({}, [stat("a.png")], {"a.png": Hint.WRITE}, now=0.0)
+    s = observe(s, [stat("a.png", mtime=7)], {"a.png": merged(Hint.CLOSE, Hint.CHANGE)}, now=1.0)
+    assert not s["a.png"].writing
+    assert plan(s, 3.0, RULES).probe == ("a.png",)
+
+
+def test_a_file_created_and_held_open_empty_is_not_taken_however_long_it_pauses():
+    s = observe({}, [stat("a.png", size=0)], {"a.png": merged(Hint.WRITE, Hint.CHANGE)}, now=0.0)
+    assert s["a.png"].writing
+    assert plan(s, 30.0, RULES).probe == ()
+    # Lost events do not release an empty file still open (its first byte may be on its way) ...
+    assert plan(forget_writes(s), 30.0, RULES).probe == ()
+    # ... but nothing waits forever: quiet for incomplete_timeout, it is taken (and fails as empty).
+    assert plan(forget_writes(s), 60.0, RULES).probe == ("a.png",)
+    s = observe(s, [stat("a.png", size=500, mtime=2)], {"a.png": merged(Hint.WRITE, Hint.CLOSE)}, now=31.0)
+    assert plan(s, 33.0, RULES).probe == ("a.png",)
+
+
+# ---------------------------------------------------------------- properties
+
+NAMES = st.sampled_from(
+    ["a.png", "a.jpg", "a.mask.png", "a.txt", "a.yaml", "b.webp", "b.mask.PNG", "b.json", ".DS_Store",
+     "c.png.part", "._a.png", "d.bmp", "d.mask.bmp", "e/", "e/image.png", "e/mask.png", "e/job.json",
+     "e/.hidden", "notes.doc", "a/", "a/image.jpg"]
+)
+ENTRY = st.tuples(NAMES, st.floats(0, 100), st.sampled_from(list(Kind)), st.integers(1, 2), st.booleans(),
+                  st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ENTRY, max_size=12), st.floats(0, 300), st.booleans())
+def test_every_entry_lands_in_exactly_one_place_and_only_settled_safe_jobs_are_ready(entries, now, require_prompt):
+    rules = Rules(2.0, 60.0, require_prompt)
+    seen: dict[str, Seen] = {}
+    for name, t, kind, nlink, writing, alpha in entries:
+        if name.endswith("/"):
+            kind = Kind.DIR
+        elif kind is Kind.DIR:
+            kind = Kind.FILE
+        path = name.rstrip("/")
+        if "/" in path and path.split("/")[0] + "/" not in [e[0] for e in entries]:
+            continue
+        seen[path] = Seen(stat(path, kind, nlink=nlink), first_seen=min(t, now), changed_at=min(t, now),
+                          writing=writing, alpha=alpha)
+    p = plan(seen, now, rules)
+    top = {path for path in seen if "/" not in path}
+    placed = [e for j in p.ready for e in j.entries] + [e for r in p.rejected for e in r.entries] + \
+             [e for w in p.waiting for e in w.entries] + [n for n, _ in p.ignored if "/" not in n]
+    assert sorted(placed) == sorted(top)
+    for job in p.ready:
+        parts = [job.image, job.mask, job.prompt]
+        for part in filter(None, parts):
+            s = seen[part]
+            assert s.stat.kind is Kind.FILE and s.stat.nlink == 1
+            assert now - s.changed_at >= (60.0 if s.writing else 2.0)
+            assert junk_reason(part.rsplit("/", 1)[-1]) is None
+        if job.mask is None:
+            assert seen[job.image].alpha is True
+        if require_prompt:
+            assert job.prompt is not None
+    assert plan(dict(reversed(list(seen.items()))), now, rules) == p

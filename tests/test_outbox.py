@@ -1,0 +1,256 @@
+"""outbox: atomic publication, distinct names, archive/failed moves, transient trouble."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from inpaintd import outbox
+from inpaintd.errors import JobError, TransientError
+from inpaintd.grouping import JobGroup
+from inpaintd.jobs import JobResult
+from inpaintd.spool import Spool
+
+
+def result(name: str = "cat", data: bytes = b"PNGDATA") -> JobResult:
+    return JobResult(name=name, image_bytes=data, extension="png", sidecar={"schema": "x", "seed": 7})
+
+
+@pytest.fixture
+def place(tmp_path: Path):
+    for d in ("inbox", "outbox", "failed", "archive"):
+        (tmp_path / d).mkdir()
+    spool = Spool(tmp_path / "state")
+    spool.open(tmp_path / "inbox")
+    yield tmp_path, spool
+    spool.close()
+
+
+def claimed(place, name="cat"):
+    root, spool = place
+    for n in (f"{name}.png", f"{name}.mask.png"):
+        (root / "inbox" / n).write_bytes(n.encode())
+    group = JobGroup(name, f"{name}.png", f"{name}.mask.png", None, (f"{name}.mask.png", f"{name}.png"), None, 0)
+    return spool.claim(root / "inbox", group, arrived=1000.0)
+
+
+def test_the_image_and_its_sidecar_are_published_with_the_daemons_fields(tmp_path: Path):
+    image, sidecar = outbox.publish(tmp_path, result(), {"job_id": "J1", "queue_wait_seconds": 1.5})
+    assert image.name == "cat.png" and image.read_bytes() == b"PNGDATA"
+    data = json.loads(sidecar.read_text())
+    assert data["status"] == "done" and data["job_id"] == "J1" and data["seed"] == 7
+    assert data["output_file"] == "cat.png" and data["sidecar_file"] == "cat.json"
+    assert sorted(os.listdir(tmp_path)) == ["cat.json", "cat.png"]  # no temp file left behind
+
+
+def test_an_existing_output_is_never_overwritten_a_distinct_name_is_recorded(tmp_path: Path):
+    (tmp_path / "cat.png").write_bytes(b"theirs")
+    (tmp_path / "cat-1.json").write_text("{}")
+    image, sidecar = outbox.publish(tmp_path, result(), {})
+    assert (image.name, sidecar.name) == ("cat-2.png", "cat-2.json")
+    assert (tmp_path / "cat.png").read_bytes() == b"theirs"
+    data = json.loads(sidecar.read_text())
+    assert data["output_file"] == "cat-2.png" and data["renamed_from"] == "cat.png"
+
+
+def test_a_missing_outbox_or_a_full_disk_is_transient_and_leaves_nothing_behind(tmp_path: Path, monkeypatch):
+    with pytest.raises(TransientError, match="missing"):
+        outbox.publish(tmp_path / "nope", result(), {})
+    real = outbox.atomic_write_bytes
+
+    def full_on_sidecar(path, data, **kw):
+        if str(path).endswith(".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(outbox, "atomic_write_bytes", full_on_sidecar)
+    with pytest.raises(TransientError) as info:
+        outbox.publish(tmp_path, result(), {})
+    assert info.value.code == "disk_full"
+    assert os.listdir(tmp_path) == []  # the image written before the sidecar failed was removed
+
+
+def test_a_concurrent_reader_never_sees_a_partial_output(tmp_path: Path):
+    payload = os.urandom(3 << 20)
+    stop = threading.Event()
+    problems: list[str] = []
+    seen = set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for name in os.listdir(tmp_path):
+                if name.startswith("."):
+                    continue  # the writer's temp file, invisible by the contract
+                try:
+                    data = (tmp_path / name).read_bytes()
+                except FileNotFoundError:
+                    continue
+                seen.add(name)
+                if name.endswith(".png") and data != payload:
+                    problems.append(f"{name}: {len(data)} bytes")
+                if name.endswith(".json"):
+                    json.loads(data)
+                    if not (tmp_path / json.loads(data)["output_file"]).exists():
+                        problems.append(f"{name} visible before its image")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(8):
+            outbox.publish(tmp_path, result(data=payload), {})
+    finally:
+        stop.set()
+        thread.join()
+    assert not problems
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".png")]) == 8 and seen
+
+
+def test_after_success_inputs_are_archived_or_deleted_and_the_claim_is_gone(place):
+    root, spool = place
+    claim = claimed(place)
+    target = outbox.archive_inputs(spool, claim, root / "archive", "archive")
+    assert target == root / "archive" / "cat" and sorted(os.listdir(target)) == ["cat.mask.png", "cat.png"]
+    assert not claim.dir.exists()
+    claim = claimed(place)
+    assert outbox.archive_inputs(spool, claim, root / "archive", "archive") == root / "archive" / "cat-1"
+    claim = claimed(place)
+    assert outbox.archive_inputs(spool, claim, root / "archive", "delete") is None
+    assert not claim.dir.exists() and sorted(os.listdir(root / "archive")) == ["cat", "cat-1"]
+
+
+def test_a_failed_job_lands_in_failed_name_with_its_inputs_and_error_json(place):
+    root, spool = place
+    claim = claimed(place)
+    spool.begin_attempt(claim, 3)
+    error = JobError("mask_empty", "the mask selects no pixel", {"threshold": 127})
+    path = outbox.fail_claim(spool, claim, error, root / "failed", now=2000.0)
+    assert path == root / "failed" / "cat" / "error.json"
+    record = json.loads(path.read_text())
+    assert (record["code"], record["message"], record["details"]) == ("mask_empty", "the mask selects no pixel",
+                                                                       {"threshold": 127})
+    assert record["job"] == "cat" and record["attempts"] == 1 and record["job_id"] == claim.job_id
+    assert sorted(os.listdir(path.parent)) == ["cat.mask.png", "cat.png", "error.json"]
+    assert not claim.dir.exists()
+    second = outbox.fail_claim(spool, claimed(place), error, root / "failed", now=2001.0)
+    assert second.parent.name == "cat-1"
+
+
+def test_a_rejected_unsafe_entry_is_moved_itself_never_read_through(place, tmp_path: Path):
+    root, _ = place
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    (root / "inbox" / "s.png").symlink_to(secret)
+    os.mkfifo(root / "inbox" / "s.mask.png")
+    error = JobError("job_unsafe", "unsafe inbox entry")
+    path = outbox.fail_entries(root / "inbox", "s", ["s.mask.png", "s.png"], None, error, root / "failed", 1.0)
+    moved = path.parent
+    assert (moved / "s.png").is_symlink() and os.readlink(moved / "s.png") == str(secret)
+    assert secret.read_text() == "private" and list((root / "inbox").iterdir()) == []
+    assert json.loads(path.read_text())["inputs"] == ["s.mask.png", "s.png"]
+
+
+def test_a_rejected_job_folder_keeps_its_contents_together(place):
+    root, _ = place
+    (root / "inbox" / "f").mkdir()
+    (root / "inbox" / "f" / "image.png").write_bytes(b"x")
+    error = JobError("job_incomplete", "missing mask")
+    path = outbox.fail_entries(root / "inbox", "f", ["f"], "f", error, root / "failed", 1.0)
+    assert sorted(os.listdir(path.parent)) == ["error.json", "image.png"]
+    assert not (root / "inbox" / "f").exists()
+
+
+# ---------------------------------------------------------------- a stop in the middle of publication
+
+
+class Stop(BaseException):
+    """Stands in for kill -9 at a chosen point (nothing after it runs)."""
+
+
+def recorded_publish(outbox_dir: Path, spool: Spool, claim, stop_before: str | None = None) -> dict:
+    """publish() with the claim record the daemon keeps; optionally stopped before writing a file."""
+    real = outbox.atomic_write_bytes
+
+    def write(path, data, **kw):
+        if stop_before and Path(path).name.endswith(stop_before):
+            raise Stop
+        return real(path, data, **kw)
+
+    outbox.atomic_write_bytes, saved = write, outbox.atomic_write_bytes
+    try:
+        outbox.publish(outbox_dir, result(), {"job_id": claim.job_id},
+                       record=lambda names: spool.mark(claim, "publishing", publishing=names))
+    except Stop:
+        pass
+    finally:
+        outbox.atomic_write_bytes = saved
+    return spool.load(claim.dir).record
+
+
+def test_the_names_are_recorded_in_the_claim_before_the_image_is_written(place):
+    root, spool = place
+    claim = claimed(place)
+    record = recorded_publish(root / "outbox", spool, claim, stop_before=".png")
+    assert record["state"] == "publishing"
+    assert record["publishing"]["image"] == "cat.png" and record["publishing"]["sidecar"] == "cat.json"
+    assert os.listdir(root / "outbox") == []
+    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+
+
+def test_an_image_left_without_its_sidecar_is_removed_and_the_job_is_not_published(place):
+    root, spool = place
+    claim = claimed(place)
+    record = recorded_publish(root / "outbox", spool, claim)
+    (root / "outbox" / "cat.json").unlink()  # what a kill between the image and its sidecar leaves
+    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    assert os.listdir(root / "outbox") == []
+
+
+def test_a_sidecar_of_this_job_means_published_and_another_writers_files_are_never_touched(place):
+    root, spool = place
+    claim = claimed(place)
+    record = recorded_publish(root / "outbox", spool, claim)  # both written, claim not yet marked
+    assert record["state"] == "publishing"
+    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is True
+    assert sorted(os.listdir(root / "outbox")) == ["cat.json", "cat.png"]
+    assert outbox.settle_publication(root / "outbox", "another-job", record["publishing"]) is False
+    # Someone else's image under the recorded name (different bytes), no sidecar: left alone.
+    (root / "outbox" / "cat.json").unlink()
+    (root / "outbox" / "cat.png").write_bytes(b"theirs")
+    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    assert (root / "outbox" / "cat.png").read_bytes() == b"theirs"
+
+
+def test_temp_files_of_interrupted_writes_are_removed_and_nothing_else(tmp_path: Path):
+    from inpaintd.fsutil import TEMP_PREFIX
+
+    (tmp_path / f"{TEMP_PREFIX}abc123").write_bytes(b"half")
+    (tmp_path / "cat.png").write_bytes(b"done")
+    (tmp_path / ".hidden").write_bytes(b"not ours")
+    (tmp_path / f"{TEMP_PREFIX}dir").mkdir()
+    assert outbox.remove_temp_files(tmp_path) == [f"{TEMP_PREFIX}abc123"]
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{TEMP_PREFIX}dir", ".hidden", "cat.png"])
+    assert outbox.remove_temp_files(tmp_path / "missing") == []
+
+
+def test_a_failure_recorded_before_a_stop_is_not_written_twice(place, monkeypatch):
+    root, spool = place
+    claim = claimed(place)
+    error = JobError("mask_empty", "the mask selects no pixel")
+
+    def stop(_claim):
+        raise Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(spool, "drop", stop)  # the stop lands after error.json, before the claim is dropped
+        with pytest.raises(Stop):
+            outbox.fail_claim(spool, claim, error, root / "failed", now=1.0)
+    again = spool.load(claim.dir)
+    assert again.state == "failing"
+    path = outbox.fail_claim(spool, again, error, root / "failed", now=2.0)
+    assert sorted(os.listdir(path.parent)) == ["cat.mask.png", "cat.png", "error.json"]
+    assert not claim.dir.exists()

@@ -1,0 +1,171 @@
+"""spool: scanning without following links, claiming by rename, recovery, attempts and poison."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from inpaintd.errors import ConfigError, JobError
+from inpaintd.grouping import JobGroup, Kind
+from inpaintd.spool import Spool, move_entry, probe_alpha, scan_inbox
+
+
+@pytest.fixture
+def dirs(tmp_path: Path):
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    spool = Spool(state)
+    spool.open(inbox)
+    yield inbox, spool
+    spool.close()
+
+
+def group(name: str, *files: str, folder: str | None = None, mask: bool = True) -> JobGroup:
+    if folder:
+        return JobGroup(name, f"{folder}/image.png", f"{folder}/mask.png" if mask else None, None, (folder,), folder, 0.0)
+    return JobGroup(name, f"{name}.png", f"{name}.mask.png" if mask else None, None, tuple(sorted(files)), None, 0.0)
+
+
+def test_scan_reports_links_fifos_and_hardlinks_without_following_them(tmp_path: Path):
+    secret = tmp_path / "secret"
+    secret.write_text("do not read")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.png").symlink_to(secret)
+    os.mkfifo(inbox / "b.png")
+    os.link(secret, inbox / "c.png")
+    (inbox / "job").mkdir()
+    (inbox / "job" / "image.png").write_bytes(b"12345")
+    (inbox / "dirlink").symlink_to(tmp_path)
+    by_path = {s.path: s for s in scan_inbox(inbox)}
+    assert by_path["a.png"].kind is Kind.SYMLINK
+    assert by_path["b.png"].kind is Kind.SPECIAL
+    assert by_path["c.png"].kind is Kind.FILE and by_path["c.png"].nlink == 2
+    assert by_path["job"].kind is Kind.DIR and by_path["job/image.png"].size == 5
+    assert by_path["dirlink"].kind is Kind.SYMLINK and not any(p.startswith("dirlink/") for p in by_path)
+
+
+def test_alpha_probe_reads_the_header_and_never_opens_a_fifo(tmp_path: Path):
+    from PIL import Image
+
+    Image.new("RGBA", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    os.mkfifo(tmp_path / "c.png")
+    (tmp_path / "d.png").write_bytes(b"not an image")
+    assert probe_alpha(tmp_path / "a.png") is True
+    assert probe_alpha(tmp_path / "b.png") is False
+    assert probe_alpha(tmp_path / "c.png") is False  # O_NONBLOCK + fstat: returns at once
+    assert probe_alpha(tmp_path / "d.png") is False
+
+
+def test_a_claim_moves_every_entry_out_of_the_inbox_and_records_the_job(dirs):
+    inbox, spool = dirs
+    for n in ("cat.png", "cat.mask.png"):
+        (inbox / n).write_bytes(n.encode())
+    claim = spool.claim(inbox, group("cat", "cat.png", "cat.mask.png"), arrived=123.0)
+    assert claim is not None and list(inbox.iterdir()) == []
+    assert claim.input_path("image").read_bytes() == b"cat.png"
+    record = json.loads((claim.dir / "job.json").read_text())
+    assert record["name"] == "cat" and record["state"] == "claimed" and record["attempts"] == 0
+    assert record["entries"] == ["cat.mask.png", "cat.png"] and record["arrived"] == 123.0
+
+
+def test_a_job_folder_is_claimed_in_one_rename(dirs):
+    inbox, spool = dirs
+    (inbox / "j").mkdir()
+    (inbox / "j" / "image.png").write_bytes(b"i")
+    (inbox / "j" / "mask.png").write_bytes(b"m")
+    claim = spool.claim(inbox, group("j", folder="j"), arrived=1.0)
+    assert claim.input_path("mask").read_bytes() == b"m" and not (inbox / "j").exists()
+    assert spool.unsafe_inputs(claim) == {}
+
+
+def test_claimed_files_over_a_size_limit_are_found_from_lstat_alone(dirs, tmp_path: Path):
+    inbox, spool = dirs
+    (inbox / "j").mkdir()
+    (inbox / "j" / "image.png").write_bytes(b"i" * 100)
+    (inbox / "j" / "mask.png").write_bytes(b"m")
+    claim = spool.claim(inbox, group("j", folder="j"), arrived=1.0)
+    assert spool.oversized_inputs(claim, 100) == {}
+    assert spool.oversized_inputs(claim, 99) == {"j/image.png": 100}
+
+
+def test_a_claim_that_loses_a_race_rolls_back_and_leaves_the_inbox_as_it_was(dirs):
+    inbox, spool = dirs
+    (inbox / "a.png").write_bytes(b"i")  # a.mask.png was taken by someone else
+    assert spool.claim(inbox, group("a", "a.png", "a.mask.png"), arrived=1.0) is None
+    assert sorted(os.listdir(inbox)) == ["a.png"] and list(spool.claimed.iterdir()) == []
+
+
+def test_an_entry_swapped_for_a_link_after_the_scan_is_found_unsafe_once_claimed(dirs, tmp_path: Path):
+    inbox, spool = dirs
+    (inbox / "a.png").symlink_to(tmp_path / "elsewhere.png")
+    (inbox / "a.mask.png").write_bytes(b"m")
+    claim = spool.claim(inbox, group("a", "a.png", "a.mask.png"), arrived=1.0)
+    assert spool.unsafe_inputs(claim) == {"a.png": "is not a regular file"}
+
+
+def test_restart_recovers_claims_in_arrival_order_and_finishes_half_made_ones(dirs):
+    inbox, spool = dirs
+    for n in ("b.png", "b.mask.png", "a.png", "a.mask.png"):
+        (inbox / n).write_bytes(b"x")
+    spool.claim(inbox, group("b", "b.png", "b.mask.png"), arrived=20.0)
+    half = spool.claim(inbox, group("a", "a.png", "a.mask.png"), arrived=10.0)
+    # As if the daemon died after moving one file of "a": one entry still in the inbox.
+    os.rename(half.inputs / "a.png", inbox / "a.png")
+    spool.mark(half, "claiming")
+    spool.close()
+
+    again = Spool(spool.state_dir)
+    again.open(inbox)
+    try:
+        claims = again.recover(inbox)
+        assert [c.name for c in claims] == ["a", "b"]
+        assert claims[0].state == "claimed" and claims[0].input_path("image").exists()
+        assert list(inbox.iterdir()) == []
+    finally:
+        again.close()
+
+
+def test_attempts_are_counted_on_disk_and_a_job_that_keeps_crashing_is_poison(dirs):
+    inbox, spool = dirs
+    for n in ("p.png", "p.mask.png"):
+        (inbox / n).write_bytes(b"x")
+    claim = spool.claim(inbox, group("p", "p.png", "p.mask.png"), arrived=1.0)
+    spool.begin_attempt(claim, poison_after=2)
+    spool.undo_attempt(claim)  # a clean interruption is not a crash
+    assert spool.load(claim.dir).attempts == 0
+    spool.begin_attempt(claim, poison_after=2)
+    spool.begin_attempt(spool.load(claim.dir), poison_after=2)  # "crashed" once before
+    with pytest.raises(JobError) as info:
+        spool.begin_attempt(spool.load(claim.dir), poison_after=2)
+    assert info.value.code == "poison_job" and info.value.details["attempts"] == 2
+
+
+def test_a_second_daemon_on_the_same_state_directory_is_refused(dirs):
+    inbox, spool = dirs
+    other = Spool(spool.state_dir)
+    with pytest.raises(ConfigError, match="already running"):
+        other.open(inbox)
+
+
+@pytest.mark.skipif(os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev if os.path.isdir("/dev/shm") else True,
+                    reason="needs two filesystems (/dev/shm and /tmp)")
+def test_state_on_another_filesystem_is_a_config_error_and_moves_across_filesystems_never_follow_links(tmp_path):
+    import tempfile
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        with pytest.raises(ConfigError, match="paths.state"):
+            Spool(Path(other) / "state").open(inbox)
+        (inbox / "f.png").write_bytes(b"data")
+        (inbox / "l.png").symlink_to("/etc/passwd")
+        os.mkfifo(inbox / "q.png")
+        assert move_entry(inbox / "f.png", Path(other) / "f.png") == "copied"
+        assert move_entry(inbox / "l.png", Path(other) / "l.png") == "removed"
+        assert move_entry(inbox / "q.png", Path(other) / "q.png") == "removed"
+        assert (Path(other) / "f.png").read_bytes() == b"data" and list(inbox.iterdir()) == []
