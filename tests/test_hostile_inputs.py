@@ -1,0 +1,210 @@
+"""Every hostile or broken input of issue 5, dropped into one real running daemon's inbox.
+
+One `inpaintd run` serves the whole module: a good job first, then every case of
+tests/hostile_corpus.py at once, then good jobs again. Each case must end as its recipe says
+(normally failed/NAME/error.json with the expected code and a human sentence), the daemon must
+keep running and still process the good jobs after, links and special files must never be
+followed or read (inotify on the targets says so), and nothing may be written outside the
+daemon's folders.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import hostile_corpus as hc
+from daemon_harness import AccessWatch, Daemon, Dirs, drop_job, missing_report, outcomes, stray_files, tree_snapshot, wait_for
+
+pytestmark = pytest.mark.slow
+
+IS_ROOT = os.geteuid() == 0
+CASES = hc.cases(IS_ROOT)
+INCOMPLETE_TIMEOUT = 4.0
+SETTINGS = {
+    "watch": {"settle_seconds": 0.3, "incomplete_timeout": INCOMPLETE_TIMEOUT, "rescan_interval": 2},
+    "limits": {"max_pixels": 4_000_000, "max_prompt_bytes": 4096, "max_input_bytes": 8 * 1024 * 1024},
+}
+
+
+class Run:
+    def __init__(self, daemon: Daemon, outside: Path) -> None:
+        self.daemon = daemon
+        self.dirs = daemon.dirs
+        self.outside = outside
+        self.found: dict[str, list] = {}
+        self.access: dict[str, set[str]] = {}
+        self.before_outside: set[str] = set()
+        self.after_outside: set[str] = set()
+        self.rss_before = 0
+        self.rss_after = 0
+        self.good_after: dict[str, list] = {}
+        self.seconds = 0.0
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("hostile")
+    outside = root / "outside"
+    outside.mkdir()
+    dirs = Dirs.make(root / "daemon", tiny_model, SETTINGS)
+    daemon = Daemon(dirs).start()
+    result = Run(daemon, outside)
+    try:
+        drop_job(dirs.inbox, "good-before")
+        found = wait_for(dirs, ["good-before"], 60, daemon)
+        assert "good-before" in found, missing_report(dirs, ["good-before"], found, daemon)
+        result.rss_before = daemon.rss_bytes()
+
+        watch = AccessWatch()
+        started = time.monotonic()
+        for case in CASES:
+            case.build(dirs.inbox, outside)
+            for rel in case.never_opened + case.never_read:
+                path = dirs.inbox / rel[len("INBOX:") :] if rel.startswith("INBOX:") else outside / rel
+                watch.add(path)
+        # Directories outside must not even be listed through a link. (Snapshot first: os.walk lists them.)
+        result.before_outside = tree_snapshot(root, skip=[dirs.root])
+        for folder in outside.iterdir():
+            if folder.is_dir():
+                watch.add(folder)
+
+        expected = [c.name for c in CASES if hc.IGNORED not in c.expect]
+        found = wait_for(dirs, expected, 60 + 2 * INCOMPLETE_TIMEOUT, daemon)
+        if hc.IGNORED in {e for c in CASES for e in c.expect}:
+            time.sleep(INCOMPLETE_TIMEOUT + 1)  # give an ignored entry time to be (wrongly) acted on
+        result.seconds = time.monotonic() - started
+        result.found = outcomes(dirs)
+        result.access = {path: set(hits) for path, hits in watch.poll().items()}
+        watch.close()
+        result.rss_after = daemon.rss_bytes()
+
+        for i in range(2):
+            drop_job(dirs.inbox, f"good-after-{i}", seed=100 + i)
+        result.good_after = wait_for(dirs, ["good-after-0", "good-after-1"], 60, daemon)
+        result.after_outside = tree_snapshot(root, skip=[dirs.root])
+        yield result
+    finally:
+        daemon.stop()
+
+
+def _case_ids() -> list[str]:
+    return [c.key for c in CASES]
+
+
+@pytest.mark.parametrize("key", _case_ids())
+def test_hostile_input_ends_as_expected(run: Run, key: str):
+    case = next(c for c in CASES if c.key == key)
+    outs = run.found.get(case.name, [])
+    if not outs:
+        if hc.IGNORED in case.expect:
+            # Left alone: still in the inbox, never entered (the access check below covers reads).
+            left = [p.name for p in run.dirs.inbox.iterdir() if p.name == case.name or p.name.startswith(case.name + ".")]
+            assert left, f"{case.name!r} vanished without an outcome"
+            return
+        pytest.fail(f"{case.key}: no outcome for {case.name!r}\n" + missing_report(run.dirs, [case.name], run.found, run.daemon))
+    assert len(outs) == 1, f"{case.key}: {len(outs)} outcomes: {[str(o.path) for o in outs]}"
+    out = outs[0]
+    got = hc.DONE if out.kind == "done" else out.code
+    assert got in case.expect, f"{case.key}: got {got!r}, expected one of {sorted(case.expect)}; {out.data}"
+    if out.kind == "failed":
+        message = out.data.get("message")
+        assert isinstance(message, str) and 10 <= len(message) <= 2000, f"{case.key}: message {message!r}"
+        assert "Traceback" not in message
+        assert isinstance(out.data.get("details", {}), dict)
+        # The inputs are kept beside the error record (nothing is deleted).
+        kept = [p for p in out.path.parent.iterdir() if p.name != "error.json"]
+        if case.key not in ("empty-job-folder",):
+            assert kept, f"{case.key}: failed/{out.path.parent.name}/ holds no input"
+
+
+@pytest.mark.parametrize("key", [c.key for c in CASES if c.never_opened or c.never_read])
+def test_links_and_special_files_are_never_followed_or_read(run: Run, key: str):
+    case = next(c for c in CASES if c.key == key)
+    touched = {}
+    for rel in case.never_opened:
+        path = str(run.outside / rel)
+        if run.access.get(path):
+            touched[rel] = run.access[path]
+    for rel in case.never_read:
+        path = str(run.dirs.inbox / rel[len("INBOX:") :]) if rel.startswith("INBOX:") else str(run.outside / rel)
+        if "read" in run.access.get(path, set()):
+            touched[rel] = run.access[path]
+    folders = {p: hits for p, hits in run.access.items() if Path(p).parent == run.outside and Path(p).is_dir() and hits}
+    assert touched == {}, f"{case.key}: the daemon opened/read {touched}"
+    assert folders == {}, f"folders outside the inbox were listed through a link: {folders}"
+
+
+def test_the_yaml_python_tag_constructed_nothing(run: Run):
+    assert not (run.outside / "pwned").exists()
+    assert not list(run.dirs.root.rglob("pwned"))
+
+
+def test_nothing_was_written_outside_the_daemon_folders(run: Run):
+    assert run.after_outside == run.before_outside
+
+
+def test_daemon_survived_and_still_processes_good_jobs(run: Run):
+    assert run.daemon.alive(), run.daemon.log_tail()
+    for name in ("good-after-0", "good-after-1"):
+        outs = run.good_after.get(name, [])
+        assert [o.kind for o in outs] == ["done"], missing_report(run.dirs, [name], run.good_after, run.daemon)
+    assert stray_files(run.dirs) == []
+
+
+def test_bombs_did_not_blow_up_memory(run: Run):
+    # Decoding any of the bombs would cost gigabytes; refusing them costs nothing measurable.
+    grown = run.rss_after - run.rss_before
+    assert grown < 300 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB over the hostile batch"
+
+
+def test_no_outcome_for_a_name_nobody_sent(run: Run):
+    sent = {c.name for c in CASES} | {"good-before", "good-after-0", "good-after-1"}
+    unexpected = sorted(set(run.found) - sent)
+    assert unexpected == [], unexpected
+
+
+def _listening_socket_inodes() -> set[str]:
+    """Inodes of every listening TCP/UNIX socket and every bound UDP/raw socket in this netns."""
+    inodes: set[str] = set()
+    for proto in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
+        try:
+            lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if proto.startswith("tcp") and fields[3] != "0A":  # 0A = LISTEN
+                continue
+            inodes.add(fields[9])
+    try:
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
+                inodes.add(fields[6])
+    except OSError:
+        pass
+    return inodes
+
+
+def test_daemon_listens_on_no_socket_and_holds_only_its_own_files_open(run: Run, tiny_model: Path):
+    import sys
+
+    pid = run.daemon.pid
+    listening = _listening_socket_inodes()
+    allowed = [str(run.dirs.root), str(tiny_model.resolve()), sys.prefix, sys.base_prefix, "/dev/null", "/dev/urandom"]
+    sockets, outside = [], []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets.append(target)
+            assert target[8:-1] not in listening, f"fd {fd} is a listening socket ({target})"
+        elif target.startswith("/") and not any(target == a or target.startswith(a.rstrip("/") + "/") for a in allowed):
+            outside.append(target)
+    assert outside == [], f"files open outside the daemon's folders, model and Python: {outside}"
