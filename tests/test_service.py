@@ -461,6 +461,12 @@ def test_work_shapes_cover_every_bucket_pair_up_to_the_cap_and_retries_back_off(
     assert [service.retry_delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
 
 
+def test_start_up_warms_every_shape_only_for_a_compiled_unet():
+    roi = RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512))
+    assert service.warm_shapes(roi, "inductor") == service.work_shapes(roi)
+    assert service.warm_shapes(roi, "off") == [(256, 256)]
+
+
 def test_the_queue_runs_jobs_by_arrival_not_by_when_they_became_ready(tmp_path):
     from inpaintd.spool import Claim
 

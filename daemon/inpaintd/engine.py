@@ -1,8 +1,8 @@
 """The inference engine: the only module that imports torch and diffusers to paint.
 
 `Engine.load(ModelConfig)` loads a diffusers inpainting folder once; `inpaint` paints one
-working-size crop; `warm` runs one step per working shape so the first real job does not pay
-for kernel selection and page faults.
+working-size crop; `warm` runs one step at each shape it is given (the service picks them:
+service.warm_shapes) so the first real job does not pay for compilation and page faults.
 
 Runtime policy, each switch a ModelConfig field (the sidecar's "runtime" reports what applied):
 

@@ -51,6 +51,18 @@ def work_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
     return [(w, h) for w in fitting for h in fitting]
 
 
+def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
+    """The shapes start-up runs one step at before READY=1.
+
+    A compiled UNet is specialised per input shape, so each working shape is compiled before
+    READY rather than inside the first job of that shape. Eager kernels are not: one pass at
+    the smallest shape already pages every weight in and touches every module, while nine
+    passes at SD-1.5 size would keep READY waiting for minutes.
+    """
+    shapes = work_shapes(roi)
+    return shapes if compile_mode != "off" else shapes[:1]
+
+
 def retry_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
     """Back-off before retrying a job after its n-th transient failure in a row."""
     return min(cap, base * 2 ** max(0, failures - 1))
@@ -392,7 +404,7 @@ class Service:
         self.status.update(state="loading model")
         self.engine = Engine.load(config.model)
         _adopt_library_loggers()
-        shapes = work_shapes(config.roi)
+        shapes = warm_shapes(config.roi, config.model.compile)
         began = time.monotonic()
 
         def warmed(done: int, total: int) -> None:
