@@ -15,13 +15,17 @@
 #     systemd-python when libsystemd-dev and pkg-config are installed;
 #   - /etc/inpaintd/config.yaml from config.example.yaml, only if it does not exist yet;
 #   - /etc/systemd/system/inpaintd.service, then daemon-reload and enable (and try-restart,
-#     so an upgrade takes effect if it was running) when systemd is PID 1.
+#     so an upgrade takes effect if it was running) when systemd is PID 1;
+#   - the tcmalloc allocator for the service (lower peak memory, see BENCHMARKS.md): it installs
+#     libtcmalloc-minimal4 with apt-get where it can and then the drop-in
+#     inpaintd.service.d/10-allocator.conf that preloads it; without the library, glibc malloc.
 #
 # Options:
 #   --root DIR      install below DIR (users and folders via systemd-sysusers/-tmpfiles --root)
 #   --skip-venv     do not create or update the venv (tests; or you manage it yourself)
 #   --python PATH   interpreter for the venv (default: python3)
 #   --no-enable     install only: no daemon-reload/enable/restart
+#   --allocator A   tcmalloc (default) or glibc (no preload; removes the allocator drop-in)
 # Environment: DESTDIR works like --root; PIP_ARGS are passed to every pip install.
 set -euo pipefail
 
@@ -31,6 +35,7 @@ root=${DESTDIR:-/}
 skip_venv=0
 enable=1
 python=python3
+allocator=tcmalloc
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,10 +44,14 @@ while [ $# -gt 0 ]; do
     --skip-venv) skip_venv=1; shift ;;
     --python) python=$2; shift 2 ;;
     --no-enable) enable=0; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --allocator) allocator=$2; shift 2 ;;
+    --allocator=*) allocator=${1#--allocator=}; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+case "$allocator" in tcmalloc|glibc) ;; *) echo "install.sh: --allocator is tcmalloc or glibc, not $allocator" >&2; exit 2 ;; esac
 
 say() { printf 'inpaintd install: %s\n' "$*"; }
 die() { printf 'inpaintd install: %s\n' "$*" >&2; exit 1; }
@@ -141,6 +150,27 @@ fi
 install -d -m 0755 "$R/etc/systemd/system"
 install -m 0644 "$src/systemd/inpaintd.service" "$R/etc/systemd/system/inpaintd.service"
 say "installed /etc/systemd/system/inpaintd.service (local changes: systemctl edit inpaintd)"
+
+# --- allocator ----------------------------------------------------------------------------------
+dropins=$R/etc/systemd/system/inpaintd.service.d
+has_tcmalloc() { compgen -G "$R/usr/lib/*/libtcmalloc_minimal.so.4" >/dev/null || [ -e "$R/usr/lib/libtcmalloc_minimal.so.4" ]; }
+if [ "$allocator" = tcmalloc ] && ! has_tcmalloc && [ "$root" = / ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing libtcmalloc-minimal4"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4 >/dev/null || true
+fi
+if [ "$allocator" = tcmalloc ] && has_tcmalloc; then
+  install -d -m 0755 "$dropins"
+  install -m 0644 "$src/systemd/inpaintd-allocator.conf" "$dropins/10-allocator.conf"
+  say "the service preloads tcmalloc ($dropins/10-allocator.conf)"
+else
+  rm -f "$dropins/10-allocator.conf"
+  rmdir "$dropins" 2>/dev/null || true
+  if [ "$allocator" = tcmalloc ]; then
+    say "libtcmalloc_minimal.so.4 not found (apt-get install libtcmalloc-minimal4): the service uses glibc malloc"
+  else
+    say "--allocator glibc: the service uses glibc malloc"
+  fi
+fi
 
 if [ "$enable" -eq 0 ]; then
   say "--no-enable: not enabling the service"

@@ -4,12 +4,13 @@
 #   systemd                      systemd-journald, journalctl, systemd-analyze
 #   systemd-container            systemd-nspawn (tests/test_systemd_integration.py)
 #   acl, util-linux              setfacl (install.sh), unshare/nsenter
+#   libtcmalloc-minimal4         the allocator install.sh preloads into the service
 # then systemd-python into the test venv (default .venv, or $VENV, or the python given as $1).
 set -euo pipefail
 python=${1:-${VENV:-.venv}/bin/python}
 [ -x "$python" ] || python=$(command -v python3)
 need=()
-for pkg in libsystemd-dev pkg-config systemd systemd-container acl util-linux; do
+for pkg in libsystemd-dev pkg-config systemd systemd-container acl util-linux libtcmalloc-minimal4; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

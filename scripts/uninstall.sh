@@ -30,6 +30,9 @@ elif [ -e "$unit" ] && command -v systemctl >/dev/null 2>&1; then
   systemctl --root="$root" disable inpaintd.service >/dev/null 2>&1 || true
 fi
 rm -f "$unit" "$R/etc/systemd/system/multi-user.target.wants/inpaintd.service"
+# Our own drop-in goes; the operator's (override.conf) stay unless --purge.
+rm -f "$R/etc/systemd/system/inpaintd.service.d/10-allocator.conf"
+rmdir "$R/etc/systemd/system/inpaintd.service.d" 2>/dev/null || true
 rm -f "$R/etc/sysusers.d/inpaintd.conf" "$R/etc/tmpfiles.d/inpaintd.conf"
 rm -rf "$R/opt/inpaintd"
 say "removed the unit and /opt/inpaintd"

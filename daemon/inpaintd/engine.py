@@ -15,7 +15,7 @@ Runtime policy, each switch a ModelConfig field (the sidecar's "runtime" reports
   os.cpu_count() when /proc/cpuinfo has no topology). Hyper-threads only contend for the
   same vector units.
 - attention_slicing ``auto|on|off``: auto is off. Measured at 512x512 with SDPA: slicing is
-  slower and saves no memory worth having; ``on`` calls enable_attention_slicing().
+  no faster and saves no memory worth having; ``on`` calls enable_attention_slicing().
 - vae_tiling ``auto|on|off``: auto tiles the VAE only for a working side >= vae_tiling_min_side.
 - compile ``off|inductor``: torch.compile of the UNet. Compilation happens on the first run;
   if it fails there, the engine logs a warning and falls back to the eager UNet for good (the
@@ -338,6 +338,7 @@ class Engine:
             "memory_limit_bytes": self.memory_limit,
             "memory_tight": self.memory_tight,
             "malloc_trim": self.config.malloc_trim,
+            "allocator": memory.allocator(),
             "text_encoder_released_mib": round(self.text_encoder_released_bytes / 2**20),
             "text_embedding_cache": {
                 "size": self.config.text_embedding_cache,

@@ -9,6 +9,7 @@ to pick the UNet weight format (``model.unet_int8: auto``).
 from glibc's heap, not from their own mmap (the threshold adapts upwards to 32 MB), so after
 a VAE pass hundreds of MB stay resident although nothing uses them. Measured with SD-1.5 at
 512x512: 830 MB anonymous after a job, 330 MB after malloc_trim(0), which takes a few ms.
+Under tcmalloc (the service preloads it) the same call is MallocExtension_ReleaseFreeMemory.
 
 No torch here; everything is read from /proc and /sys and never raises.
 """
@@ -16,7 +17,6 @@ No torch here; everything is read from /proc and /sys and never raises.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from pathlib import Path
 
 _UNLIMITED_V1 = 1 << 60  # v1 reports "no limit" as a huge page-aligned number
@@ -110,25 +110,50 @@ def memory_limit_bytes() -> int | None:
     return min(values) if values else None
 
 
-_libc: ctypes.CDLL | None | bool = None
+_trim: "ctypes._CFuncPtr | None | bool" = None
+
+
+def _find_trim() -> "ctypes._CFuncPtr | bool":
+    """The allocator's own give-back call: tcmalloc's when it is preloaded, else glibc's."""
+    try:
+        process = ctypes.CDLL(None)  # the symbols the process already has, LD_PRELOAD first
+    except OSError:
+        return False
+    # Under LD_PRELOAD=libtcmalloc_minimal.so.4 (the unit's allocator drop-in) glibc's
+    # malloc_trim still exists but trims heaps nobody allocates from any more; tcmalloc
+    # keeps freed spans until it is asked.
+    release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
+    if release is not None:
+        release.restype = None
+        release.argtypes = []
+        return release
+    trim = getattr(process, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
 
 
 def malloc_trim() -> bool:
-    """glibc malloc_trim(0); False where there is no glibc (musl, macOS)."""
-    global _libc
-    if _libc is None:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    if not _libc:
+    """Hand the allocator's free heap pages back to the kernel; False where it cannot (musl, macOS)."""
+    global _trim
+    if _trim is None:
+        _trim = _find_trim()
+    if not _trim:
         return False
     try:
-        _libc.malloc_trim(0)  # type: ignore[union-attr]
+        _trim()  # type: ignore[operator]
     except Exception:  # noqa: BLE001 - a trim that fails changes nothing
         return False
     return True
+
+
+def allocator() -> str:
+    """Which malloc this process runs on: "tcmalloc" or "glibc" (for the runtime report)."""
+    try:
+        return "tcmalloc" if hasattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory") else "glibc"
+    except OSError:
+        return "glibc"
 
 
 MADV_DONTNEED = 4
@@ -162,10 +187,9 @@ def release_file_pages(ranges: list[tuple[int, int]], maps: str | None = None) -
     counting in RSS and is the first thing reclaimed. The next access faults the pages
     back in from the page cache or the file. Returns the bytes advised.
     """
-    global _libc
-    if _libc is None:
-        malloc_trim()  # loads libc
-    if not _libc:
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
         return 0
     mappings = _file_mappings(maps)
     page = 4096
@@ -176,7 +200,6 @@ def release_file_pages(ranges: list[tuple[int, int]], maps: str | None = None) -
     except (ValueError, OSError, AttributeError):
         pass
     advised = 0
-    madvise = _libc.madvise  # type: ignore[union-attr]
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for address, nbytes in sorted(set(ranges)):
         end = address + nbytes
