@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +254,65 @@ def test_compile_failure_falls_back_to_eager(tiny_model: Path, tmp_path: Path, m
     assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
     assert engine.runtime_report((64, 64))["compile"] == "inductor-failed"
     assert engine.pipeline.unet is eager
+
+
+COMPILE_RUN = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from torch._dynamo.utils import counters
+from inpaintd.config import ModelConfig
+from inpaintd.engine import Engine
+from inpaintd.jobs import InpaintParams
+
+engine = Engine.load(ModelConfig(path=Path(sys.argv[1]), dtype="fp32", threads=1,
+                                 compile="inductor", cache_dir=Path(sys.argv[2])))
+image = Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8))
+mask = Image.fromarray(np.pad(np.full((32, 32), 255, dtype=np.uint8), 16))
+params = InpaintParams(prompt="a red bicycle", negative_prompt="", scheduler="ddim", steps=1,
+                       guidance=7.5, strength=1.0, seed=1)
+engine.inpaint(image, mask, params)
+print(json.dumps({"compile": engine.runtime_report((64, 64))["compile"],
+                  "inductor": dict(counters["inductor"])}))
+"""
+
+
+def test_the_inductor_cache_goes_under_cache_dir_unless_the_operator_chose_one(tmp_path: Path) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    ours = str(tmp_path / "torchinductor")
+    assert engine_mod.inductor_cache_dir(None, tmp_path) == ours
+    # torch writes its /tmp default into the environment when torch._inductor is imported.
+    assert engine_mod.inductor_cache_dir(default_cache_dir(), tmp_path) == ours
+    assert engine_mod.inductor_cache_dir("/srv/inductor", tmp_path) == "/srv/inductor"
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_is_cached_under_cache_dir_and_a_restart_reuses_it(tiny_model: Path, tmp_path: Path) -> None:
+    # Two fresh processes (as two daemon starts) with the same cache_dir and no
+    # TORCHINDUCTOR_CACHE_DIR of their own: the first compiles, the second finds its graphs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR")}
+    cache = tmp_path / "cache"
+
+    def start() -> dict:
+        proc = subprocess.run([sys.executable, "-c", COMPILE_RUN, str(tiny_model), str(cache)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise AssertionError(proc.stdout + proc.stderr[-3000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = start()
+    if first["compile"] == "inductor-failed":
+        pytest.skip("inductor cannot compile on this machine (no C++ compiler?); the fallback is tested above")
+    assert first["compile"] == "inductor"
+    assert first["inductor"].get("fxgraph_cache_miss", 0) > 0
+    assert any((cache / "torchinductor").rglob("*")), "nothing written under cache_dir/torchinductor"
+
+    second = start()
+    assert second["compile"] == "inductor"
+    assert second["inductor"].get("fxgraph_cache_hit", 0) > 0
+    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second
 
 
 def test_cpu_facts_from_cpuinfo_text() -> None:

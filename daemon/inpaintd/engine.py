@@ -17,7 +17,9 @@ Runtime policy, each switch a ModelConfig field (the sidecar's "runtime" reports
 - attention_slicing ``auto|on|off``: auto is off. Measured at 512x512 with SDPA: slicing is
   no faster and saves no memory worth having; ``on`` calls enable_attention_slicing().
 - vae_tiling ``auto|on|off``: auto tiles the VAE only for a working side >= vae_tiling_min_side.
-- compile ``off|inductor``: torch.compile of the UNet. Compilation happens on the first run;
+- compile ``off|inductor``: torch.compile of the UNet, its artifacts cached under
+  ``cache_dir/torchinductor`` so a restart re-traces but does not compile again. Compilation
+  happens on the first run;
   if it fails there, the engine logs a warning and falls back to the eager UNet for good (the
   runtime report says ``"compile": "inductor-failed"``), so a missing compiler toolchain never
   fails a job.
@@ -506,6 +508,9 @@ class Engine:
         memory.malloc_trim()
 
     def _compile_unet(self) -> None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(
+            os.environ.get("TORCHINDUCTOR_CACHE_DIR"), Path(self.config.cache_dir)
+        )
         try:
             self.pipeline.unet = torch.compile(self._eager_unet, backend="inductor")
             self._compile_state = "inductor-pending"  # compiles on the first run; confirmed there
@@ -516,6 +521,26 @@ class Engine:
         log.warning("compile_failed_fallback_to_eager", error=f"{type(exc).__name__}: {exc}"[:500])
         self.pipeline.unet = self._eager_unet
         self._compile_state = "inductor-failed"
+
+
+def inductor_cache_dir(current: str | None, cache_dir: Path) -> str:
+    """Where torch.compile keeps its artifacts: the operator's TORCHINDUCTOR_CACHE_DIR, else cache_dir.
+
+    Inductor's default is /tmp/torchinductor_<user>, which the unit's PrivateTmp=yes empties at
+    every restart; under cache_dir the compiled graphs and kernels survive, so a restart
+    re-traces but does not generate and compile C++ again (BENCHMARKS.md, Levers). Importing
+    torch._inductor writes that default into the environment, so a value equal to it is
+    torch's, not the operator's.
+    """
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default: str | None = os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - a private helper; without it any value counts as chosen
+        torch_default = None
+    if current and os.path.abspath(current) != torch_default:
+        return current
+    return str(cache_dir / "torchinductor")
 
 
 def _to_channels_last(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
