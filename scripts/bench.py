@@ -592,8 +592,10 @@ def drop_caches() -> bool:
 
 
 def _save(name: str, payload: dict[str, Any]) -> Path:
+    # One file per invocation, rewritten after every row, so an interrupted run keeps what it
+    # measured and `report bench-out/*.json` shows each run once.
     OUT.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = payload.setdefault("stamp", time.strftime("%Y%m%d-%H%M%S"))
     path = OUT / f"{name}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -20,8 +20,8 @@ first load quantizes (tens of seconds for SD-1.5 on 2 cores) and writes the cach
 map it in well under a second.
 
 Quality: per-channel int8 weight rounding is the standard weight-only scheme; it cannot be
-judged with random weights, so it is an option (``model.unet_weights``), not something the
-benchmarks here can vouch for on pictures.
+judged with random weights, so it is an option (``model.unet_int8``: auto turns it on only
+under a tight memory limit), not something the benchmarks here can vouch for on pictures.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ MIN_PARAMS = 16384  # smaller layers are not worth the bookkeeping (and keep the
 FUSED_MAX_ROWS = 256
 # Where the layer's output has fewer elements than its weight (the 1280-channel layers at
 # 8x8 and 16x16 latents, which hold most of the parameters), convert the weight only and
-# scale the output: measured UNet step at 512x512, 2 threads: bf16 2.04 s, int8 scaling
-# the weight 2.39 s, int8 scaling the smaller side 2.25 s. (A shared scratch buffer for the
+# scale the output: measured UNet step at 512x512, 2 threads of an AMX Xeon: bf16 2.04 s, int8
+# scaling the weight 2.39 s, int8 scaling the smaller side 2.25 s (AMD EPYC without AMX, full
+# job step incl. CFG: bf16 4.03 s, int8 4.30 s; BENCHMARKS.md). (A shared scratch buffer for the
 # dequantized weight measured the same, 2.26 s, and was dropped.)
 SCALE_OUTPUT = True
 
