@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .quoting import quote, shorten
 
 SCHEDULERS = (
     "dpmpp_2m_karras",
@@ -112,6 +113,13 @@ class LimitsConfig:
     max_prompt_bytes: int = 65_536
     max_input_bytes: int = 256 * 1024 * 1024
     poison_after: int = 3  # a job that crashed the daemon this many times goes to failed
+    # Bounds on the work one job may cause, so no drop can take the device for hours.
+    max_regions: int = 16  # separate mask areas painted per job; more are merged, else mask_too_fragmented
+    max_region_steps: int = 320  # regions x denoising steps per job; more is job_too_costly
+    max_job_seconds: float = 1800.0  # wall-clock budget of one job's painting; 0 = no limit
+    # A job held by a transient error (disk full, unwritable folder) is retried beside the queue
+    # for this long, then fails with retries_exhausted, its inputs kept.
+    hold_timeout: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.max_prompt_bytes": (1, 16 * 1024 * 1024),
     "limits.max_input_bytes": (1, 2**40),
     "limits.poison_after": (1, 100),
+    "limits.max_regions": (1, 1024),
+    "limits.max_region_steps": (1, 1_000_000),
+    "limits.max_job_seconds": (0.0, 7 * 86400.0),
+    "limits.hold_timeout": (1.0, 30 * 86400.0),
     "output.jpeg_quality": (1, 100),
     "service.shutdown_timeout": (1.0, 3600.0),
 }
@@ -235,7 +247,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if unknown:
         where = prefix.rstrip(".") or "<root>"
         raise ConfigError(
-            f"{prefix}{unknown[0]}",
+            f"{prefix}{shorten(unknown[0], 120)}",
             f"unknown key in {where} (known: {', '.join(sorted(fields))})",
         )
     kwargs: dict[str, Any] = {}
@@ -280,38 +292,38 @@ def _check(key: str, value: Any, hint: Any) -> Any:
 
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
+            raise ConfigError(key, f"must be true or false, got {quote(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
+            raise ConfigError(key, f"must be an integer, got {quote(value)}")
         _check_range(key, value)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number, got {value!r}")
+            raise ConfigError(key, f"must be a number, got {quote(value)}")
         _check_range(key, float(value))
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
+            raise ConfigError(key, f"must be a string, got {quote(value)}")
         choices = _CHOICES.get(key)
         if choices is not None:
             value = value.strip().lower()
             if value not in choices:
-                raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+                raise ConfigError(key, f"must be one of {', '.join(choices)}; got {quote(value)}")
         return value
     if hint is Path:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
-            raise ConfigError(key, f"must be a path, got {value!r}")
+            raise ConfigError(key, f"must be a path, got {quote(value)}")
         return Path(os.path.expanduser(str(value)))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(key, f"must be a non-empty list, got {value!r}")
+            raise ConfigError(key, f"must be a non-empty list, got {quote(value)}")
         items = []
         for index, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, int) or not 64 <= item <= 4096 or item % 8:
-                raise ConfigError(f"{key}[{index}]", f"must be a multiple of 8 in 64..4096, got {item!r}")
+                raise ConfigError(f"{key}[{index}]", f"must be a multiple of 8 in 64..4096, got {quote(item)}")
             items.append(item)
         return tuple(sorted(set(items)))
     raise ConfigError(key, f"unsupported type {hint!r}")  # a programming error, named anyway
@@ -320,7 +332,7 @@ def _check(key: str, value: Any, hint: Any) -> Any:
 def _check_range(key: str, value: float) -> None:
     bounds = _RANGES.get(key)
     if bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise ConfigError(key, f"must be between {bounds[0]} and {bounds[1]}, got {value!r}")
+        raise ConfigError(key, f"must be between {bounds[0]} and {bounds[1]}, got {quote(value)}")
 
 
 def _resolve_relative_paths(config: Config, base: Path) -> Config:

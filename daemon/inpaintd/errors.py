@@ -57,6 +57,7 @@ JOB_ERROR_CODES: dict[str, str] = {
     "image_unsupported": "the image format or mode cannot be processed (e.g. animated)",
     "image_too_large": "the image has more pixels than limits.max_pixels allows (decompression bomb guard)",
     "input_too_large": "an input file is larger than limits.max_input_bytes (refused before it is read)",
+    "input_unreadable": "an input file cannot be read (its permissions, or an I/O error reading it)",
     "mask_unreadable": "the mask file is corrupt, truncated, empty or not an image",
     "mask_missing": "no mask file and the image has no alpha channel",
     "mask_size_mismatch": "the mask's size differs from the image's",
@@ -66,6 +67,10 @@ JOB_ERROR_CODES: dict[str, str] = {
     "job_incomplete": "a part of the job never arrived within watch.incomplete_timeout",
     "job_ambiguous": "one name has two images, masks or prompt files, or both a folder and loose files",
     "job_unsafe": "an inbox entry is a symlink, hardlink, FIFO, device or escapes the inbox",
+    "name_too_long": "the job's name would make an output, record or folder name longer than the filesystem allows",
+    "mask_too_fragmented": "the mask has more separate areas than limits.max_regions, even after merging nearby ones",
+    "job_too_costly": "regions x steps exceed limits.max_region_steps, or the job ran past limits.max_job_seconds",
+    "retries_exhausted": "the job could not be finished for limits.hold_timeout seconds (disk full, folder unwritable); inputs kept",
     "poison_job": "the job crashed the daemon too many times",
     "internal_error": "an unexpected error inside inpaintd; see the log for the traceback",
 }

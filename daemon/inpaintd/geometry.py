@@ -19,7 +19,7 @@ Boxes are half-open pixel boxes ``[x0, x1) x [y0, y1)``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -540,3 +540,21 @@ def _check_bool(mask: np.ndarray) -> np.ndarray:
     if mask.dtype != np.bool_:
         raise ValueError(f"mask must be bool, got {mask.dtype}")
     return mask
+
+
+def find_regions_within(mask: np.ndarray, roi: RoiConfig, max_regions: int) -> list[Region] | None:
+    """find_regions with at most max_regions regions, or None when that cannot be had.
+
+    A mask of many far-apart specks would cost one model pass each. Merging is coarsened
+    (merge_gap doubled) until the count fits, so nearby specks share a crop; it stops at twice
+    the working cap, because areas farther apart than that would be painted as one crop
+    downscaled far below the model's size. Past that, the job is refused (the caller's
+    mask_too_fragmented) rather than painted for hours or as mush.
+    """
+    regions = find_regions(mask, roi)
+    gap = max(roi.merge_gap, LATENT_MULTIPLE)
+    widest = max(roi.merge_gap, 2 * roi.max_size)
+    while len(regions) > max_regions and gap < widest:
+        gap = min(2 * gap, widest)
+        regions = find_regions(mask, replace(roi, merge_gap=gap))
+    return regions if len(regions) <= max_regions else None

@@ -35,6 +35,10 @@ INCOMPLETE = "job_incomplete"
 UNSAFE = "job_unsafe"
 AMBIGUOUS = "job_ambiguous"
 TOO_LARGE = "input_too_large"
+NAME_TOO_LONG = "name_too_long"
+# The longest name derived from a job's NAME: a distinct output "NAME-9999.webp"/".json" (outbox)
+# and "NAME-9999" (failed/, archive/).
+DERIVED_SUFFIX_BYTES = len("-9999.webp")
 
 
 class Kind(str, Enum):
@@ -86,6 +90,7 @@ class Rules:
     incomplete_timeout: float
     require_prompt: bool = False
     max_input_bytes: int | None = None  # a bigger file fails its job before anything reads it
+    name_max: int = 255  # bytes in one file name on the daemon's filesystems (pathconf NAME_MAX)
 
 
 @dataclass(frozen=True)
@@ -405,6 +410,21 @@ def _decide(
         detail = "; ".join(f"{p} {why}" for p, why in sorted(group.unsafe.items()))
         rejected.append(
             Rejected(group.name, UNSAFE, f"unsafe inbox entry: {detail}", entries, {"entries": dict(group.unsafe)})
+        )
+        return
+
+    name_bytes = len(group.name.encode("utf-8"))
+    if name_bytes + DERIVED_SUFFIX_BYTES > rules.name_max:
+        longest = rules.name_max - DERIVED_SUFFIX_BYTES
+        rejected.append(
+            Rejected(
+                group.name,
+                NAME_TOO_LONG,
+                f"the job name is {name_bytes} bytes; names of at most {longest} bytes (UTF-8) leave room "
+                f"for the output names derived from them (NAME-9999.webp); rename and send again",
+                entries,
+                {"name_bytes": name_bytes, "max_name_bytes": longest},
+            )
         )
         return
 

@@ -43,8 +43,14 @@ from PIL import (  # noqa: F401  imported to register exactly the plugins READ_F
 )
 
 from .errors import JobError
+from .quoting import quote, shorten
 
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")  # JPEG's opener also yields MPO
+MAX_JPEG_SCANS = 200  # a progressive JPEG has about 10; see _open
+# PNG text chunks are never used: cap what Pillow inflates for them (defaults: 1 MiB per chunk,
+# 64 MiB per file) so a small file of compressed text costs little to open.
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
 _FORMAT_NAMES = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp", "GIF": "gif"}
 # Output format per source format for output.format "same": GIF (single frame) becomes PNG.
 _SAME = {"png": "png", "jpg": "jpg", "webp": "webp", "tiff": "tiff", "bmp": "bmp"}
@@ -93,8 +99,8 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
             f"image is {width}x{height} = {width * height} pixels, more than limits.max_pixels ({max_pixels})",
             {"width": width, "height": height, "max_pixels": max_pixels},
         )
-    if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
-        raise JobError("image_unsupported", f"image has {im.n_frames} frames; animated or multi-page images are not supported")
+    if _animated(im):
+        raise JobError("image_unsupported", "image has more than one frame; animated or multi-page images are not supported")
     fmt = _FORMAT_NAMES[im.format]
     # Pillow's TIFF loader applies the orientation itself and drops the tag, so a TIFF's
     # tags are read before decoding; other formats may keep EXIF after the pixel data.
@@ -143,11 +149,14 @@ def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np
         _size_mismatch((width, height), expected_size)  # from the header, before decoding
     if width * height > max_pixels:  # only reachable if the caller's sizes disagree with its limit
         raise JobError("mask_unreadable", f"mask is {width}x{height}, more than limits.max_pixels ({max_pixels})")
-    if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
-        raise JobError("mask_unreadable", f"mask has {im.n_frames} frames; an animated mask cannot be used")
+    if _animated(im):
+        raise JobError("mask_unreadable", "mask has more than one frame; an animated mask cannot be used")
     _decode(im, "mask_unreadable", "mask")
     # Pillow reports and decodes a TIFF already rotated, and drops its orientation tag.
-    orientation = _orientation(im.getexif())
+    try:
+        orientation = _orientation(im.getexif())
+    except Exception:  # noqa: BLE001 - broken EXIF: read the mask as stored
+        orientation = 1
     display = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if display != tuple(expected_size):
         _size_mismatch(display, expected_size)
@@ -229,6 +238,45 @@ def encode_image(
     return buffer.getvalue(), ext
 
 
+PROBE_BYTES = 4 * 1024 * 1024  # how much of a file the alpha probe reads at most
+
+
+def probe_alpha(path: Path) -> bool:
+    """Whether an image file has an alpha channel, from its header; False for anything unreadable.
+
+    Runs in the intake for every settled image without a mask, so it must never raise and
+    never cost more than a bounded read: at most PROBE_BYTES of the file (a header that does
+    not fit is treated as no alpha: the job then waits for a mask file), only the formats
+    load_image reads, never a link, never a blocking open. An image it cannot read is failed
+    properly, with its code, once claimed.
+    """
+    try:
+        data = _read_head(path, PROBE_BYTES)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=READ_FORMATS) as image:
+                return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    except Exception:  # noqa: BLE001 - a probe decides nothing: any failure means "no alpha"
+        return False
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -262,19 +310,32 @@ def _read_regular(path: Path, code: str, what: str) -> bytes:
     return data
 
 
+def _animated(im: Image.Image) -> bool:
+    """More than one frame, found without walking them all (n_frames reads every TIFF IFD)."""
+    return im.format != "MPO" and bool(getattr(im, "is_animated", False))
+
+
 def _open(data: bytes, code: str, what: str, path: Path) -> Image.Image:
-    """Parse the header only (nothing decoded yet)."""
+    """Parse the header only (nothing decoded yet), after the cost checks that need no parsing."""
+    if data[:2] == b"\xff\xd8":
+        # Each progressive scan re-walks every coefficient: a small file of thousands of tiny
+        # scans takes minutes to decode. Markers cannot hide in entropy-coded data (0xFF is
+        # stuffed there), so counting SOS markers counts scans (plus any in an EXIF thumbnail).
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise JobError(code, f"{what} file {quote(path.name)} is a JPEG with {scans} scans; "
+                                 f"at most {MAX_JPEG_SCANS} are decoded", {"scans": scans})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except Image.DecompressionBombError as exc:
         too_large = "image_too_large" if what == "image" else "mask_size_mismatch"
-        raise JobError(too_large, f"{what} file {path.name} declares far too many pixels: {exc}") from exc
+        raise JobError(too_large, f"{what} file {path.name} declares far too many pixels: {shorten(str(exc), 200)}") from exc
     except Exception as exc:  # Pillow raises many types for garbage input
         raise JobError(
             code,
-            f"{what} file {path.name} is not a readable image ({', '.join(f.lower() for f in READ_FORMATS)}): {exc}",
+            f"{what} file {path.name} is not a readable image ({', '.join(f.lower() for f in READ_FORMATS)}): {shorten(str(exc), 200)}",
         ) from exc
 
 
@@ -284,7 +345,7 @@ def _decode(im: Image.Image, code: str, what: str) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.load()
     except Exception as exc:  # truncated data, bad compression stream, ...
-        raise JobError(code, f"{what} data is corrupt or truncated: {exc}") from exc
+        raise JobError(code, f"{what} data is corrupt or truncated: {shorten(str(exc), 200)}") from exc
 
 
 # TIFF tags that describe the file's own layout; never copied into an output's EXIF.
@@ -294,8 +355,14 @@ _TIFF_STRUCTURE = frozenset(
 
 
 def _exif_of(im: Image.Image) -> tuple[int, bytes | None]:
-    """(orientation, raw EXIF bytes to write back) of an opened image."""
-    exif_obj = im.getexif()
+    """(orientation, raw EXIF bytes to write back) of an opened image.
+
+    EXIF that cannot be parsed counts as none (orientation 1): metadata never fails a job.
+    """
+    try:
+        exif_obj = im.getexif()
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for broken EXIF
+        return 1, None
     orientation = _orientation(exif_obj)
     exif = im.info.get("exif")
     if exif is None and orientation != 1:

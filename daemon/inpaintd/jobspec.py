@@ -21,6 +21,11 @@ from . import config as config_mod
 from .config import Config, LimitsConfig, RoiConfig
 from .errors import ConfigError, JobError
 from .jobs import InpaintParams, JobRequest
+from .quoting import quote, shorten
+
+# Job files are a few options: anything deeper or bigger is refused before it is built.
+MAX_NESTING = 8
+MAX_NODES = 1_000
 
 # Per-job key -> (dotted config key it is checked as, type)
 _INFERENCE_KEYS: dict[str, tuple[str, Any]] = {
@@ -52,11 +57,18 @@ def load_job_options(path: Path | None, limits: LimitsConfig) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return {"prompt": text.strip()}
+    kind = "JSON" if suffix == ".json" else "YAML"
     try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        kind = "JSON" if suffix == ".json" else "YAML"
-        raise JobError("prompt_invalid", f"{path.name} is not valid {kind}: {_first_line(exc)}") from exc
+        if suffix == ".json":
+            _check_json_shape(text, path.name)
+            data = json.loads(text)
+        else:
+            _check_yaml_shape(text, path.name)
+            data = yaml.safe_load(text)
+    except JobError:
+        raise
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: JSON errors, 10k-digit ints
+        raise JobError("prompt_invalid", f"{path.name} is not valid {kind}: {shorten(_first_line(exc), 300)}") from exc
     if data is None:
         return {}
     if isinstance(data, str):  # a YAML file holding just the prompt
@@ -79,8 +91,8 @@ def build_request(
     if unknown:
         raise JobError(
             "options_invalid",
-            f"unknown option {unknown[0]!r}; allowed: {', '.join(JOB_OPTION_KEYS)}",
-            {"key": unknown[0]},
+            f"unknown option {quote(unknown[0])}; allowed: {', '.join(JOB_OPTION_KEYS)}",
+            {"key": shorten(unknown[0], 200)},
         )
     checked = {key: _check_option(key, value) for key, value in options.items()}
 
@@ -147,6 +159,49 @@ def _read_text(path: Path, max_bytes: int) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise JobError("prompt_invalid", f"{path.name} is not UTF-8 text (byte {exc.start})") from exc
+
+
+def _check_yaml_shape(text: str, name: str) -> None:
+    """Refuse anchors/aliases (a few bytes expand to gigabytes), explicit tags, deep nesting and
+    more than MAX_NODES nodes, from the parser's events, before anything is constructed."""
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise JobError("prompt_invalid", f"{name}: YAML anchors and aliases (&, *) are not allowed in job files")
+        if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+            nodes += 1
+            implicit = event.implicit if isinstance(event, yaml.CollectionStartEvent) else any(event.implicit)
+            if event.tag not in (None, "!") and not implicit:
+                raise JobError("prompt_invalid", f"{name}: YAML tags ({quote(event.tag, 60)}) are not allowed in job files")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        if depth > MAX_NESTING or nodes > MAX_NODES:
+            raise JobError("prompt_invalid", f"{name}: a job file holds at most {MAX_NODES} values nested "
+                                             f"{MAX_NESTING} deep")
+
+
+def _check_json_shape(text: str, name: str) -> None:
+    """Nesting depth of a JSON text, counted outside strings, before the parser recurses into it."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise JobError("prompt_invalid", f"{name}: a job file nests at most {MAX_NESTING} deep")
+        elif char in "]}":
+            depth -= 1
 
 
 def _first_line(exc: Exception) -> str:

@@ -36,6 +36,8 @@ from typing import Any, Callable, TextIO
 
 import structlog
 
+from .quoting import LOG_VALUE_CHARS, TRACEBACK_CHARS, shorten
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # syslog priorities (journald PRIORITY=)
 PRIORITIES = {
@@ -342,6 +344,22 @@ def choose_backend(fmt: str = "auto") -> str:
     return "console"
 
 
+def bound_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Cut every field to a bounded size: values can quote what a user dropped (names, options)."""
+    for key, value in list(event_dict.items()):
+        if key == "exc_info":
+            continue
+        limit = TRACEBACK_CHARS if key == "exception" else LOG_VALUE_CHARS
+        if isinstance(value, str):
+            if len(value) > limit:
+                event_dict[key] = shorten(value, limit)
+        elif isinstance(value, (list, tuple, dict, set)):
+            text = repr(value) if len(value) <= 10_000 else ""
+            if not text or len(text) > limit:
+                event_dict[key] = shorten(text, limit) if text else f"<{type(value).__name__} of {len(value)} items>"
+    return event_dict
+
+
 def configure_logging(
     fmt: str = "auto",
     level: str = "info",
@@ -371,6 +389,7 @@ def configure_logging(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        bound_fields,
     ]
     transport: str | None = None
     sender: Any = None
@@ -395,6 +414,7 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            bound_fields,
             structlog.processors.JSONRenderer(default=str),
         ]
         factory = structlog.WriteLoggerFactory(file=out)

@@ -62,12 +62,20 @@ def run_job(
             f"{request.image.name} has no mask file and no alpha channel to use as the mask",
         )
     mask = geometry.dilate(geometry.threshold_mask(mask_values, roi.mask_threshold), roi.dilate)
-    regions = geometry.find_regions(mask, roi)
+    regions = geometry.find_regions_within(mask, roi, limits.max_regions)
+    if regions is None:
+        raise JobError(
+            "mask_too_fragmented",
+            f"the mask has more than {limits.max_regions} separate areas (limits.max_regions) even after "
+            "merging those less than two working tiles apart; send fewer areas per job",
+            {"max_regions": limits.max_regions},
+        )
     if not regions:
         raise JobError(
             "mask_empty",
             f"the mask selects no pixel above threshold {roi.mask_threshold}; nothing to repaint",
         )
+    check_cost(len(regions), request.params, limits.max_region_steps)
     read_done = clock()
 
     pixels = source.pixels.copy()
@@ -115,6 +123,23 @@ def run_job(
     if debug_overlay:
         result.debug_overlay = render_overlay(source.pixels, mask, regions)
     return result
+
+
+def denoising_steps(params: Any) -> int:
+    """Steps the pipeline runs: img2img-style strength skips the first part of the schedule."""
+    return max(1, min(int(params.steps * params.strength), params.steps))
+
+
+def check_cost(regions: int, params: Any, max_region_steps: int) -> None:
+    """job_too_costly when regions x steps exceed the budget: refused before any model pass."""
+    steps = denoising_steps(params)
+    if regions * steps > max_region_steps:
+        raise JobError(
+            "job_too_costly",
+            f"{regions} regions x {steps} steps = {regions * steps} model passes, more than "
+            f"limits.max_region_steps ({max_region_steps}); use fewer steps or fewer mask areas",
+            {"regions": regions, "steps": steps, "max_region_steps": max_region_steps},
+        )
 
 
 def _paint_region(

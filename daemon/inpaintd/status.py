@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .quoting import shorten
+
 STATUS_FILE = "status.json"
+MIN_INTERVAL = 0.2  # seconds between two writes of the file
+_MISSING = object()
 
 
 def _iso(epoch: float) -> str:
@@ -29,7 +33,8 @@ class StatusFile:
         self.path = Path(state_dir) / STATUS_FILE
         self._clock = clock
         self._lock = threading.Lock()
-        self._last_write = 0.0
+        self._last_write = float("-inf")
+        self._dirty = True
         now = clock()
         self.data: dict[str, Any] = {
             "pid": os.getpid(),
@@ -47,16 +52,40 @@ class StatusFile:
         }
 
     def update(self, *, throttle: float = 0.0, **fields: Any) -> None:
-        """Merge fields and write; with throttle, skip the write if the last one is that recent."""
+        """Merge fields and write, at most once per max(throttle, MIN_INTERVAL) seconds.
+
+        Nothing is written when nothing changed. A change that comes too soon after the last
+        write is written by the next update or `flush` (the worker flushes a few times a
+        second), so the file trails the truth by a fraction of a second and never churns.
+        """
         with self._lock:
+            changed = any(self.data.get(key, _MISSING) != value for key, value in fields.items())
             self.data.update(fields)
-            now = self._clock()
-            if throttle and now - self._last_write < throttle:
+            self._dirty = self._dirty or changed
+            if not self._dirty:
                 return
-            self._last_write = now
-            self.data["updated"] = _iso(now)
-            self.data["updated_epoch"] = now
-            payload = json.dumps(self.data, indent=2, ensure_ascii=False, default=str).encode("utf-8", "replace")
+            now = self._clock()
+            if now - self._last_write < max(throttle, MIN_INTERVAL):
+                return
+            payload = self._payload(now)
+        self._write(payload)
+
+    def flush(self) -> None:
+        """Write a change that update() held back."""
+        with self._lock:
+            if not self._dirty:
+                return
+            payload = self._payload(self._clock())
+        self._write(payload)
+
+    def _payload(self, now: float) -> bytes:
+        self._last_write = now
+        self._dirty = False
+        self.data["updated"] = _iso(now)
+        self.data["updated_epoch"] = now
+        return json.dumps(self.data, indent=2, ensure_ascii=False, default=str).encode("utf-8", "replace")
+
+    def _write(self, payload: bytes) -> None:
         tmp = self.path.with_name(f".{STATUS_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             tmp.write_bytes(payload)
@@ -67,7 +96,13 @@ class StatusFile:
     def increment(self, key: str) -> None:
         with self._lock:
             self.data[key] = int(self.data.get(key, 0)) + 1
+            self._dirty = True
         self.update()
+
+
+def error_summary(name: str, code: str, message: str) -> dict[str, Any]:
+    """The `last_error` of status.json: bounded whatever the job's name or message held."""
+    return {"job": shorten(name, 200), "code": code, "message": shorten(message, 300), "at": _iso(time.time())}
 
 
 def _pid_alive(pid: Any) -> bool:
