@@ -110,6 +110,15 @@ def test_a_concurrent_reader_never_sees_a_partial_output(tmp_path: Path):
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".png")]) == 8 and seen
 
 
+def reject(place, name, entries, folder, error):
+    """What the intake does with a rejected job: claim it as failing, then file it in failed/."""
+    root, spool = place
+    rejection = {"code": error.code, "message": error.message, "details": error.details}
+    claim = spool.claim_rejected(root / "inbox", name, entries, folder, 1.0, rejection)
+    assert claim is not None and claim.state == "failing"
+    return outbox.fail_claim(spool, claim, error, root / "failed", 1.0) / "error.json"
+
+
 def test_after_success_inputs_are_archived_or_deleted_and_the_claim_is_gone(place):
     root, spool = place
     claim = claimed(place)
@@ -128,8 +137,9 @@ def test_a_failed_job_lands_in_failed_name_with_its_inputs_and_error_json(place)
     claim = claimed(place)
     spool.begin_attempt(claim, 3)
     error = JobError("mask_empty", "the mask selects no pixel", {"threshold": 127})
-    path = outbox.fail_claim(spool, claim, error, root / "failed", now=2000.0)
-    assert path == root / "failed" / "cat" / "error.json"
+    folder = outbox.fail_claim(spool, claim, error, root / "failed", now=2000.0)
+    assert folder == root / "failed" / "cat"
+    path = folder / "error.json"
     record = json.loads(path.read_text())
     assert (record["code"], record["message"], record["details"]) == ("mask_empty", "the mask selects no pixel",
                                                                        {"threshold": 127})
@@ -137,7 +147,8 @@ def test_a_failed_job_lands_in_failed_name_with_its_inputs_and_error_json(place)
     assert sorted(os.listdir(path.parent)) == ["cat.mask.png", "cat.png", "error.json"]
     assert not claim.dir.exists()
     second = outbox.fail_claim(spool, claimed(place), error, root / "failed", now=2001.0)
-    assert second.parent.name == "cat-1"
+    assert second.name == "cat-1"
+    assert sorted(os.listdir(root / "failed")) == ["cat", "cat-1"]  # no staging folder left behind
 
 
 def test_a_rejected_unsafe_entry_is_moved_itself_never_read_through(place, tmp_path: Path):
@@ -147,7 +158,7 @@ def test_a_rejected_unsafe_entry_is_moved_itself_never_read_through(place, tmp_p
     (root / "inbox" / "s.png").symlink_to(secret)
     os.mkfifo(root / "inbox" / "s.mask.png")
     error = JobError("job_unsafe", "unsafe inbox entry")
-    path = outbox.fail_entries(root / "inbox", "s", ["s.mask.png", "s.png"], None, error, root / "failed", 1.0)
+    path = reject(place, "s", ("s.mask.png", "s.png"), None, error)
     moved = path.parent
     assert (moved / "s.png").is_symlink() and os.readlink(moved / "s.png") == str(secret)
     assert secret.read_text() == "private" and list((root / "inbox").iterdir()) == []
@@ -159,7 +170,7 @@ def test_a_rejected_job_folder_keeps_its_contents_together(place):
     (root / "inbox" / "f").mkdir()
     (root / "inbox" / "f" / "image.png").write_bytes(b"x")
     error = JobError("job_incomplete", "missing mask")
-    path = outbox.fail_entries(root / "inbox", "f", ["f"], "f", error, root / "failed", 1.0)
+    path = reject(place, "f", ("f",), "f", error)
     assert sorted(os.listdir(path.parent)) == ["error.json", "image.png"]
     assert not (root / "inbox" / "f").exists()
 
@@ -231,9 +242,10 @@ def test_temp_files_of_interrupted_writes_are_removed_and_nothing_else(tmp_path:
     (tmp_path / f"{TEMP_PREFIX}abc123").write_bytes(b"half")
     (tmp_path / "cat.png").write_bytes(b"done")
     (tmp_path / ".hidden").write_bytes(b"not ours")
-    (tmp_path / f"{TEMP_PREFIX}dir").mkdir()
-    assert outbox.remove_temp_files(tmp_path) == [f"{TEMP_PREFIX}abc123"]
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{TEMP_PREFIX}dir", ".hidden", "cat.png"])
+    (tmp_path / f"{TEMP_PREFIX}dir").mkdir()  # a folder copy (archive on another disk) a stop interrupted
+    (tmp_path / f"{TEMP_PREFIX}dir" / "image.png").write_bytes(b"half")
+    assert sorted(outbox.remove_temp_files(tmp_path)) == [f"{TEMP_PREFIX}abc123", f"{TEMP_PREFIX}dir"]
+    assert sorted(os.listdir(tmp_path)) == sorted([".hidden", "cat.png"])
     assert outbox.remove_temp_files(tmp_path / "missing") == []
 
 
@@ -252,5 +264,6 @@ def test_a_failure_recorded_before_a_stop_is_not_written_twice(place, monkeypatc
     again = spool.load(claim.dir)
     assert again.state == "failing"
     path = outbox.fail_claim(spool, again, error, root / "failed", now=2.0)
-    assert sorted(os.listdir(path.parent)) == ["cat.mask.png", "cat.png", "error.json"]
-    assert not claim.dir.exists()
+    assert path is None  # the record was in place before the stop: only the drop was left
+    assert sorted(os.listdir(root / "failed" / "cat")) == ["cat.mask.png", "cat.png", "error.json"]
+    assert sorted(os.listdir(root / "failed")) == ["cat"] and not claim.dir.exists()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from inpaintd import service
+from inpaintd import queues, service
 from inpaintd.config import RoiConfig, config_from_dict
 from inpaintd.grouping import JobGroup
 from inpaintd.spool import Spool
@@ -458,7 +458,7 @@ def test_work_shapes_cover_every_bucket_pair_up_to_the_cap_and_retries_back_off(
     assert service.work_shapes(RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512))) == [
         (256, 256), (256, 384), (384, 256), (384, 384)]
     assert service.work_shapes(RoiConfig(min_size=64, max_size=64, bucket_sides=(128,))) == [(128, 128)]
-    assert [service.retry_delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
+    assert [queues.retry_delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
 
 
 def test_start_up_warms_every_shape_only_for_a_compiled_unet():
@@ -473,7 +473,7 @@ def test_the_queue_runs_jobs_by_arrival_not_by_when_they_became_ready(tmp_path):
     def claim(name: str, arrived: float) -> Claim:
         return Claim(tmp_path / name, {"job_id": name, "name": name, "arrived": arrived})
 
-    jobs = service.ArrivalQueue()
+    jobs = queues.ArrivalQueue()
     # Ready in this order; "late" arrived first but its close was confirmed last.
     for name, arrived in (("b", 20.0), ("c", 30.0), ("tie-1", 40.0), ("tie-2", 40.0), ("late", 10.0)):
         jobs.put(claim(name, arrived))

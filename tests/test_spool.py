@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from inpaintd.errors import ConfigError, JobError
 from inpaintd.grouping import JobGroup, Kind
-from inpaintd.spool import Spool, move_entry, probe_alpha, scan_inbox
+from inpaintd.fsutil import move_entry
+from inpaintd.images import probe_alpha
+from inpaintd.spool import Spool, scan_inbox
 
 
 @pytest.fixture
@@ -166,6 +169,10 @@ def test_state_on_another_filesystem_is_a_config_error_and_moves_across_filesyst
         (inbox / "l.png").symlink_to("/etc/passwd")
         os.mkfifo(inbox / "q.png")
         assert move_entry(inbox / "f.png", Path(other) / "f.png") == "copied"
-        assert move_entry(inbox / "l.png", Path(other) / "l.png") == "removed"
-        assert move_entry(inbox / "q.png", Path(other) / "q.png") == "removed"
+        # Links and FIFOs are recreated as what they are, never opened or followed.
+        assert move_entry(inbox / "l.png", Path(other) / "l.png") == "copied"
+        assert move_entry(inbox / "q.png", Path(other) / "q.png") == "copied"
+        assert os.readlink(Path(other) / "l.png") == "/etc/passwd"
+        assert stat.S_ISFIFO(os.lstat(Path(other) / "q.png").st_mode)
         assert (Path(other) / "f.png").read_bytes() == b"data" and list(inbox.iterdir()) == []
+        assert not [n for n in os.listdir(other) if n.startswith(".")]  # no temp copy left

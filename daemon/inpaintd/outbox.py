@@ -3,7 +3,8 @@
 A consumer that waits for `NAME.json` in the outbox never sees a partial image. When
 `NAME.<ext>` or `NAME.json` exists already, the result goes to `NAME-1.<ext>`/`NAME-1.json`
 (and so on) and the sidecar says so. After success the inputs go to `archive/NAME/` (or
-are deleted); after a failure the inputs and `error.json` go to `failed/NAME/`. A full disk
+are deleted); after a failure the inputs and `error.json` go to `failed/NAME/`; either folder
+is built under a temp name and renamed into place whole (`_file_away`). A full disk
 or a missing or unwritable outbox raises TransientError: the job stays claimed, and no
 input is touched.
 
@@ -18,7 +19,6 @@ a kill left in the middle of an atomic write.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
@@ -31,16 +31,16 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from . import __version__
+from .boundary import transient
 from .errors import JobError, TransientError
-from .fsutil import TEMP_PREFIX, atomic_write_bytes, fsync_dir
+from .fsutil import TEMP_PREFIX, atomic_write_bytes, fsync_dir, move_entry, rename_distinct
 from .jobs import JobResult
-from .spool import Claim, Spool, distinct_dir, move_entry
+from .quoting import bounded, shorten
+from .spool import Claim, Spool
 
 log = structlog.get_logger("inpaintd.outbox")
 
 ERROR_SCHEMA = "inpaintd.error/1"
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EIO)
 
 
 def timestamp(epoch: float) -> str:
@@ -49,16 +49,6 @@ def timestamp(epoch: float) -> str:
 
 def host() -> str:
     return socket.gethostname()
-
-
-def transient(exc: OSError, where: Path, what: str) -> TransientError | None:
-    """A TransientError for a full disk or an unwritable folder; None for other errors."""
-    if exc.errno in _FULL:
-        return TransientError("disk_full", f"no space left to write the {what} in {where}")
-    if exc.errno in _UNWRITABLE:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        return TransientError(f"{what}_unwritable", f"{what} folder {where} is not writable ({reason})")
-    return None
 
 
 def _encode(data: Mapping[str, Any]) -> bytes:
@@ -179,12 +169,16 @@ def remove_temp_files(folder: Path) -> list[str]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
-            try:
+        if not entry.name.startswith(TEMP_PREFIX) or entry.is_symlink():
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # a folder copy a stop interrupted (archive on another disk)
+            else:
                 os.unlink(entry.path)
-                removed.append(entry.name)
-            except FileNotFoundError:
-                continue
+            removed.append(entry.name)
+        except FileNotFoundError:
+            continue
     if removed:
         fsync_dir(folder)
         log.warning("outbox.temp_removed", folder=str(folder), files=sorted(removed),
@@ -192,12 +186,34 @@ def remove_temp_files(folder: Path) -> list[str]:
     return removed
 
 
+def record_dir_name(name: str, name_max: int = 255) -> str:
+    """The folder name a job's record gets in failed/ or archive/: its name, cut (by UTF-8
+    bytes, on a character boundary, with a short hash) where name-9999 would not fit."""
+    room = name_max - len("-9999")
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    cut = raw[: room - len(digest) - 1]
+    text = cut.decode("utf-8", "ignore") if not _has_surrogates(name) else os.fsdecode(cut)
+    while len(os.fsencode(text)) > room - len(digest) - 1:
+        text = text[:-1]
+    return f"{text}~{digest}"
+
+
+def _has_surrogates(text: str) -> bool:
+    return any(0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 def _move_inputs(root: Path, entries: list[str], folder: str | None, dst: Path) -> list[str]:
-    """Move a job's entries from root into dst; a job folder's contents go to dst itself."""
+    """Move a job's entries from root into dst; a job folder's contents go to dst itself.
+
+    Repeatable: entries already moved by an attempt a stop interrupted are skipped.
+    """
     moved: list[str] = []
     if folder is not None and entries == [folder]:
         src = root / folder
-        if src.is_dir() and not src.is_symlink():
+        if os.path.isdir(src) and not os.path.islink(src):
             for child in sorted(os.listdir(src)):
                 move_entry(src / child, dst / child)
                 moved.append(child)
@@ -210,35 +226,65 @@ def _move_inputs(root: Path, entries: list[str], folder: str | None, dst: Path) 
     return moved
 
 
+def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None) -> Path | None:
+    """The claim's inputs (and error.json) into root/NAME/ (NAME-1 ... when taken); the claim is dropped.
+
+    The folder is built under `.inpaintd-tmp-<job id>` in root and renamed into place whole,
+    so whoever reads failed/ or archive/ sees a record with all its inputs or nothing, two
+    daemons never share a folder, and a kill anywhere leaves a staging folder that the next
+    attempt (same job id) finishes. None when an earlier attempt had already renamed it into
+    place before a stop (the claim's inputs are gone): only the drop was left.
+    """
+    staging = root / f"{TEMP_PREFIX}{claim.job_id}"
+    final: Path | None = None
+    if os.path.lexists(staging) or _has_inputs(claim):
+        staging.mkdir(exist_ok=True)
+        remove_temp_files(staging)  # a copy or a write a stop interrupted
+        _move_inputs(claim.inputs, claim.entries(), claim.record.get("folder"), staging)
+        if error is not None:
+            atomic_write_bytes(staging / "error.json", _encode(error))
+        fsync_dir(staging)
+        final = rename_distinct(staging, root, record_dir_name(claim.name))
+        fsync_dir(root)
+    spool.drop(claim)
+    return final
+
+
+def _has_inputs(claim: Claim) -> bool:
+    try:
+        return any(True for _ in os.scandir(claim.inputs))
+    except FileNotFoundError:
+        return False
+
+
 def archive_inputs(spool: Spool, claim: Claim, archive: Path, after_success: str) -> Path | None:
     """After publication: inputs to archive/NAME/ (or deleted), then the claim is dropped."""
-    target: Path | None = None
     try:
         if after_success == "delete":
-            shutil.rmtree(claim.inputs)
-        else:
-            target = Path(claim.record.get("archive_dir") or distinct_dir(archive, claim.name))
-            if "archive_dir" not in claim.record:
-                spool.mark(claim, claim.state, archive_dir=str(target))
-            target.mkdir(exist_ok=True)
-            _move_inputs(claim.inputs, claim.entries(), claim.record.get("folder"), target)
-            fsync_dir(target)
+            shutil.rmtree(claim.inputs, ignore_errors=False, onerror=_gone_is_fine)
+            spool.drop(claim)
+            return None
+        return _file_away(spool, claim, archive, None)
     except OSError as exc:
         error = transient(exc, archive, "archive")
         if error is not None:
             raise error from exc
         raise
-    spool.drop(claim)
-    return target
+
+
+def _gone_is_fine(function: Any, path: str, exc_info: Any) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def error_record(error: JobError, name: str, **fields: Any) -> dict[str, Any]:
+    """error.json's content; the message and details are bounded whatever the input was."""
     return {
         "schema": ERROR_SCHEMA,
         "status": "failed",
         "code": error.code,
-        "message": error.message,
-        "details": dict(error.details),
+        "message": shorten(error.message),
+        "details": bounded(dict(error.details)),
         "job": name,
         **fields,
         "host": host(),
@@ -246,24 +292,15 @@ def error_record(error: JobError, name: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def _write_error(dst: Path, record: Mapping[str, Any]) -> Path:
-    for index in range(1000):
-        path = dst / ("error.json" if index == 0 else f"error-{index}.json")
-        if record.get("job_id") and _job_id_in(path) == record["job_id"]:
-            return path  # written before a stop: this job's failure is recorded already
-        try:
-            atomic_write_bytes(path, _encode(record), overwrite=False)
-            return path
-        except FileExistsError:
-            continue
-    raise OSError(errno.EEXIST, f"no free name for error.json in {dst}")
+def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: float) -> Path | None:
+    """Inputs and error.json to failed/NAME/ (distinct if taken); the claim is dropped.
 
-
-def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: float) -> Path:
-    """Inputs and error.json to failed/NAME/ (distinct if taken); the claim is dropped."""
+    The error is recorded in the claim (state failing) before anything moves, so a stop
+    anywhere is finished by the next attempt with the same record. None when a stop came
+    after the record was in place (only the drop was left).
+    """
     try:
-        if claim.state != "failing":
-            target = distinct_dir(failed, claim.name)
+        if claim.state != "failing" or "error" not in claim.record:
             record = error_record(
                 error,
                 claim.name,
@@ -273,31 +310,8 @@ def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: f
                 arrived=timestamp(claim.arrived),
                 failed_at=timestamp(now),
             )
-            spool.mark(claim, "failing", failed_dir=str(target), error=record)
-        target = Path(claim.record["failed_dir"])
-        target.mkdir(exist_ok=True)
-        remove_temp_files(target)  # an error.json write a stop interrupted
-        _move_inputs(claim.inputs, claim.entries(), claim.record.get("folder"), target)
-        path = _write_error(target, claim.record["error"])
-    except OSError as exc:
-        trouble = transient(exc, failed, "failed")
-        if trouble is not None:
-            raise trouble from exc
-        raise
-    spool.drop(claim)
-    return path
-
-
-def fail_entries(
-    inbox: Path, name: str, entries: list[str], folder: str | None, error: JobError, failed: Path, now: float
-) -> Path:
-    """A job rejected before claiming (incomplete, unsafe, ambiguous): its entries move as they are."""
-    try:
-        target = distinct_dir(failed, name)
-        moved = _move_inputs(inbox, entries, folder, target)
-        fsync_dir(inbox)
-        record = error_record(error, name, inputs=moved, failed_at=timestamp(now))
-        return _write_error(target, record)
+            spool.mark(claim, "failing", error=record)
+        return _file_away(spool, claim, failed, claim.record["error"])
     except OSError as exc:
         trouble = transient(exc, failed, "failed")
         if trouble is not None:

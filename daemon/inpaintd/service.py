@@ -1,13 +1,21 @@
 """The daemon: inbox -> claimed queue -> engine, one job at a time -> outbox.
 
-Two threads. The intake thread watches the inbox, groups files into jobs (grouping), fails
+Two threads. The intake thread (intake.py) watches the inbox, groups files into jobs, fails
 what cannot become a job, and claims ready jobs into state/claimed/ (spool), putting them in
-a queue of claims ordered by arrival (ArrivalQueue: FIFO by when a job's first file was seen,
-not by when it became ready): paths, never decoded images. The main thread is the worker:
+a queue of claims ordered by arrival (queues.ArrivalQueue): paths, never decoded images. The
+main thread is the worker:
 
     while not stopping:
         ping the watchdog; reload the config if SIGHUP asked
-        claim = queue.get(timeout)  ->  process(claim)
+        claim = a held job that is due, else the queue head  ->  process(claim)
+
+`process` is the job boundary: it moves one claim through its states (publishing ->
+claimed -> painted and published -> archived, or failing -> failed/) and hands anything
+raised on the way to boundary.classify. A bad input fails the job; a transient error
+(disk full, a folder unwritable) holds it beside the queue (queues.HeldJobs) with its own
+back-off, so it never blocks the jobs behind it, and fails it with retries_exhausted
+after limits.hold_timeout. Cost is bounded per job: regions and regions x steps before
+painting (process.py), limits.max_job_seconds at every step.
 
 SIGTERM (or SIGINT) stops taking jobs and makes the running job raise Interrupted at its
 next denoising step; the job stays claimed and is queued again at the next start. A timer
@@ -18,13 +26,10 @@ jobs; a changed model section is logged as needing a restart.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import queue
 import signal
 import socket
-import stat
 import threading
 import time
 from dataclasses import replace
@@ -33,13 +38,14 @@ from typing import Any
 
 import structlog
 
-from . import __version__, grouping, outbox, spool as spool_mod
+from . import __version__, boundary, grouping, outbox
 from .config import Config, RoiConfig, load_config
-from .errors import ConfigError, Interrupted, JobError, TransientError
-from .grouping import Rules
+from .errors import ConfigError, Interrupted, JobError
+from .intake import Intake, folders_of
+from .queues import ArrivalQueue, Held, HeldJobs
+from .quoting import shorten
 from .spool import Claim, Spool
-from .status import StatusFile
-from .watcher import Change, Watcher
+from .status import StatusFile, error_summary
 
 log = structlog.get_logger("inpaintd.service")
 
@@ -61,20 +67,6 @@ def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
     """
     shapes = work_shapes(roi)
     return shapes if compile_mode != "off" else shapes[:1]
-
-
-def retry_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """Back-off before retrying a job after its n-th transient failure in a row."""
-    return min(cap, base * 2 ** max(0, failures - 1))
-
-
-def rules_for(config: Config) -> Rules:
-    return Rules(
-        settle_seconds=config.watch.settle_seconds,
-        incomplete_timeout=config.watch.incomplete_timeout,
-        require_prompt=not config.inference.prompt.strip(),
-        max_input_bytes=config.limits.max_input_bytes,
-    )
 
 
 class _NullNotifier:
@@ -105,233 +97,6 @@ def _notifier() -> Any:
         return _NullNotifier()
 
 
-# --------------------------------------------------------------------------- queue
-
-
-class ArrivalQueue(queue.Queue):  # type: ignore[type-arg]
-    """Claims waiting for the engine, oldest arrival first: FIFO by arrival, not by readiness.
-
-    A job whose files took longer to be confirmed complete (a close lost in an inotify overflow,
-    a slower upload of one part) goes ahead of queued jobs that arrived after it. Equal
-    arrivals keep the order they were put in (the intake puts them oldest first).
-    """
-
-    def _init(self, maxsize: int) -> None:
-        self.queue: list[tuple[float, int, Claim]] = []  # type: ignore[assignment]
-        self._order = itertools.count()
-
-    def _qsize(self) -> int:
-        return len(self.queue)
-
-    def _put(self, claim: Claim) -> None:
-        heapq.heappush(self.queue, (claim.arrived, next(self._order), claim))
-
-    def _get(self) -> Claim:
-        return heapq.heappop(self.queue)[2]
-
-    def names(self) -> list[str]:
-        """Job names in the order they will run."""
-        with self.mutex:
-            return [claim.name for _, _, claim in sorted(self.queue)]
-
-
-# --------------------------------------------------------------------------- intake
-
-
-class Intake(threading.Thread):
-    """Inbox -> claims. Owns the watcher and what is known about each inbox entry."""
-
-    def __init__(self, config: Config, spool: Spool, jobs: "queue.Queue[Claim]", status: StatusFile) -> None:
-        super().__init__(name="inpaintd-intake", daemon=True)
-        self.config = config
-        self.spool = spool
-        self.jobs = jobs
-        self.status = status
-        self.stop_event = threading.Event()
-        self.wakeup = threading.Event()
-        self.heartbeat = time.monotonic()
-        self._lock = threading.Lock()
-        self._hints: dict[str, grouping.Hint] = {}
-        self._rescan = True
-        self._seen: dict[str, grouping.Seen] = {}
-        self._detected: set[str] = set()
-        self._skipped: set[str] = set()
-        self._retry_reject: dict[str, float] = {}
-        self.watcher: Watcher | None = None
-        self._restart_watcher = True
-        self._wall_offset: float | None = None
-
-    # watcher callbacks (observer thread)
-    def on_change(self, change: Change) -> None:
-        with self._lock:
-            self._hints[change.path] = grouping.merge_hint(self._hints.get(change.path), change.hint)
-        self.wakeup.set()
-
-    def on_rescan(self, reason: str) -> None:
-        log.warning("watch.rescan", reason=reason)
-        with self._lock:
-            self._rescan = True
-        self.wakeup.set()
-
-    def reconfigure(self, config: Config) -> None:
-        """Called by the worker between jobs; the watcher restarts when the inbox or observer changed."""
-        old, self.config = self.config, config
-        if (old.paths.inbox, old.watch.observer, old.watch.poll_interval) != (
-            config.paths.inbox, config.watch.observer, config.watch.poll_interval
-        ):
-            with self._lock:
-                self._seen = {}
-                self._rescan = True
-                self._restart_watcher = True
-        self.wakeup.set()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.wakeup.set()
-
-    def run(self) -> None:
-        try:
-            while not self.stop_event.is_set():
-                self.heartbeat = time.monotonic()
-                delay = self.config.watch.rescan_interval
-                try:
-                    # The watcher first: starting it can take a while on a busy machine, and
-                    # `now` must not predate the scan (settling would be cut short).
-                    self._ensure_watcher()
-                    delay = self.tick(time.monotonic())
-                except Exception:  # noqa: BLE001 - one bad scan must not end the intake
-                    log.exception("intake.error")
-                    delay = min(5.0, self.config.watch.rescan_interval)
-                self.wakeup.wait(delay)
-                self.wakeup.clear()
-        finally:
-            if self.watcher is not None:
-                self.watcher.stop()
-
-    def watch(self) -> None:
-        """Start watching the inbox now, before the service says READY: a writer that opens a
-        file after READY must be seen opening it (else only settling holds the file back, and a
-        slow writer pausing longer than settle_seconds would be taken mid-write)."""
-        try:
-            self._ensure_watcher()
-        except OSError as exc:
-            log.warning("watch.start_failed", inbox=str(self.config.paths.inbox), error=str(exc),
-                        note="retried at every look")
-
-    def _ensure_watcher(self) -> None:
-        if self._restart_watcher or self.watcher is None or not self.watcher.healthy():
-            if self.watcher is not None:
-                self.watcher.stop()
-                self.watcher = None
-            watch = self.config.watch
-            watcher = Watcher(
-                self.config.paths.inbox, self.on_change, self.on_rescan,
-                observer=watch.observer, poll_interval=watch.poll_interval,
-            )
-            watcher.start()  # OSError while the inbox is missing: retried next tick
-            self.watcher = watcher
-            self._restart_watcher = False
-
-    def tick(self, now: float) -> float:
-        """One look at the inbox; returns how long to wait before the next one at most."""
-        config = self.config
-        inbox = config.paths.inbox
-        self._ensure_watcher()
-        with self._lock:
-            hints, self._hints = self._hints, {}
-            rescan, self._rescan = self._rescan, False
-        seen = grouping.forget_writes(self._seen) if rescan else self._seen
-        seen = grouping.observe(seen, spool_mod.scan_inbox(inbox), hints, now)
-        rules = rules_for(config)
-        plan = grouping.plan(seen, now, rules)
-        for path in plan.probe:
-            seen = grouping.with_alpha(seen, path, spool_mod.probe_alpha(inbox / path))
-        if plan.probe:
-            plan = grouping.plan(seen, now, rules)
-        self._seen = seen
-        self._log_plan(plan)
-
-        for rejected in plan.rejected:
-            self._reject(inbox, rejected, now)
-        offset = self._wall_clock_offset()
-        for group in plan.ready:
-            if self.stop_event.is_set():
-                break
-            arrived = group.arrived + offset
-            try:
-                claim = self.spool.claim(inbox, group, arrived)
-            except OSError as exc:
-                # The files stay where they are and the next tick tries again; one job that
-                # cannot be moved must not hold up the others behind it.
-                log.warning("job.claim_failed", job=group.name, error=str(exc))
-                self.status.update(health=f"cannot claim {group.name}: {exc.strerror or exc}, retrying")
-                continue
-            if claim is None:
-                continue
-            for path in list(self._seen):
-                if path in group.entries or path.split("/", 1)[0] in group.entries:
-                    del self._seen[path]
-            log.info("job.ready", job=group.name, job_id=claim.job_id, files=list(group.entries))
-            self.jobs.put(claim)
-        self.status.update(waiting_in_inbox=len(plan.waiting))
-        pending = plan.waiting or plan.probe
-        if pending:
-            return max(0.05, min(0.25, config.watch.settle_seconds / 4))
-        return config.watch.rescan_interval
-
-    def _wall_clock_offset(self) -> float:
-        """Wall time minus monotonic time, to date arrivals (first seen, monotonic) for claims.
-
-        Held fixed: reading the wall clock per claim gave jobs first seen together arrivals
-        seconds apart (claiming 500 jobs takes that long), so the queue and the sidecars
-        disagreed with the real order. Taken again only when the wall clock jumped (an NTP
-        step), so timestamps follow the jump.
-        """
-        offset = time.time() - time.monotonic()
-        if self._wall_offset is None or abs(offset - self._wall_offset) > 1.0:
-            self._wall_offset = offset
-        return self._wall_offset
-
-    def _log_plan(self, plan: grouping.Plan) -> None:
-        names = {w.name for w in plan.waiting} | {j.name for j in plan.ready} | {r.name for r in plan.rejected}
-        for name in sorted(names - self._detected):
-            log.info("job.detected", job=name)
-        self._detected = names
-        ignored = {path for path, _ in plan.ignored}
-        for path, why in plan.ignored:
-            if path not in self._skipped:
-                log.info("file.skipped", file=path, reason=why, job=None)
-        self._skipped = ignored
-
-    def _reject(self, inbox: Path, rejected: grouping.Rejected, now: float) -> None:
-        if self._retry_reject.get(rejected.name, 0.0) > now:
-            return
-        folder = None
-        if len(rejected.entries) == 1 and stat.S_ISDIR(os.lstat(inbox / rejected.entries[0]).st_mode):
-            folder = rejected.entries[0]
-        error = JobError(rejected.code, rejected.message, dict(rejected.details))
-        try:
-            path = outbox.fail_entries(
-                inbox, rejected.name, list(rejected.entries), folder, error, self.config.paths.failed, time.time()
-            )
-        except TransientError as exc:
-            self._retry_reject[rejected.name] = now + 30.0
-            log.error("job.failed_unmovable", job=rejected.name, code=exc.code, error=exc.message)
-            self.status.update(health=exc.message)
-            return
-        self._retry_reject.pop(rejected.name, None)
-        for path_ in list(self._seen):
-            if path_.split("/", 1)[0] in rejected.entries:
-                del self._seen[path_]
-        log.warning("job.failed", job=rejected.name, code=rejected.code, error=rejected.message, failed=str(path.parent))
-        self.status.increment("jobs_failed")
-        self.status.update(last_error=_error_summary(rejected.name, rejected.code, rejected.message))
-
-
-def _error_summary(name: str, code: str, message: str) -> dict[str, Any]:
-    return {"job": name, "code": code, "message": message, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 # --------------------------------------------------------------------------- worker
 
 
@@ -341,6 +106,7 @@ class Service:
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier if notifier is not None else _notifier()
         self.jobs = ArrivalQueue()
+        self.held = HeldJobs(config.limits.hold_timeout)
         self.spool = Spool(config.paths.state)
         self.status: StatusFile | None = None
         self.engine: Any = None
@@ -348,14 +114,14 @@ class Service:
         self.stopping = threading.Event()
         self.reload_requested = False
         self.current: Claim | None = None
-        self.held: Claim | None = None  # a job waiting out a transient error (head of the line)
-        self.held_until = 0.0
-        self.transient_failures = 0
         self.host = socket.gethostname()
         self._stop_timer: threading.Timer | None = None
         self._ping_every = _ping_period()
         self._last_ping = 0.0
         self._last_step_status = 0.0
+        self._deadline: float | None = None  # monotonic end of the running job's time budget
+        self._attempt_counted = False
+        self._painted: Any = None  # the running job's painted result, once it has one
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -369,9 +135,9 @@ class Service:
             self._ping()
             if self.reload_requested:
                 self.reload()
-            claim = self._next()
+            claim, held = self._next()
             if claim is not None:
-                self.process(claim)
+                self.process(claim, held)
                 self._idle()
         return self.shutdown()
 
@@ -394,7 +160,10 @@ class Service:
             if claim.state == "publishing":
                 # Now, not when its turn comes: an orphan image must not sit in the outbox
                 # while the queue drains. A failure here is retried when the job is processed.
-                self._settle_publication(claim, log.bind(job=claim.name, job_id=claim.job_id), hold=False)
+                try:
+                    self._settle_publication(claim, log.bind(job=claim.name, job_id=claim.job_id))
+                except Exception as exc:  # noqa: BLE001 - settled again when its turn comes
+                    log.warning("job.publication_unsettled", job=claim.name, error=shorten(str(exc)))
             self.jobs.put(claim)
 
         from .engine import Engine
@@ -438,6 +207,7 @@ class Service:
             self.intake.join(timeout=5)
         if self.status is not None:
             self.status.update(state="stopped", current=None)
+            self.status.flush()
         if self._stop_timer is not None:
             self._stop_timer.cancel()
         self.spool.close()
@@ -476,6 +246,7 @@ class Service:
             self.notifier.stopping()
             if self.status is not None:
                 self.status.update(state="stopped", current=None)
+                self.status.flush()
         finally:
             os._exit(0)
 
@@ -504,6 +275,7 @@ class Service:
         for key in ("inbox", "outbox", "failed", "archive"):
             getattr(applied.paths, key).mkdir(parents=True, exist_ok=True)
         self.config = applied
+        self.held.hold_timeout = applied.limits.hold_timeout
         if self.intake is not None:
             self.intake.reconfigure(applied)
         log.info("config.reloaded", path=str(self.config_path))
@@ -512,19 +284,18 @@ class Service:
 
     # -- the loop's parts ---------------------------------------------------------------------
 
-    def _next(self) -> Claim | None:
-        """The next claim to work on: a held job once its back-off ends, else the queue head."""
-        if self.held is not None:
-            wait = self.held_until - time.monotonic()
-            if wait <= 0:
-                claim, self.held = self.held, None
-                return claim
-            self.stopping.wait(min(wait, 0.5))
-            return None
+    def _next(self) -> tuple[Claim | None, Held | None]:
+        """The next job to work on: a held job whose back-off ended, else the queue head."""
+        if self.status is not None:
+            self.status.flush()
+        held = self.held.pop_due(time.monotonic())
+        if held is not None:
+            return held.claim, held
+        wait = self.held.next_in(time.monotonic())
         try:
-            return self.jobs.get(timeout=0.5)
+            return self.jobs.get(timeout=0.5 if wait is None else min(0.5, max(0.01, wait))), None
         except queue.Empty:
-            return None
+            return None, None
 
     def _ping(self) -> None:
         """WATCHDOG=1 (a few times per watchdog interval) only while the intake thread ticks too."""
@@ -547,57 +318,122 @@ class Service:
     def _idle(self) -> None:
         assert self.status is not None
         names = self._queue_names()
-        health = self.status.data.get("health")
-        if self.held is not None:
-            text = f"{health or 'retrying'}; {self.held.name} waits, {len(names)} queued"
+        first = self.held.first()
+        if first is not None:
+            text = shorten(f"{len(names)} queued; {len(self.held)} held, {first.claim.name}: {first.message}, retrying", 300)
+            health: str | None = shorten(f"{first.message}, retrying", 300)
         else:
-            text = f"idle, {len(names)} queued"
+            text, health = f"idle, {len(names)} queued", None
         self.notifier.status(text)
-        self.status.update(state="idle" if self.held is None else "retrying", current=None,
-                           queue_length=len(names), queued=names)
+        self.status.update(state="idle" if first is None else "retrying", current=None, queue_length=len(names),
+                           queued=names[:100], held=self.held.names()[:100], health=health)
 
     def _on_step(self, done: int, total: int) -> None:
         if self.config.service.watchdog_from_steps:
             self._ping()
         claim = self.current
         assert claim is not None and self.status is not None
+        if self.stopping.is_set():
+            raise Interrupted(f"stopping: {claim.name} interrupted at step {done}/{total}")
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            budget = self.config.limits.max_job_seconds
+            raise JobError(
+                "job_too_costly",
+                f"painting took longer than limits.max_job_seconds ({budget:g} s); stopped at step {done}/{total}",
+                {"max_job_seconds": budget, "step": done, "total": total},
+            )
         names = self._queue_names()
         now = time.monotonic()
         if now - self._last_step_status >= 0.5 or done in (1, total):
             self._last_step_status = now
             self.notifier.status(f"{claim.name}: step {done}/{total}, {len(names)} queued")
         current = dict(self.status.data.get("current") or {}, step=done, total=total)
-        self.status.update(throttle=0.25, current=current, queue_length=len(names), queued=names)
-        if self.stopping.is_set():
-            raise Interrupted(f"stopping: {claim.name} interrupted at step {done}/{total}")
+        self.status.update(throttle=0.25, current=current, queue_length=len(names), queued=names[:100])
 
-    # -- one job --------------------------------------------------------------------------------
+    # -- one job: the boundary ------------------------------------------------------------------
 
-    def process(self, claim: Claim) -> None:
+    def process(self, claim: Claim, held: Held | None = None) -> None:
+        """Move one claim as far as it can go; whatever it raises stays with this job."""
         bound = log.bind(job=claim.name, job_id=claim.job_id)
         self.current = claim
+        self._attempt_counted = False
+        self._painted = held.result if held is not None else None
         try:
-            if claim.state == "publishing" and not self._settle_publication(claim, bound):
-                return  # the outbox cannot be looked at: held, retried later
+            pending = held.pending_failure if held is not None else None
+            if pending is not None and claim.state != "failing":
+                self._fail(claim, pending, bound)
+                return
+            if held is not None and self.held.expired(held, time.monotonic()):
+                self._fail(claim, self._exhausted(held), bound)
+                return
+            if claim.state == "publishing":
+                self._settle_publication(claim, bound)
+            if claim.state == "claimed":
+                self._paint(claim, bound, self._painted)
             if claim.state == "published":
                 self._archive(claim, bound)
             elif claim.state == "failing":
-                record = claim.record.get("error") or {}
-                error = JobError(record.get("code", "internal_error"), record.get("message", ""), record.get("details"))
-                self._fail(claim, error, bound)
-            else:
-                self._paint(claim, bound)
+                self._fail(claim, self._recorded_error(claim), bound)
+        except BaseException as exc:  # noqa: BLE001 - fault isolation: this job's outcome, nobody else's
+            self._settle(claim, exc, held, self._painted, bound)
         finally:
             self.current = None
+            self._deadline = None
+            self._painted = None
 
-    def _paint(self, claim: Claim, bound: Any) -> None:
+    def _settle(self, claim: Claim, exc: BaseException, held: Held | None, result: Any, bound: Any) -> None:
+        verdict = boundary.classify(exc, folders_of(self.config), claim.inputs)
+        if verdict.action == "leave":
+            self._undo_attempt(claim, bound)
+            bound.info("job.interrupted", note="left claimed; it runs again at the next start")
+            return
+        if verdict.action == "hold":
+            self._undo_attempt(claim, bound)
+            self._hold(claim, verdict, held, result, bound)
+            return
+        if verdict.unexpected:
+            bound.error("job.crashed", code=verdict.code, error=verdict.message, exc_info=exc)
+        pending = verdict.job_error()
+        try:
+            self._fail(claim, pending, bound)
+        except BaseException as again:  # noqa: BLE001 - failed/ or state unwritable: hold the failure
+            second = boundary.classify(again, folders_of(self.config), claim.inputs)
+            if second.unexpected:
+                bound.error("job.fail_crashed", code=second.code, error=second.message, exc_info=again)
+            self._hold(claim, second, held, None, bound, pending_failure=pending)
+
+    def _undo_attempt(self, claim: Claim, bound: Any) -> None:
+        if not self._attempt_counted:
+            return
+        try:
+            self.spool.undo_attempt(claim)
+        except Exception as exc:  # noqa: BLE001 - at worst the attempt counts towards poison_after
+            bound.warning("job.attempt_not_undone", error=shorten(str(exc)))
+
+    def _recorded_error(self, claim: Claim) -> JobError:
+        record = claim.record.get("error") or claim.record.get("rejection") or {}
+        return JobError(str(record.get("code", "internal_error")), str(record.get("message", "")),
+                        dict(record.get("details") or {}))
+
+    def _exhausted(self, held: Held) -> JobError:
+        timeout = self.held.hold_timeout
+        return JobError(
+            "retries_exhausted",
+            shorten(f"could not be finished for {timeout:g} s (limits.hold_timeout): {held.message}"),
+            {"last_code": held.code, "retries": held.failures, "hold_timeout": timeout},
+        )
+
+    # -- one job: its steps ---------------------------------------------------------------------
+
+    def _paint(self, claim: Claim, bound: Any, result: Any) -> Any:
+        """claimed -> published; returns the painted result (kept if publication must wait)."""
         from . import jobspec
         from .process import run_job
 
         config = self.config
         assert self.status is not None
         started = time.time()
-        try:
+        if result is None:
             problems = self.spool.unsafe_inputs(claim)
             if problems:
                 detail = "; ".join(f"{p} {why}" for p, why in sorted(problems.items()))
@@ -608,6 +444,9 @@ class Service:
                 raise JobError(grouping.TOO_LARGE, grouping.oversize_message(too_big, limit),
                                {"entries": too_big, "max_input_bytes": limit})
             self.spool.begin_attempt(claim, config.limits.poison_after)
+            self._attempt_counted = True
+            budget = config.limits.max_job_seconds
+            self._deadline = time.monotonic() + budget if budget > 0 else None
             self.status.update(state="busy", current={"name": claim.name, "job_id": claim.job_id, "step": 0,
                                                       "total": None, "started": outbox.timestamp(started)})
             options = jobspec.load_job_options(claim.input_path("prompt"), config.limits)
@@ -617,104 +456,67 @@ class Service:
             bound.info("job.started", attempt=claim.attempts, queue_wait_seconds=round(started - claim.arrived, 3),
                        steps=request.params.steps, seed=request.params.seed)
             result = run_job(self.engine, request, config, on_step=self._on_step)
-            finished = time.time()
-            extra = {
-                "job_id": claim.job_id,
-                "host": self.host,
-                "daemon_version": __version__,
-                "queue_wait_seconds": round(started - claim.arrived, 3),
-                "arrived": outbox.timestamp(claim.arrived),
-                "started": outbox.timestamp(started),
-                "finished": outbox.timestamp(finished),
-                "attempts": claim.attempts,
-                "inputs_received_as": claim.entries(),
-            }
-            # The names are recorded (fsynced) in the claim before anything is written, so
-            # that a kill -9 anywhere in publication is settled at the next start.
-            image_path, sidecar_path = outbox.publish(
-                config.paths.outbox, result, extra,
-                record=lambda names: self.spool.mark(claim, "publishing", publishing=names),
-            )
-            self.spool.mark(claim, "published", published={"image": image_path.name, "sidecar": sidecar_path.name})
-        except Interrupted:
-            self.spool.undo_attempt(claim)
-            bound.info("job.interrupted", note="left claimed; it runs again at the next start")
-            return
-        except TransientError as exc:
-            self.spool.undo_attempt(claim)
-            self._hold(claim, exc, bound)
-            return
-        except JobError as exc:
-            self._fail(claim, exc, bound)
-            return
-        except Exception as exc:  # noqa: BLE001 - one job's bug must not end the daemon
-            bound.exception("job.crashed")
-            self._fail(claim, JobError("internal_error", f"{type(exc).__name__}: {exc}"), bound)
-            return
-        self.transient_failures = 0
-        self.status.update(health=None)
+            self._ping()
+        finished = time.time()
+        extra = {
+            "job_id": claim.job_id,
+            "host": self.host,
+            "daemon_version": __version__,
+            "queue_wait_seconds": round(started - claim.arrived, 3),
+            "arrived": outbox.timestamp(claim.arrived),
+            "started": outbox.timestamp(started),
+            "finished": outbox.timestamp(finished),
+            "attempts": claim.attempts,
+            "inputs_received_as": claim.entries(),
+        }
+        self._painted = result  # kept by a hold if publication must wait: no repaint
+        # The names are recorded (fsynced) in the claim before anything is written, so
+        # that a kill -9 anywhere in publication is settled at the next start.
+        image_path, sidecar_path = outbox.publish(
+            config.paths.outbox, result, extra,
+            record=lambda names: self.spool.mark(claim, "publishing", publishing=names),
+        )
+        self.spool.mark(claim, "published", published={"image": image_path.name, "sidecar": sidecar_path.name})
         self.status.increment("jobs_done")
         bound.info(
             "job.done", output=image_path.name, sidecar=sidecar_path.name,
             seconds=round(finished - started, 3), timings=result.sidecar.get("timings"),
             regions=len(result.regions),
         )
-        self._archive(claim, bound)
+        return result
 
-    def _settle_publication(self, claim: Claim, bound: Any, hold: bool = True) -> bool:
-        """A claim stopped while publishing: published if its sidecar is out, else painted again.
-
-        False when the outbox cannot be looked at (the job is held when `hold`).
-        """
+    def _settle_publication(self, claim: Claim, bound: Any) -> None:
+        """A claim stopped while publishing: published if its sidecar is out, else painted again."""
         names = claim.record.get("publishing") or {}
-        where = self.config.paths.outbox
-        try:
-            published = bool(names) and outbox.settle_publication(where, claim.job_id, names)
-            if published:
-                self.spool.mark(claim, "published", published={"image": names["image"], "sidecar": names["sidecar"]})
-            else:
-                claim.record.pop("publishing", None)
-                self.spool.mark(claim, "claimed")
-        except OSError as exc:
-            error = outbox.transient(exc, where, "outbox") or TransientError(
-                "outbox_unwritable", f"cannot settle the publication of {claim.name}: {exc}"
-            )
-            if hold:
-                self._hold(claim, error, bound)
-            else:
-                bound.warning("job.publication_unsettled", error=error.message)
-            return False
+        published = bool(names) and outbox.settle_publication(self.config.paths.outbox, claim.job_id, names)
         if published:
+            self.spool.mark(claim, "published", published={"image": names["image"], "sidecar": names["sidecar"]})
             bound.info("job.published_before_stop", output=names["image"], sidecar=names["sidecar"])
-        return True
+        else:
+            self.spool.forget(claim, "publishing")
+            self.spool.mark(claim, "claimed")
 
     def _archive(self, claim: Claim, bound: Any) -> None:
-        try:
-            target = outbox.archive_inputs(self.spool, claim, self.config.paths.archive, self.config.output.after_success)
-        except TransientError as exc:
-            self._hold(claim, exc, bound)
-            return
+        target = outbox.archive_inputs(self.spool, claim, self.config.paths.archive, self.config.output.after_success)
         bound.info("job.archived", archive=str(target) if target else "deleted")
 
-    def _hold(self, claim: Claim, exc: TransientError, bound: Any) -> None:
+    def _hold(self, claim: Claim, verdict: boundary.Verdict, held: Held | None, result: Any, bound: Any,
+              pending_failure: JobError | None = None) -> None:
         assert self.status is not None
-        self.transient_failures += 1
-        delay = retry_delay(self.transient_failures)
-        self.held, self.held_until = claim, time.monotonic() + delay
-        health = f"{exc.message}, retrying"
-        bound.error("job.retry_later", code=exc.code, error=exc.message, retry_in_seconds=delay)
-        self.status.update(health=health, last_error=_error_summary(claim.name, exc.code, exc.message))
+        entry = self.held.hold(claim, verdict.code, verdict.message, time.monotonic(), held, result, pending_failure)
+        delay = round(entry.retry_at - time.monotonic(), 3)
+        bound.error("job.retry_later", code=verdict.code, error=verdict.message, retry_in_seconds=delay,
+                    held=len(self.held))
+        self.status.update(health=shorten(f"{verdict.message}, retrying", 300),
+                           last_error=error_summary(claim.name, verdict.code, verdict.message))
 
     def _fail(self, claim: Claim, error: JobError, bound: Any) -> None:
         assert self.status is not None
-        try:
-            path = outbox.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time())
-        except TransientError as exc:
-            self._hold(claim, exc, bound)
-            return
-        bound.warning("job.failed", code=error.code, error=error.message, failed=str(path.parent))
+        path = outbox.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time())
+        bound.warning("job.failed", code=error.code, error=shorten(error.message),
+                      failed=str(path) if path else None)
         self.status.increment("jobs_failed")
-        self.status.update(last_error=_error_summary(claim.name, error.code, error.message))
+        self.status.update(last_error=error_summary(claim.name, error.code, error.message))
 
 
 def run_service(config: Config, config_path: str | os.PathLike[str] | None) -> int:

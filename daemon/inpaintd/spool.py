@@ -10,14 +10,18 @@ start crashed the daemon that often and is failed as a poison job.
 A claim's `state`: claiming (entries still moving in), claimed, publishing (the outbox names it
 is about to write are recorded in `publishing` first, see outbox.settle_publication), published
 (only archiving is left), failing (only the move to failed/ is left). Every change is fsynced
-before the step it announces, so a kill -9 anywhere leaves a state recovery can finish.
+before the step it announces, so a kill -9 anywhere leaves a state recovery can finish; the
+in-memory record changes only once the file did (a full state disk leaves both as they were).
+
+A job the intake rejects (incomplete, unsafe, ambiguous, too large) is claimed too, straight
+into `failing` with its error: the rename decides which daemon records it, so two daemons on
+one inbox never both record one job, and a kill mid-rejection is finished by recovery.
 
 The inbox scan lives here too: lstat only, links are reported as links, never followed.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -27,12 +31,12 @@ import stat as stat_mod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import structlog
 
 from .errors import ConfigError, JobError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, same_filesystem
 from .grouping import JobGroup, Kind, Stat, junk_reason
 
 log = structlog.get_logger("inpaintd.spool")
@@ -91,95 +95,6 @@ def _scan_folder(folder: Path, name: str) -> list[Stat]:
     finally:
         os.close(fd)
     return out
-
-
-def probe_alpha(path: Path) -> bool:
-    """Whether an image file has an alpha channel; reads its header only, never follows a link."""
-    from PIL import Image
-
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        with os.fdopen(os.dup(fd), "rb") as handle, Image.open(handle) as image:
-            return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False  # unreadable images are failed properly by process; here: no alpha
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- moving
-
-
-def same_filesystem(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
-
-
-def move_entry(src: Path, dst: Path) -> str:
-    """Move one entry (file, folder, link, FIFO) without ever reading through a link.
-
-    Returns "renamed", "copied" (a regular file or plain folder across filesystems) or
-    "removed" (a link or special file that cannot be renamed across filesystems: it holds
-    no data of ours, and copying it would mean following it). dst must not exist.
-    """
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-    try:
-        os.rename(src, dst)
-        return "renamed"
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    st = os.lstat(src)
-    if stat_mod.S_ISREG(st.st_mode) and st.st_nlink == 1:
-        _copy_file(src, dst)
-        os.unlink(src)
-        return "copied"
-    if stat_mod.S_ISDIR(st.st_mode) and _plain_tree(src):
-        shutil.copytree(src, dst, symlinks=True, copy_function=_copy_file)
-        shutil.rmtree(src)
-        return "copied"
-    if stat_mod.S_ISDIR(st.st_mode):
-        shutil.rmtree(src)  # holds links or special files: nothing we may copy
-    else:
-        os.unlink(src)
-    return "removed"
-
-
-def _copy_file(src: str | Path, dst: str | Path) -> None:
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        with os.fdopen(os.dup(fd), "rb") as reader, open(dst, "xb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
-            os.fsync(writer.fileno())
-    finally:
-        os.close(fd)
-    shutil.copystat(src, dst, follow_symlinks=False)
-
-
-def _plain_tree(root: Path) -> bool:
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat_mod.S_ISDIR(st.st_mode):
-                continue
-            if not (stat_mod.S_ISREG(st.st_mode) and st.st_nlink == 1):
-                return False
-    return True
-
-
-def distinct_dir(parent: Path, name: str) -> Path:
-    """Create and return parent/name, or parent/name-1, -2 ... if taken (mkdir is exclusive)."""
-    for index in range(10_000):
-        candidate = parent / (name if index == 0 else f"{name}-{index}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise OSError(errno.EEXIST, f"no free name for {name} in {parent}")
 
 
 # --------------------------------------------------------------------------- claims
@@ -254,8 +169,11 @@ class Spool:
             raise ConfigError(
                 "paths.state", f"another inpaintd is already running with state directory {self.state_dir}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a full disk must not keep the daemon from starting (jobs are held)
+            log.warning("spool.lock_pid_unwritten", error=str(exc))
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -267,6 +185,20 @@ class Spool:
 
     def claim(self, inbox: Path, group: JobGroup, arrived: float, now: float | None = None) -> Claim | None:
         """Move a ready job's entries into a new claim; None if they vanished (another daemon)."""
+        files = {"image": group.image, "mask": group.mask, "prompt": group.prompt}
+        return self._take(inbox, group.name, group.entries, group.folder, files, arrived, now, {})
+
+    def claim_rejected(
+        self, inbox: Path, name: str, entries: tuple[str, ...], folder: str | None, arrived: float,
+        rejection: Mapping[str, Any], now: float | None = None,
+    ) -> Claim | None:
+        """Take a rejected job's entries as a claim already `failing`; rejection: its code, message, details."""
+        return self._take(inbox, name, entries, folder, {}, arrived, now, {"state": "failing", "rejection": dict(rejection)})
+
+    def _take(
+        self, inbox: Path, name: str, entries: tuple[str, ...], folder: str | None, files: Mapping[str, str | None],
+        arrived: float, now: float | None, final: Mapping[str, Any],
+    ) -> Claim | None:
         now = time.time() if now is None else now
         job_id = new_job_id(now)
         claim = Claim(
@@ -274,34 +206,44 @@ class Spool:
             {
                 "schema": CLAIM_SCHEMA,
                 "job_id": job_id,
-                "name": group.name,
-                "folder": group.folder,
-                "entries": list(group.entries),
-                "files": {"image": group.image, "mask": group.mask, "prompt": group.prompt},
+                "name": name,
+                "folder": folder,
+                "entries": list(entries),
+                "files": dict(files),
                 "arrived": arrived,
                 "claimed": now,
                 "attempts": 0,
                 "state": "claiming",
+                "then": dict(final),
             },
         )
-        claim.inputs.mkdir(parents=True)
-        self.save(claim)
-        moved: list[str] = []
         try:
-            for entry in group.entries:
-                os.rename(inbox / entry, claim.inputs / entry)
-                moved.append(entry)
-        except OSError as exc:
-            self._roll_back(claim, inbox, moved)
-            if isinstance(exc, FileNotFoundError):
-                log.warning("job.claim_lost", job=group.name, missing=entry, note="taken by someone else")
-                return None
+            claim.inputs.mkdir(parents=True)
+            self.save(claim)
+        except BaseException:
+            shutil.rmtree(claim.dir, ignore_errors=True)
             raise
+        moved: list[str] = []
+        for entry in entries:
+            try:
+                os.rename(inbox / entry, claim.inputs / entry)
+            except OSError as exc:
+                self._roll_back(claim, inbox, moved)
+                if isinstance(exc, FileNotFoundError) and not os.path.lexists(inbox / entry):
+                    log.warning("job.claim_lost", job=name, missing=entry, note="taken by someone else")
+                    return None
+                raise
+            moved.append(entry)
         fsync_dir(claim.inputs)
         fsync_dir(inbox)
-        claim.record["state"] = "claimed"
-        self.save(claim)
+        self._finish_claiming(claim)
         return claim
+
+    def _finish_claiming(self, claim: Claim) -> None:
+        """claiming -> claimed (or what the claim was taken for: failing, for a rejection)."""
+        record = {k: v for k, v in claim.record.items() if k != "then"}
+        record.update({"state": "claimed", **claim.record.get("then", {})})
+        self._save_record(claim, record)
 
     def _roll_back(self, claim: Claim, inbox: Path, moved: list[str]) -> None:
         for entry in moved:
@@ -313,20 +255,27 @@ class Spool:
         shutil.rmtree(claim.dir, ignore_errors=True)
 
     def recover(self, inbox: Path) -> list[Claim]:
-        """Claims left by an earlier run, oldest arrival first; half-made claims are completed."""
+        """Claims left by an earlier run, oldest arrival first; half-made claims are completed.
+
+        One claim that cannot be read or completed is logged and left where it is (it is tried
+        again at the next start); it never keeps the others, or the daemon, from starting.
+        """
         claims: list[Claim] = []
         for path in sorted(self.claimed.iterdir()):
-            if not path.is_dir() or path.name.startswith("."):
+            try:
+                if not path.is_dir() or path.name.startswith("."):
+                    continue
+                claim = self.load(path)
+                if claim is None:
+                    continue
+                if claim.state == "claiming":
+                    for entry in claim.entries():
+                        if not os.path.lexists(claim.inputs / entry) and os.path.lexists(inbox / entry):
+                            os.rename(inbox / entry, claim.inputs / entry)
+                    self._finish_claiming(claim)
+            except Exception:  # noqa: BLE001 - fault isolation: one claim, not the start-up
+                log.exception("spool.recover_failed", path=str(path), note="left in place; tried again at the next start")
                 continue
-            claim = self.load(path)
-            if claim is None:
-                continue
-            if claim.state == "claiming":
-                for entry in claim.entries():
-                    if not os.path.lexists(claim.inputs / entry) and os.path.lexists(inbox / entry):
-                        os.rename(inbox / entry, claim.inputs / entry)
-                claim.record["state"] = "claimed"
-                self.save(claim)
             claims.append(claim)
         claims.sort(key=lambda c: (c.arrived, c.job_id))
         return claims
@@ -349,8 +298,13 @@ class Spool:
         return Claim(path, record)
 
     def save(self, claim: Claim) -> None:
-        data = json.dumps(claim.record, indent=2, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        self._save_record(claim, claim.record)
+
+    def _save_record(self, claim: Claim, record: dict[str, Any]) -> None:
+        """Write record as the claim's job.json, then (only then) make it the claim's record."""
+        data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8", "surrogateescape")
         atomic_write_bytes(claim.dir / "job.json", data)
+        claim.record = record
 
     # -- attempts -----------------------------------------------------------------------
 
@@ -363,21 +317,20 @@ class Spool:
                 f"{claim.attempts} times; not trying again",
                 {"attempts": claim.attempts, "poison_after": poison_after},
             )
-        claim.record["attempts"] = claim.attempts + 1
-        self.save(claim)
+        self._save_record(claim, {**claim.record, "attempts": claim.attempts + 1})
 
     def undo_attempt(self, claim: Claim) -> None:
         """The attempt ended cleanly (interrupted, or a transient error): it was no crash."""
-        claim.record["attempts"] = max(0, claim.attempts - 1)
-        self.save(claim)
+        self._save_record(claim, {**claim.record, "attempts": max(0, claim.attempts - 1)})
 
     def mark(self, claim: Claim, state: str, **fields: Any) -> None:
-        claim.record["state"] = state
-        claim.record.update(fields)
-        self.save(claim)
+        self._save_record(claim, {**claim.record, "state": state, **fields})
+
+    def forget(self, claim: Claim, *keys: str) -> None:
+        self._save_record(claim, {k: v for k, v in claim.record.items() if k not in keys})
 
     def drop(self, claim: Claim) -> None:
-        shutil.rmtree(claim.dir)
+        shutil.rmtree(claim.dir, onerror=_gone_is_fine)
         fsync_dir(self.claimed)
 
     def oversized_inputs(self, claim: Claim, max_bytes: int) -> dict[str, int]:
@@ -417,3 +370,9 @@ class Spool:
             elif st.st_nlink > 1:
                 problems[rel] = "is a hard link to another file"
         return problems
+
+
+def _gone_is_fine(function: Any, path: str, exc_info: Any) -> None:
+    """rmtree's error hook: a path already removed (a stop came mid-drop) is what we wanted."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
