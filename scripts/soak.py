@@ -15,6 +15,11 @@ Phases:
            jobs during processing: all complete, in FIFO order, resident memory stays bounded.
   hostile  every case of tests/hostile_corpus.py, ROUNDS times into one daemon, interleaved with
            good jobs: each ends as expected, the daemon never stops.
+  chaos    the long profile of tests/chaos.py (issue 10): two daemons on one inbox, random
+           interleavings of good jobs and hostile material, SIGKILLs at random moments, the disk
+           filled, the archive's disk filled, the outbox made read-only; then every invariant of
+           tests/chaos.py is checked (exactly one result per good job, one record per input, no
+           temp file or orphan, no record over 1 MiB, drained within a bound).
 
 Prints a summary table and writes it (Markdown) with --markdown. Exit status 0 only when nothing
 was lost and every check held.
@@ -369,6 +374,41 @@ def phase_hostile(model: Path, work: Path, rounds: int) -> PhaseResult:
     return result
 
 
+def phase_chaos(model: Path, work: Path, seed: int, drops: int, kills: int, faults: int, seconds: float) -> PhaseResult:
+    """tests/chaos.py's long profile: two daemons, random drops, kills and filesystem faults."""
+    from dataclasses import replace
+
+    import chaos
+
+    profile = replace(chaos.LONG, seed=seed, drops=drops, kills=kills, faults=faults, chaos_seconds=seconds)
+    result = PhaseResult("chaos: hostile drops, kills, faults, 2 daemons")
+    started = time.monotonic()
+    run = chaos.run_chaos(work / "chaos", model, profile, log=say)
+    report = run.report
+    assert report is not None
+    figures = report.figures
+    result.jobs = figures["drops"]
+    result.done = figures["done"]
+    result.failed = dict(figures["failed_codes"])
+    result.lost = figures["lost"]
+    result.duplicated = figures["duplicated"]
+    result.faults = {"SIGKILL at a random moment": figures["kills"],
+                     **{chaos.FAULT_NAMES[k]: n for k, n in figures["faults"].items()}}
+    result.figures = {
+        "good jobs / hostile drops": f"{figures['good']} / {figures['hostile']}",
+        "daemons on one inbox": str(figures["daemons"]),
+        "filesystem faults (namespace)": str(figures["namespace_faults"]),
+        "largest record (bytes)": str(figures["largest_record_bytes"]),
+        "drained after the chaos (s)": str(figures["drained_after_seconds"]),
+        "outcomes by kind": "; ".join(f"{k}: {', '.join(f'{c} {n}' for c, n in v.items())}"
+                                      for k, v in figures["outcomes_by_kind"].items()),
+    }
+    result.checks["every invariant held (see tests/chaos.py)"] = not report.violations
+    result.problems = report.violations[:20]
+    result.seconds = time.monotonic() - started
+    return result
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -404,7 +444,11 @@ def table(results: list[PhaseResult], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phases", default="kill,load,hostile", help="comma list of kill, load, hostile")
+    parser.add_argument("--phases", default="kill,load,hostile,chaos", help="comma list of kill, load, hostile, chaos")
+    parser.add_argument("--chaos-drops", type=int, default=400, help="drops in the chaos phase (default 400)")
+    parser.add_argument("--chaos-kills", type=int, default=30, help="SIGKILLs in the chaos phase (default 30)")
+    parser.add_argument("--chaos-faults", type=int, default=24, help="filesystem faults in the chaos phase (default 24)")
+    parser.add_argument("--chaos-seconds", type=float, default=420.0, help="length of the chaos (default 420)")
     parser.add_argument("--kills", type=int, default=52, help="SIGKILLs in the kill phase (default 52)")
     parser.add_argument("--load", type=int, default=500, help="jobs dropped at once (default 500)")
     parser.add_argument("--burst", type=int, default=50, help="jobs dropped during processing (default 50)")
@@ -429,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(phase_load(model, work, args.load, args.burst))
         elif phase == "hostile":
             results.append(phase_hostile(model, work, args.rounds))
+        elif phase == "chaos":
+            results.append(phase_chaos(model, work, args.seed, args.chaos_drops, args.chaos_kills, args.chaos_faults,
+                                       args.chaos_seconds))
         else:
             parser.error(f"unknown phase {phase}")
         say(f"phase {phase}: {'PASS' if results[-1].ok else 'FAIL'}")
