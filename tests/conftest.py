@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from inpaintd import models, testmodels
+from inpaintd.spool import Spool
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,14 @@ def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
     config = ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path_factory.mktemp("cache"))
     return Engine.load(config)
+
+
+@pytest.fixture
+def place(tmp_path: Path):
+    """(root, spool): inbox, outbox, failed and archive folders under root and an open spool."""
+    for d in ("inbox", "outbox", "failed", "archive"):
+        (tmp_path / d).mkdir()
+    spool = Spool(tmp_path / "state")
+    spool.open(tmp_path / "inbox")
+    yield tmp_path, spool
+    spool.close()

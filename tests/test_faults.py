@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from chaos import namespace_unavailable
 from daemon_harness import (
     Daemon,
     DirWatch,
@@ -36,18 +37,6 @@ pytestmark = pytest.mark.slow
 
 SETTINGS = {"watch": {"settle_seconds": 0.3, "rescan_interval": 2, "incomplete_timeout": 60}}
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
-
-
-def namespace_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "mounting a tmpfs or a read-only bind over the outbox needs root"
-    for tool in ("unshare", "nsenter", "mount", "umount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
-    if probe.returncode != 0:
-        return f"unshare -m does not work here: {probe.stderr.decode(errors='replace').strip()}"
-    return None
 
 
 class NsDaemon(Daemon):

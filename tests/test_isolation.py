@@ -31,7 +31,6 @@ from inpaintd.config import LimitsConfig, config_from_dict
 from inpaintd.errors import JobError
 from inpaintd.grouping import JobGroup
 from inpaintd.logs import bound_fields
-from inpaintd.spool import Spool
 from inpaintd.status import StatusFile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -362,16 +361,6 @@ class Stop(BaseException):
     """Stands in for kill -9 at a chosen point: nothing after it runs."""
 
 
-@pytest.fixture
-def place(tmp_path: Path):
-    for d in ("inbox", "outbox", "failed", "archive"):
-        (tmp_path / d).mkdir()
-    spool = Spool(tmp_path / "state")
-    spool.open(tmp_path / "inbox")
-    yield tmp_path, spool
-    spool.close()
-
-
 def claimed(place, name="cat", folder=False):
     root, spool = place
     if folder:
@@ -548,3 +537,11 @@ def test_live_hostile_names_and_unreadable_files_never_block_good_jobs_and_are_r
     for folder in dirs.failed.iterdir():
         assert not folder.name.startswith(".") and "error.json" in os.listdir(folder)
     assert not any(e.get("event") == "job.crashed" for d in daemons for e in d.events())
+
+
+def test_inpaintd_status_names_the_held_jobs() -> None:
+    from inpaintd.status import format_status
+
+    text = format_status({"running": True, "pid": 1, "uptime_seconds": 5, "state": "retrying", "held": ["a", "b"],
+                          "health": "outbox folder /o is not usable (Read-only file system), retrying"})
+    assert "held:       2 waiting out an error" in text and "(a, b)" in text and "Read-only" in text

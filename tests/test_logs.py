@@ -144,7 +144,11 @@ EMIT = """
     except KeyError:
         log.exception("job_crashed", job="cat", code="internal_error")
     log.info("multi_line", job="cat", detail="line one\\nline two")
-    log.info("big", job="cat", blob="x" * {big})
+    # A field quoting a user value is cut by the logger (quoting.LOG_VALUE_CHARS) ...
+    log.info("bounded", job="dog", blob="y" * {big})
+    # ... so a record this large only comes from inpaintd itself: the transport must still carry it.
+    logs._state["sender"].sendv(logs.journal_fields({{"event": "big", "level": "info", "job": "cat",
+                                                      "blob": "x" * {big}}}))
     logging.getLogger("diffusers.pipelines").warning("a library says %s", "hello")
     print("alive")
 """
@@ -185,6 +189,7 @@ def test_events_reach_a_real_journald_as_structured_fields_filterable_by_job(tmp
     assert "KeyError: 'missing'" in crashed["MESSAGE"]
     assert by_event["multi_line"]["INPAINTD_DETAIL"] == "line one\nline two"
     assert len(by_event["big"]["INPAINTD_BLOB"]) == 300_000
+    assert len(by_event["bounded"]["INPAINTD_BLOB"]) == 4000 and "more characters" in by_event["bounded"]["INPAINTD_BLOB"]
 
     library = [e for e in entries if e.get("INPAINTD_LOGGER") == "diffusers.pipelines"]
     assert library and library[0]["MESSAGE"] == "a library says hello" and library[0]["PRIORITY"] == "4"

@@ -21,16 +21,6 @@ def result(name: str = "cat", data: bytes = b"PNGDATA") -> JobResult:
     return JobResult(name=name, image_bytes=data, extension="png", sidecar={"schema": "x", "seed": 7})
 
 
-@pytest.fixture
-def place(tmp_path: Path):
-    for d in ("inbox", "outbox", "failed", "archive"):
-        (tmp_path / d).mkdir()
-    spool = Spool(tmp_path / "state")
-    spool.open(tmp_path / "inbox")
-    yield tmp_path, spool
-    spool.close()
-
-
 def claimed(place, name="cat"):
     root, spool = place
     for n in (f"{name}.png", f"{name}.mask.png"):

@@ -164,6 +164,10 @@ def format_status(data: dict[str, Any]) -> str:
         shown = f" ({', '.join(queued[:5])}{', ...' if len(queued) > 5 else ''})" if queued else ""
         lines.append(f"queue:      {data.get('queue_length', 0)} claimed{shown}, "
                      f"{data.get('waiting_in_inbox', 0)} waiting in the inbox")
+    held = data.get("held") or []
+    if held:
+        lines.append(f"held:       {len(held)} waiting out an error, retried beside the queue "
+                     f"({', '.join(held[:5])}{', ...' if len(held) > 5 else ''})")
     if data.get("health"):
         lines.append(f"health:     {data['health']}")
     error = data.get("last_error")
