@@ -81,10 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_process)
 
     p = sub.add_parser("prepare-model", help="convert a model into the mmap-ready runtime form with a manifest")
-    p.add_argument("source", type=Path, help="diffusers folder (fp16/fp32 safetensors) or a single-file .safetensors checkpoint")
+    p.add_argument("source", type=Path, help="diffusers folder or a single-file checkpoint (.safetensors, original SD layout)")
     p.add_argument("destination", type=Path, help="folder to create")
     p.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto", help="runtime dtype (auto: bf16 where the CPU has native bf16)")
-    p.add_argument("--config-dir", type=Path, help="diffusers config folder for a single-file checkpoint")
+    p.add_argument("--config-dir", type=Path, help="diffusers folder whose configs describe a single file of non-standard shape (default: the SD-1.5/SD-2 configs inpaintd ships)")
+    p.add_argument("--tokenizer", type=Path, dest="tokenizer_dir", help="folder with CLIP's vocab.json and merges.txt for a single file (default: the local Hugging Face cache)")
+    p.add_argument("--ema", action="store_true", help="take the EMA copy of the UNet from a single file that has one")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code when loaded)")
     p.set_defaults(handler=_cmd_prepare)
 
@@ -163,7 +165,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
         dtype = detect_dtype()
     manifest = models.prepare_model(
-        args.source, args.destination, dtype=dtype, config_dir=args.config_dir, allow_pickle=args.allow_pickle
+        args.source,
+        args.destination,
+        dtype=dtype,
+        config_dir=args.config_dir,
+        tokenizer_dir=args.tokenizer_dir,
+        use_ema=args.ema,
+        allow_pickle=args.allow_pickle,
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     if manifest.get("random_weights"):
