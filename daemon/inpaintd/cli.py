@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, dest="tokenizer_dir", help="folder with CLIP's vocab.json and merges.txt for a single file (default: the local Hugging Face cache)")
     p.add_argument("--ema", action="store_true", help="take the EMA copy of the UNet from a single file that has one")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code when loaded)")
+    p.add_argument("--make-inpainting", action="store_true", help="turn a 4-channel SOURCE into a 9-channel inpainting model: inpainting-base + (SOURCE - base)")
+    p.add_argument("--inpainting-base", type=Path, help="with --make-inpainting: the inpainting model of SOURCE's family (e.g. SD-1.5-inpainting), file or folder")
+    p.add_argument("--base", type=Path, help="with --make-inpainting: the model SOURCE was fine-tuned from (e.g. SD-1.5), file or folder")
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture) and a config file")
@@ -159,6 +162,13 @@ def _cmd_process(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from . import models
 
+    merge = None
+    if args.make_inpainting:
+        if args.inpainting_base is None or args.base is None:
+            raise ConfigError("--make-inpainting", "needs --inpainting-base and --base")
+        merge = (args.inpainting_base, args.base)
+    elif args.inpainting_base is not None or args.base is not None:
+        raise ConfigError("--inpainting-base/--base", "only apply with --make-inpainting")
     dtype = args.dtype
     if dtype == "auto":
         from .engine import detect_dtype
@@ -172,6 +182,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         tokenizer_dir=args.tokenizer_dir,
         use_ema=args.ema,
         allow_pickle=args.allow_pickle,
+        make_inpainting=merge,
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     if manifest.get("random_weights"):

@@ -235,6 +235,7 @@ def prepare_model(
     use_ema: bool = False,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    make_inpainting: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
     """Convert a model into a prepared folder at `dst` and return its manifest.
 
@@ -245,6 +246,10 @@ def prepare_model(
     plain-named safetensors in `dtype`, the unused safety checker and feature extractor
     dropped, and the manifest. Built in a temp dir beside `dst`, renamed into place, so a
     refusal or a crash leaves no `dst`; an existing `dst` raises FileExistsError unless overwrite.
+
+    `make_inpainting` = (inpainting model, base model), each a diffusers folder or a single
+    file: `src` is a 4-channel fine-tune of the base and the result is the 9-channel
+    add-difference merge (merge.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -258,21 +263,41 @@ def prepare_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.preparing-", dir=dst.parent))
     try:
         checkpoint = None
-        if src.is_file():
+        # A merge subtracts models: stage its inputs in fp32 so the difference loses nothing.
+        stage_dtype = "fp32" if make_inpainting else dtype
+
+        def staged(path: Path, name: str, configs: Path | None) -> tuple[Path, Any]:
+            if not Path(path).is_file():
+                if not Path(path).exists():
+                    raise ModelError(f"{path} does not exist")
+                return Path(path), None
             from . import checkpoints
 
-            source_dir = tmp / "_from_single_file"
-            checkpoint = checkpoints.convert_checkpoint(
-                src,
-                source_dir,
-                dtype=dtype,
-                config_dir=config_dir,
+            folder = tmp / name
+            info = checkpoints.convert_checkpoint(
+                path,
+                folder,
+                dtype=stage_dtype,
+                config_dir=configs,
                 tokenizer_dir=tokenizer_dir,
-                use_ema=use_ema,
+                use_ema=use_ema if name == "_from_single_file" else False,
                 allow_pickle=allow_pickle,
             )
-        else:
-            source_dir = src
+            return folder, info
+
+        source_dir, checkpoint = staged(src, "_from_single_file", config_dir)
+        if make_inpainting is not None:
+            from . import merge
+
+            inpainting_dir, _ = staged(make_inpainting[0], "_inpainting_base", None)
+            base_dir, _ = staged(make_inpainting[1], "_base", None)
+            merged = tmp / "_merged"
+            merge.add_difference(
+                merge.MergeSources(custom=source_dir, inpainting=inpainting_dir, base=base_dir),
+                merged,
+                allow_pickle=allow_pickle,
+            )
+            source_dir = merged
         layout = inspect_model(source_dir, allow_pickle=allow_pickle)
         out = tmp / "model"
         out.mkdir()
@@ -286,6 +311,14 @@ def prepare_model(
                 "ema": use_ema,
                 "prediction_type": checkpoint.prediction_type,
                 "configs": "custom" if config_dir is not None else f"inpaintd:{checkpoint.kind}",
+            }
+        if make_inpainting is not None:
+            origin = {
+                "format": "add-difference",
+                "custom": origin,
+                "inpainting_base": str(Path(make_inpainting[0]).resolve()),
+                "base": str(Path(make_inpainting[1]).resolve()),
+                "formula": "inpainting + (custom - base); UNet input channels 4-8 from inpainting",
             }
         manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype, origin=origin)
         _publish_dir(out, dst, overwrite=overwrite)
