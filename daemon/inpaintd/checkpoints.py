@@ -497,6 +497,17 @@ def find_cached_tokenizer(vocab_size: int | None) -> Path | None:
 # ----------------------------------------------------------------------------- the inverse
 
 
+def vae_to_original(vae: Mapping[str, Any], config: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """A diffusers VAE state dict in LDM names (a standalone VAE file has no prefix)."""
+    out: dict[str, Any] = {}
+    for key, tensor in vae.items():
+        name = keymaps.vae_to_ldm(key, config)
+        if ".mid.attn_1." in name and tensor.dim() == 2:
+            tensor = tensor[:, :, None, None]  # LDM's attention uses 1x1 convolutions
+        out[prefix + name] = tensor
+    return out
+
+
 def to_original(
     unet: Mapping[str, Any],
     vae: Mapping[str, Any],
@@ -523,11 +534,7 @@ def to_original(
         out[keymaps.UNET_PREFIX + ldm] = tensor
         if ema:
             out[keymaps.ema_name(ldm)] = tensor.clone()
-    for key, tensor in vae.items():
-        name = keymaps.vae_to_ldm(key, vae_config)
-        if ".mid.attn_1." in name and tensor.dim() == 2:
-            tensor = tensor[:, :, None, None]
-        out[keymaps.VAE_PREFIX + name] = tensor
+    out.update(vae_to_original(vae, vae_config, prefix=keymaps.VAE_PREFIX))
     text = {keymaps.text_canonical(k): v for k, v in text.items()}
     if text_encoder == "clip":
         for key, tensor in text.items():

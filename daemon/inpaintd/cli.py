@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--make-inpainting", action="store_true", help="turn a 4-channel SOURCE into a 9-channel inpainting model: inpainting-base + (SOURCE - base)")
     p.add_argument("--inpainting-base", type=Path, help="with --make-inpainting: the inpainting model of SOURCE's family (e.g. SD-1.5-inpainting), file or folder")
     p.add_argument("--base", type=Path, help="with --make-inpainting: the model SOURCE was fine-tuned from (e.g. SD-1.5), file or folder")
+    p.add_argument("--vae", type=Path, help="replace the model's VAE: a .safetensors file (original or diffusers names) or a diffusers VAE folder")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="bake a textual-inversion embedding (.safetensors, A1111 or diffusers format) in; prompts use TOKEN (default: the file name, or the token stored in a diffusers file). Repeatable")
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture) and a config file")
@@ -183,8 +185,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         use_ema=args.ema,
         allow_pickle=args.allow_pickle,
         make_inpainting=merge,
+        vae=args.vae,
+        embeddings=args.embedding,
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
+    for record in manifest.get("extras", {}).get("embeddings", []):
+        print(f"embedding {record['token']} ({record['vectors']} vector(s)) from {record['source']}")
+    if "vae" in manifest.get("extras", {}):
+        print(f"VAE from {manifest['extras']['vae']['source']}")
     if manifest.get("random_weights"):
         print("note: RANDOM WEIGHTS model (for tests and benchmarks; paints noise)")
     return EXIT_OK

@@ -236,6 +236,8 @@ def prepare_model(
     allow_pickle: bool = False,
     overwrite: bool = False,
     make_inpainting: tuple[Path, Path] | None = None,
+    vae: Path | None = None,
+    embeddings: Iterable[Any] = (),
 ) -> dict[str, Any]:
     """Convert a model into a prepared folder at `dst` and return its manifest.
 
@@ -249,7 +251,10 @@ def prepare_model(
 
     `make_inpainting` = (inpainting model, base model), each a diffusers folder or a single
     file: `src` is a 4-channel fine-tune of the base and the result is the 9-channel
-    add-difference merge (merge.py).
+    add-difference merge (merge.py). `vae` (file or folder) replaces the VAE and
+    `embeddings` (extras.EmbeddingSpec or "FILE[:TOKEN]" strings) add textual-inversion
+    tokens, both baked into the folder's own weight files (extras.py) and listed in the
+    manifest's "extras".
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -302,6 +307,16 @@ def prepare_model(
         out = tmp / "model"
         out.mkdir()
         _convert_folder(layout, out, dtype)
+        baked: dict[str, Any] = {}
+        specs = list(embeddings)
+        if vae is not None or specs:
+            from . import extras
+
+            if vae is not None:
+                baked["vae"] = extras.apply_vae(out, Path(vae), dtype, allow_pickle=allow_pickle)
+            if specs:
+                parsed = [s if isinstance(s, extras.EmbeddingSpec) else extras.EmbeddingSpec.parse(str(s)) for s in specs]
+                baked["embeddings"] = extras.apply_embeddings(out, parsed, dtype, allow_pickle=allow_pickle)
         origin: dict[str, Any] = {"format": "diffusers-folder"}
         if checkpoint is not None:
             origin = {
@@ -320,7 +335,7 @@ def prepare_model(
                 "base": str(Path(make_inpainting[1]).resolve()),
                 "formula": "inpainting + (custom - base); UNet input channels 4-8 from inpainting",
             }
-        manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype, origin=origin)
+        manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype, origin=origin, extras=baked)
         _publish_dir(out, dst, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
