@@ -339,3 +339,60 @@ def test_the_cli_converts_a_single_file_and_refuses_with_exit_3(
     assert cli.main(["prepare-model", str(flux), str(tmp_path / "flux-out")]) == cli.EXIT_MODEL
     assert "is a Flux checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "flux-out").exists()
+
+
+def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
+    raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # SD-2-inpainting end to end: OpenCLIP text encoder layout, linear transformer projections,
+    # per-block head counts, epsilon prediction; the reference is diffusers' pipeline on the
+    # source folder, same inputs and seed.
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from inpaintd.config import ModelConfig
+    from inpaintd.engine import Engine
+    from inpaintd.jobs import InpaintParams
+
+    models.prepare_model(single_files["tiny-sd2-inpaint"], tmp_path / "out", dtype="fp32", config_dir=raws["tiny-sd2-inpaint"])
+    engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False))
+    assert engine.pipeline.unet.config.use_linear_projection is True
+    assert engine.pipeline.scheduler.config.prediction_type == "epsilon"
+    rng = np.random.default_rng(8)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB")
+    mask = Image.fromarray(np.pad(np.full((24, 40), 255, dtype=np.uint8), ((20, 20), (12, 12))), "L")
+    params = InpaintParams(prompt="a window", negative_prompt="dark", scheduler="ddim", steps=3, guidance=6.0, strength=1.0, seed=9)
+    ours = np.asarray(engine.inpaint(image, mask, params))
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(raws["tiny-sd2-inpaint"]), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, image=image, mask_image=mask, height=64, width=64,
+        num_inference_steps=params.steps, guidance_scale=params.guidance, strength=params.strength,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(reference))
+
+
+def test_the_shipped_sd2_inpainting_config_is_the_512_epsilon_model() -> None:
+    folder = checkpoints.CONFIGS_DIR / "sd2-inpaint"
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    assert unet["in_channels"] == 9 and unet["sample_size"] * 8 == 512 and unet["cross_attention_dim"] == 1024
+    assert unet["use_linear_projection"] is True and unet["attention_head_dim"] == [5, 10, 20, 20]
+    assert scheduler["prediction_type"] == "epsilon"
+    assert (text["hidden_size"], text["num_hidden_layers"], text["hidden_act"]) == (1024, 23, "gelu")
+    meta = checkpoints.build_meta("unet", unet)
+    assert 865_000_000 < sum(p.numel() for p in meta.parameters()) < 867_000_000
+
+
+def test_random_weight_labels_survive_the_single_file(single_files: dict[str, Path], raws: dict[str, Path], tmp_path: Path) -> None:
+    manifest = models.prepare_model(single_files["tiny"], tmp_path / "out", dtype="fp32", config_dir=raws["tiny"])
+    assert manifest["random_weights"] is True
+    state = load_file(str(single_files["tiny"]))
+    save_file(state, str(tmp_path / "unlabelled.safetensors"))  # what a user's file looks like
+    manifest = models.prepare_model(tmp_path / "unlabelled.safetensors", tmp_path / "out2", dtype="fp32", config_dir=raws["tiny"])
+    assert manifest["random_weights"] is False

@@ -34,6 +34,8 @@ _CONV_IN = keymaps.UNET_PREFIX + "input_blocks.0.0.weight"
 _CLIP_TOKEN = keymaps.CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
 _CLIP_TOKEN_OLD = keymaps.CLIP_PREFIX + "embeddings.token_embedding.weight"  # transformers < 4.x layout
 _OPEN_CLIP_TOKEN = keymaps.OPEN_CLIP_PREFIX + "token_embedding.weight"
+# safetensors metadata key with which testmodels marks a file of random weights.
+RANDOM_METADATA = "inpaintd.random_weights"
 # The byte-level vocabulary of testmodels' random models: recognised by its size, built in code.
 _BYTE_VOCAB_SIZE = 514
 
@@ -65,6 +67,7 @@ class TensorFile:
         self.path = Path(path)
         self._pickled: dict[str, Any] | None = None
         self._handle: Any = None
+        self.metadata: dict[str, str] = {}
         if not self.path.is_file():
             raise ModelError(f"{self.path} does not exist or is not a file")
         if self.path.suffix in PICKLE_SUFFIXES:
@@ -78,7 +81,7 @@ class TensorFile:
                 k: {"dtype": _torch_st_dtype(v), "shape": list(v.shape)} for k, v in self._pickled.items()
             }
         else:
-            self.header = read_header(self.path)
+            self.header, self.metadata = read_header_and_metadata(self.path)
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -104,6 +107,11 @@ class TensorFile:
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
     """A safetensors header, validated against the file's size (a truncated copy is refused)."""
+    return read_header_and_metadata(path)[0]
+
+
+def read_header_and_metadata(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """read_header plus the file's free-form ``__metadata__`` strings."""
     import struct
 
     path = Path(path)
@@ -121,7 +129,8 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
             raise ModelError(f"{path} is not a safetensors file (unreadable header: {exc})") from exc
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file (the header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
     end = 0
     for name, info in header.items():
         try:
@@ -137,7 +146,7 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
             f"{path} is truncated: its header describes {end} bytes of tensor data but the file holds "
             f"{available}; copy or download it again"
         )
-    return header
+    return header, metadata
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -325,6 +334,12 @@ def convert_checkpoint(
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n", encoding="utf-8")
     write_tokenizer(out / "tokenizer", configs / "tokenizer", info, tokenizer_dir)
+    if tensors.metadata.get(RANDOM_METADATA) == "true":
+        # testmodels labels the files it writes; the label must survive conversion.
+        from .models import SOURCE_FILE
+
+        label = {"random_weights": True, "from_single_file": path.name}
+        (out / SOURCE_FILE).write_text(json.dumps(label, indent=2) + "\n", encoding="utf-8")
     return info
 
 

@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="bake a textual-inversion embedding (.safetensors, A1111 or diffusers format) in; prompts use TOKEN (default: the file name, or the token stored in a diffusers file). Repeatable")
     p.set_defaults(handler=_cmd_prepare)
 
-    p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture) and a config file")
+    p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture), say what it is, and check a config file")
     p.add_argument("model", type=Path, nargs="?", help="prepared model folder (default: the config's model)")
     p.add_argument("--config", type=Path)
     p.set_defaults(handler=_cmd_check)
@@ -213,7 +213,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for problem in problems:
             _error(f"{model_path}: {problem}")
         return EXIT_MODEL
+    from .modelsummary import format_summary, summarize
+
     print(f"model {model_path}: ok")
+    for line in format_summary(summarize(Path(model_path))):
+        print(f"  {line}")
     return EXIT_OK
 
 

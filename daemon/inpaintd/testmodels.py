@@ -397,5 +397,8 @@ def write_single_file(folder: Path, path: Path, *, ema: bool = False, dtype: Any
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
+    metadata = {"format": "pt"}
+    if _models.is_random_weights(folder):
+        metadata[checkpoints.RANDOM_METADATA] = "true"
+    save_file(state, str(path), metadata=metadata)
     return path
