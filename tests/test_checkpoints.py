@@ -396,3 +396,29 @@ def test_random_weight_labels_survive_the_single_file(single_files: dict[str, Pa
     save_file(state, str(tmp_path / "unlabelled.safetensors"))  # what a user's file looks like
     manifest = models.prepare_model(tmp_path / "unlabelled.safetensors", tmp_path / "out2", dtype="fp32", config_dir=raws["tiny"])
     assert manifest["random_weights"] is False
+
+
+@pytest.mark.slow
+def test_a_real_size_sd15_inpainting_file_converts_with_the_shipped_configs(tmp_path: Path) -> None:
+    # The one test at the real shapes: an fp16 single file of SD-1.5-inpainting's exact
+    # architecture (random weights), converted without --config-dir.
+    from inpaintd import modelsummary
+
+    raw = testmodels.build_random_model("sd15-inpaint", tmp_path / "raw")
+    f = testmodels.write_single_file(raw, tmp_path / "sd15-inpainting.safetensors")
+    info = checkpoints.inspect_checkpoint(f)
+    assert (info.kind, info.cross_attention_dim, info.files_dtype, info.vocab_size) == ("sd15-inpaint", 768, "fp16", 49408)
+    manifest = models.prepare_model(f, tmp_path / "out", dtype="bf16", tokenizer_dir=raw / "tokenizer")
+    assert manifest["origin"]["configs"] == "inpaintd:sd15-inpaint" and manifest["random_weights"] is True
+    assert models.check_model(tmp_path / "out") == []
+    for component in models.WEIGHT_COMPONENTS:
+        source = weights(raw, component)
+        converted = weights(tmp_path / "out", component)
+        assert source.keys() == converted.keys(), component
+        for key, tensor in source.items():
+            assert torch.equal(tensor.to(torch.bfloat16), converted[key]), f"{component}/{key}"
+        del source, converted
+    summary = modelsummary.summarize(tmp_path / "out")
+    assert summary.architecture == "sd15-inpaint"
+    # BENCHMARKS.md measured a 2.9 GiB peak (anonymous + file-backed) for this model in bf16.
+    assert 2.5 * 2**30 < summary.job_512_bytes < 3.2 * 2**30
