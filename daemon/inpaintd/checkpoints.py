@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import keymaps
+from . import models as _models  # noqa: F401  (sets the offline environment before diffusers is imported)
 from .errors import ModelError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
