@@ -422,3 +422,28 @@ def test_a_real_size_sd15_inpainting_file_converts_with_the_shipped_configs(tmp_
     assert summary.architecture == "sd15-inpaint"
     # BENCHMARKS.md measured a 2.9 GiB peak (anonymous + file-backed) for this model in bf16.
     assert 2.5 * 2**30 < summary.job_512_bytes < 3.2 * 2**30
+
+
+def test_inpaintd_process_writes_the_same_image_with_the_folder_and_with_its_single_file(
+    tiny_model: Path, single_files: dict[str, Path], raws: dict[str, Path], tmp_path: Path
+) -> None:
+    # The whole job path (read, regions, engine, blend, encode), not only the engine.
+    from PIL import Image
+
+    models.prepare_model(single_files["tiny"], tmp_path / "from-file", dtype="fp32", config_dir=raws["tiny"])
+    rng = np.random.default_rng(12)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8), "RGB").save(tmp_path / "photo.png")
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    mask[30:60, 40:90] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "photo.mask.png")
+    outputs = []
+    for name, model in (("a", tiny_model), ("b", tmp_path / "from-file")):
+        out = tmp_path / f"{name}.png"
+        code = cli.main(
+            ["process", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "photo.mask.png"), "--prompt", "a door",
+             "--model", str(model), "--steps", "2", "--seed", "3", "-o", str(out)]
+        )
+        assert code == 0
+        outputs.append(np.asarray(Image.open(out)))
+    assert np.array_equal(outputs[0], outputs[1])
+    assert not np.array_equal(outputs[0], np.asarray(Image.open(tmp_path / "photo.png")))  # it did paint

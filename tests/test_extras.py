@@ -63,16 +63,23 @@ def inputs() -> tuple[Image.Image, Image.Image]:
 # ----------------------------------------------------------------------------- VAE
 
 
-@pytest.mark.parametrize("layout", ["original", "prefixed", "diffusers-file", "folder"])
+@pytest.mark.parametrize("layout", ["original", "prefixed", "diffusers-file", "folder", "model-folder"])
 def test_a_vae_comes_back_tensor_for_tensor(layout: str, tiny_model_raw: Path, other_vae: Path, tmp_path: Path) -> None:
-    source = other_vae if layout == "folder" else vae_file(other_vae, tmp_path / "vae.safetensors", layout)
+    if layout == "model-folder":  # a whole diffusers model given as --vae: its vae/ is taken
+        source = tmp_path / "donor"
+        shutil.copytree(tiny_model_raw, source)
+        shutil.rmtree(source / "vae")
+        shutil.copytree(other_vae, source / "vae")
+    else:
+        source = other_vae if layout == "folder" else vae_file(other_vae, tmp_path / "vae.safetensors", layout)
     manifest = models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", vae=source)
     expected = load_file(str(other_vae / "diffusion_pytorch_model.safetensors"))
     got = load_file(str(tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert manifest["extras"]["vae"]["source"] == str(source.resolve())
-    assert manifest["extras"]["vae"]["format"] == {"prefixed": "original"}.get(layout, layout).replace("folder", "diffusers-folder")
+    assert manifest["extras"]["vae"]["source"] == str((source / "vae" if layout == "model-folder" else source).resolve())
+    expected_format = {"prefixed": "original", "folder": "diffusers-folder", "model-folder": "diffusers-folder"}
+    assert manifest["extras"]["vae"]["format"] == expected_format.get(layout, layout)
     assert models.check_model(tmp_path / "out") == []
 
 

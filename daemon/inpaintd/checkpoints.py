@@ -485,7 +485,9 @@ def write_tokenizer(folder: Path, configs: Path, info: CheckpointInfo, tokenizer
     for name in ("vocab.json", "merges.txt"):
         shutil.copy2(vocab_dir / name, folder / name)
     for item in sorted(configs.iterdir()):
-        if item.is_file():
+        # The configs (special tokens, padding: "!" for SD-2) come from the architecture's
+        # folder; the vocabulary stays the one chosen above.
+        if item.is_file() and item.name not in ("vocab.json", "merges.txt", "tokenizer.json"):
             shutil.copy2(item, folder / item.name)
 
 

@@ -56,6 +56,8 @@ def apply_vae(model: Path, source: Path, dtype: str, *, allow_pickle: bool = Fal
     model, source = Path(model), Path(source)
     target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     config = json.loads((model / "vae" / "config.json").read_text(encoding="utf-8"))
+    if source.is_dir() and (source / "model_index.json").is_file():
+        source = source / "vae"  # a whole diffusers model: take its VAE
     if source.is_dir():
         layout_config = _read_config(source / "config.json")
         if layout_config.get("_class_name") not in (None, "AutoencoderKL"):
