@@ -304,12 +304,15 @@ def convert_checkpoint(
 
     unet_expected = _expected_shapes("unet", unet_cfg)
     unet_sd = _gather(tensors, unet_expected, unet_source, target, arch, "UNet")
-    _refuse_leftovers(tensors, keymaps.UNET_PREFIX, {keymaps.UNET_PREFIX + keymaps.unet_to_ldm(k, unet_cfg) for k in unet_expected}, arch, path)
+    used = {keymaps.UNET_PREFIX + keymaps.unet_to_ldm(k, unet_cfg) for k in unet_expected}
+    _refuse_leftovers(tensors, keymaps.UNET_PREFIX, used, arch, path)
     _save_component(out / "unet", unet_sd, unet_cfg, "diffusion_pytorch_model.safetensors")
     del unet_sd
 
     vae_expected = _expected_shapes("vae", vae_cfg)
-    vae_sd = _gather(tensors, vae_expected, lambda k: keymaps.VAE_PREFIX + keymaps.vae_to_ldm(k, vae_cfg), target, arch, "VAE")
+    vae_sd = _gather(
+        tensors, vae_expected, lambda k: keymaps.VAE_PREFIX + keymaps.vae_to_ldm(k, vae_cfg), target, arch, "VAE"
+    )
     _save_component(out / "vae", vae_sd, vae_cfg, "diffusion_pytorch_model.safetensors")
     del vae_sd
 
@@ -493,7 +496,8 @@ def write_tokenizer(folder: Path, configs: Path, info: CheckpointInfo, tokenizer
 
 def find_cached_tokenizer(vocab_size: int | None) -> Path | None:
     """A CLIP tokenizer folder already in the local Hugging Face cache, or None."""
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
     if not hub.is_dir():
         return None
     patterns = (

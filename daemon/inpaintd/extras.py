@@ -75,7 +75,8 @@ def apply_vae(model: Path, source: Path, dtype: str, *, allow_pickle: bool = Fal
         raise ModelError(f"--vae {source}: its architecture differs from the model's VAE; it must be a drop-in replacement")
     if set(state) != set(expected):
         missing = sorted(set(expected) - set(state))
-        raise ModelError(f"--vae {source}: not a complete VAE for this model (e.g. no {missing[0] if missing else sorted(set(state) - set(expected))[0]})")
+        example = f"no {missing[0]}" if missing else f"an extra {sorted(set(state) - set(expected))[0]}"
+        raise ModelError(f"--vae {source}: not a complete VAE for this model (e.g. {example})")
     out: dict[str, Any] = {}
     for key, shape in expected.items():
         tensor = state[key]
@@ -193,7 +194,10 @@ def apply_embeddings(
         tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
         clash = [t for t in tokens if t in tokenizer.get_vocab()]
         if clash:
-            raise ModelError(f"--embedding {spec.path}: token {clash[0]!r} already exists in the tokenizer; choose another with FILE:TOKEN")
+            raise ModelError(
+                f"--embedding {spec.path}: token {clash[0]!r} already exists in the tokenizer; "
+                "choose another with FILE:TOKEN"
+            )
         added = tokenizer.add_tokens(tokens)
         if added != len(tokens):
             raise ModelError(f"--embedding {spec.path}: the tokenizer accepted {added} of the tokens {tokens}")

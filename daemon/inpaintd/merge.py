@@ -59,7 +59,8 @@ def add_difference(sources: MergeSources, out: Path, *, allow_pickle: bool = Fal
     for name in ("model_index.json",):
         shutil.copy2(inpainting / name, out / name)
     for folder in ("scheduler", "tokenizer"):
-        shutil.copytree(inpainting / folder, out / folder, ignore=shutil.ignore_patterns(*[f"*{s}" for s in models.PICKLE_SUFFIXES]))
+        pickles = shutil.ignore_patterns(*[f"*{s}" for s in models.PICKLE_SUFFIXES])
+        shutil.copytree(inpainting / folder, out / folder, ignore=pickles)
     for component, filename in COMPONENT_FILES.items():
         state = {role: _load(layouts[role], component) for role in ("custom", "inpainting", "base")}
         if component == "text_encoder":
@@ -86,9 +87,9 @@ def merge_state(custom: dict[str, Any], inpainting: dict[str, Any], base: dict[s
     import torch
 
     if not (custom.keys() == inpainting.keys() == base.keys()):
-        missing = sorted((custom.keys() | base.keys()) ^ inpainting.keys())
+        differ = sorted((custom.keys() | base.keys()) ^ inpainting.keys()) or sorted(custom.keys() ^ base.keys())
         raise ModelError(
-            f"add-difference merge: the {component}s have different tensors (e.g. {missing[:1] or sorted(custom.keys() ^ base.keys())[:1]}); "
+            f"add-difference merge: the {component}s have different tensors (e.g. {differ[0]}); "
             "the three models must share one architecture"
         )
     merged: dict[str, Any] = {}
@@ -106,7 +107,10 @@ def merge_state(custom: dict[str, Any], inpainting: dict[str, Any], base: dict[s
         result = target.to(torch.float32).clone()
         if component == "unet" and key == _CONV_IN and result.shape != delta.shape:
             if result.shape[0] != delta.shape[0] or result.shape[2:] != delta.shape[2:] or result.shape[1] < delta.shape[1]:
-                raise ModelError(f"add-difference merge: unet {key} is {list(result.shape)} in inpainting, {list(delta.shape)} in custom")
+                raise ModelError(
+                    f"add-difference merge: unet {key} is {list(result.shape)} in inpainting, "
+                    f"{list(delta.shape)} in custom"
+                )
             result[:, : delta.shape[1]] += delta
         elif result.shape != delta.shape:
             raise ModelError(

@@ -15,6 +15,7 @@ never trusted. Single-file checkpoints are recognised and converted by checkpoin
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -88,7 +89,9 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelLayout:
         raise ModelError(f"model folder {path} does not exist")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES or path.suffix == ".safetensors":
-            raise ModelError(f"{path} is a single-file checkpoint; convert it first with `inpaintd prepare-model {path} OUT`")
+            raise ModelError(
+                f"{path} is a single-file checkpoint; convert it first with `inpaintd prepare-model {path} OUT`"
+            )
         raise ModelError(f"{path} is a file, not a diffusers model folder")
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} has no model_index.json; it is not a diffusers model folder")
@@ -267,35 +270,15 @@ def prepare_model(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.preparing-", dir=dst.parent))
     try:
-        checkpoint = None
         # A merge subtracts models: stage its inputs in fp32 so the difference loses nothing.
         stage_dtype = "fp32" if make_inpainting else dtype
-
-        def staged(path: Path, name: str, configs: Path | None) -> tuple[Path, Any]:
-            if not Path(path).is_file():
-                if not Path(path).exists():
-                    raise ModelError(f"{path} does not exist")
-                return Path(path), None
-            from . import checkpoints
-
-            folder = tmp / name
-            info = checkpoints.convert_checkpoint(
-                path,
-                folder,
-                dtype=stage_dtype,
-                config_dir=configs,
-                tokenizer_dir=tokenizer_dir,
-                use_ema=use_ema if name == "_from_single_file" else False,
-                allow_pickle=allow_pickle,
-            )
-            return folder, info
-
-        source_dir, checkpoint = staged(src, "_from_single_file", config_dir)
+        stage = functools.partial(_staged, dtype=stage_dtype, tokenizer_dir=tokenizer_dir, allow_pickle=allow_pickle)
+        source_dir, checkpoint = stage(src, tmp / "_from_single_file", config_dir=config_dir, use_ema=use_ema)
         if make_inpainting is not None:
             from . import merge
 
-            inpainting_dir, _ = staged(make_inpainting[0], "_inpainting_base", None)
-            base_dir, _ = staged(make_inpainting[1], "_base", None)
+            inpainting_dir, _ = stage(make_inpainting[0], tmp / "_inpainting_base")
+            base_dir, _ = stage(make_inpainting[1], tmp / "_base")
             merged = tmp / "_merged"
             merge.add_difference(
                 merge.MergeSources(custom=source_dir, inpainting=inpainting_dir, base=base_dir),
@@ -317,29 +300,65 @@ def prepare_model(
             if specs:
                 parsed = [s if isinstance(s, extras.EmbeddingSpec) else extras.EmbeddingSpec.parse(str(s)) for s in specs]
                 baked["embeddings"] = extras.apply_embeddings(out, parsed, dtype, allow_pickle=allow_pickle)
-        origin: dict[str, Any] = {"format": "diffusers-folder"}
-        if checkpoint is not None:
-            origin = {
-                "format": "single-file",
-                "kind": checkpoint.kind,
-                "files_dtype": checkpoint.files_dtype,
-                "ema": use_ema,
-                "prediction_type": checkpoint.prediction_type,
-                "configs": "custom" if config_dir is not None else f"inpaintd:{checkpoint.kind}",
-            }
-        if make_inpainting is not None:
-            origin = {
-                "format": "add-difference",
-                "custom": origin,
-                "inpainting_base": str(Path(make_inpainting[0]).resolve()),
-                "base": str(Path(make_inpainting[1]).resolve()),
-                "formula": "inpainting + (custom - base); UNet input channels 4-8 from inpainting",
-            }
+        origin = _origin(checkpoint, use_ema=use_ema, custom_configs=config_dir is not None, merge=make_inpainting)
         manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype, origin=origin, extras=baked)
         _publish_dir(out, dst, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _staged(
+    path: Path,
+    folder: Path,
+    *,
+    dtype: str,
+    tokenizer_dir: Path | None,
+    allow_pickle: bool,
+    config_dir: Path | None = None,
+    use_ema: bool = False,
+) -> tuple[Path, Any]:
+    """(a diffusers folder for `path`, its CheckpointInfo or None): a single file is converted into `folder`."""
+    path = Path(path)
+    if not path.is_file():
+        if not path.exists():
+            raise ModelError(f"{path} does not exist")
+        return path, None
+    from . import checkpoints
+
+    info = checkpoints.convert_checkpoint(
+        path,
+        folder,
+        dtype=dtype,
+        config_dir=config_dir,
+        tokenizer_dir=tokenizer_dir,
+        use_ema=use_ema,
+        allow_pickle=allow_pickle,
+    )
+    return folder, info
+
+
+def _origin(checkpoint: Any, *, use_ema: bool, custom_configs: bool, merge: tuple[Path, Path] | None) -> dict[str, Any]:
+    """The manifest's record of what the prepared folder was made from."""
+    origin: dict[str, Any] = {"format": "diffusers-folder"}
+    if checkpoint is not None:
+        origin = {
+            "format": "single-file",
+            "kind": checkpoint.kind,
+            "files_dtype": checkpoint.files_dtype,
+            "ema": use_ema,
+            "prediction_type": checkpoint.prediction_type,
+            "configs": "custom" if custom_configs else f"inpaintd:{checkpoint.kind}",
+        }
+    if merge is not None:
+        origin = {
+            "format": "add-difference",
+            "custom": origin,
+            "inpainting_base": str(Path(merge[0]).resolve()),
+            "base": str(Path(merge[1]).resolve()),
+            "formula": "inpainting + (custom - base); UNet input channels 4-8 from inpainting",
+        }
+    return origin
 
 
 def _convert_folder(layout: ModelLayout, out: Path, dtype: str) -> None:

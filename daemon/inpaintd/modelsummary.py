@@ -65,7 +65,7 @@ def summarize(path: Path) -> ModelSummary:
         unet_in_channels=layout.unet_in_channels,
         cross_attention_dim=unet.get("cross_attention_dim"),
         dtype=dtype,
-        origin=manifest.get("origin") or {"format": "diffusers-folder (not prepared)" if not manifest else "diffusers-folder"},
+        origin=manifest.get("origin") or {"format": "diffusers-folder" if manifest else "diffusers-folder (not prepared)"},
         vae=extras.get("vae"),
         embeddings=list(extras.get("embeddings") or []),
         random_weights=layout.random_weights,
@@ -83,13 +83,13 @@ def format_summary(s: ModelSummary) -> list[str]:
     else:
         kind = "text-to-image UNet, 4 input channels: painted by latent blending (see README)"
     parts = ", ".join(f"{name.replace('_', ' ')} {_gib(size)}" for name, size in s.component_bytes.items())
+    vectors = [f"{e['token']} ({e['vectors']} vector{'s' if e['vectors'] != 1 else ''})" for e in s.embeddings]
     lines = [
         f"architecture  {s.architecture}: {kind}; cross-attention {s.cross_attention_dim}; {s.prediction_type}",
         f"weights       {s.dtype}, {_gib(s.disk_bytes)} on disk ({parts})",
         f"made from     {_origin(s.origin)}",
         f"VAE           {'swapped in from ' + s.vae['source'] if s.vae else 'the model' + chr(39) + 's own'}",
-        "embeddings    "
-        + (", ".join(f"{e['token']} ({e['vectors']} vector{'s' if e['vectors'] != 1 else ''})" for e in s.embeddings) or "none"),
+        "embeddings    " + (", ".join(vectors) or "none"),
         "weights are   " + ("RANDOM: for tests and benchmarks, paints noise" if s.random_weights else "not marked random"),
         f"512x512 job   about {_gib(s.job_512_bytes)} of memory (estimate: process + UNet and VAE weights + activations)",
     ]
@@ -100,7 +100,8 @@ def _origin(origin: dict[str, Any]) -> str:
     fmt = origin.get("format", "?")
     if fmt == "single-file":
         ema = ", EMA weights" if origin.get("ema") else ""
-        return f"a single-file checkpoint ({origin.get('kind')}, {origin.get('files_dtype')}{ema}; configs {origin.get('configs')})"
+        what = f"{origin.get('kind')}, {origin.get('files_dtype')}{ema}; configs {origin.get('configs')}"
+        return f"a single-file checkpoint ({what})"
     if fmt == "add-difference":
         return (
             f"add-difference merge: {origin.get('inpainting_base')} + (custom - {origin.get('base')}); "
