@@ -230,6 +230,8 @@ FOREIGN = {
     "empty": ({}, "holds no tensors"),
     "pix2pix": ({CONV_IN: (8, 8, 3, 3)}, "InstructPix2Pix"),
     "sd2-t2i": ({CONV_IN: (8, 4, 3, 3), keymaps.OPEN_CLIP_PREFIX + "token_embedding.weight": (8, 4)}, "SD-2 text-to-image"),
+    "controlnet": ({"control_model.input_hint_block.0.weight": (4, 3, 3, 3)}, "ControlNet"),
+    "upscaler": ({CONV_IN: (8, 7, 3, 3)}, "upscaler"),
 }
 
 
@@ -325,6 +327,17 @@ def test_a_real_vocabulary_size_needs_a_tokenizer_folder(
     config = json.loads((tmp_path / "out" / "text_encoder" / "config.json").read_text())
     assert config["vocab_size"] == 49408
     assert (tmp_path / "out" / "tokenizer" / "vocab.json").read_bytes() == (raws["tiny"] / "tokenizer" / "vocab.json").read_bytes()
+    # Embedding ids come from the tokenizer: with fewer tokens than rows they would land on used rows.
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "emb.safetensors"))
+    with pytest.raises(ModelError, match="tokenizer has 514 tokens but the text encoder 49408 rows"):
+        models.prepare_model(
+            tmp_path / "big-vocab.safetensors",
+            tmp_path / "out2",
+            config_dir=raws["tiny"],
+            tokenizer_dir=raws["tiny"] / "tokenizer",
+            embeddings=[str(tmp_path / "emb.safetensors")],
+        )
+    assert not (tmp_path / "out2").exists()
 
 
 def test_the_cli_converts_a_single_file_and_refuses_with_exit_3(
@@ -447,3 +460,26 @@ def test_inpaintd_process_writes_the_same_image_with_the_folder_and_with_its_sin
         outputs.append(np.asarray(Image.open(out)))
     assert np.array_equal(outputs[0], outputs[1])
     assert not np.array_equal(outputs[0], np.asarray(Image.open(tmp_path / "photo.png")))  # it did paint
+
+
+def test_configs_and_tokenizer_folders_that_do_not_fit_are_refused(
+    raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path
+) -> None:
+    f = single_files["tiny"]
+    (tmp_path / "not-configs").mkdir()
+    with pytest.raises(ModelError, match="not a diffusers config folder"):
+        models.prepare_model(f, tmp_path / "out", config_dir=tmp_path / "not-configs")
+    half = tmp_path / "half-tokenizer"
+    half.mkdir()
+    shutil.copy2(raws["tiny"] / "tokenizer" / "vocab.json", half / "vocab.json")
+    with pytest.raises(ModelError, match="has no merges.txt"):
+        models.prepare_model(f, tmp_path / "out", config_dir=raws["tiny"], tokenizer_dir=half)
+    big = tmp_path / "big-tokenizer"
+    big.mkdir()
+    vocab = json.loads((raws["tiny"] / "tokenizer" / "vocab.json").read_text())
+    vocab.update({f"extra{i}</w>": len(vocab) + i for i in range(10)})
+    (big / "vocab.json").write_text(json.dumps(vocab))
+    (big / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ModelError, match="524 tokens but the checkpoint's text encoder only 514"):
+        models.prepare_model(f, tmp_path / "out", config_dir=raws["tiny"], tokenizer_dir=big)
+    assert_nothing_left(tmp_path)

@@ -246,6 +246,21 @@ def test_a_pickled_a1111_embedding_loads_when_allowed(tiny_model_raw: Path, tmp_
     assert manifest["extras"]["embeddings"][0]["tokens"] == ["emb", "emb_1"]
 
 
+@pytest.mark.parametrize("suffix,message", [(":", "empty token"), (":two words", "one word without spaces")])
+def test_bad_tokens_are_refused(suffix: str, message: str, tiny_model_raw: Path, tmp_path: Path) -> None:
+    f = _embed(tmp_path / "x.safetensors", {"emb_params": (1, 32)})
+    with pytest.raises(ModelError, match=message):
+        models.prepare_model(tiny_model_raw, tmp_path / "out", embeddings=[f"{f}{suffix}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vae_folder_of_another_class_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_model_raw / "unet", tmp_path / "unet")
+    with pytest.raises(ModelError, match="UNet2DConditionModel, not an AutoencoderKL"):
+        models.prepare_model(tiny_model_raw, tmp_path / "out", vae=tmp_path / "unet")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_same_token_twice_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
     f = _embed(tmp_path / "x.safetensors", {"emb_params": (1, 32)})
     g = _embed(tmp_path / "y.safetensors", {"emb_params": (1, 32)})
