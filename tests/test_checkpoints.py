@@ -483,3 +483,21 @@ def test_configs_and_tokenizer_folders_that_do_not_fit_are_refused(
     with pytest.raises(ModelError, match="524 tokens but the checkpoint's text encoder only 514"):
         models.prepare_model(f, tmp_path / "out", config_dir=raws["tiny"], tokenizer_dir=big)
     assert_nothing_left(tmp_path)
+
+
+def test_a_clip_tokenizer_in_the_local_hugging_face_cache_is_found(
+    raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--openai--clip-vit-large-patch14" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy2(raws["tiny"] / "tokenizer" / name, snapshot / name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    state = load_file(str(single_files["tiny"]))
+    key = keymaps.CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+    state[key] = torch.randn(49408, state[key].shape[1])
+    save_file(state, str(tmp_path / "big-vocab.safetensors"))
+    assert checkpoints.find_cached_tokenizer(49408) == snapshot
+    models.prepare_model(tmp_path / "big-vocab.safetensors", tmp_path / "out", dtype="fp32", config_dir=raws["tiny"])
+    assert (tmp_path / "out" / "tokenizer" / "merges.txt").read_bytes() == (snapshot / "merges.txt").read_bytes()

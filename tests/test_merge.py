@@ -154,3 +154,20 @@ def test_the_cli_flags(tiny_sd15_raw: Path, tiny_model_raw: Path, base_raw: Path
     assert cli.main(["prepare-model", str(tiny_sd15_raw), str(out), "--base", str(base_raw)]) == cli.EXIT_USAGE
     assert cli.main(argv + ["--inpainting-base", str(tiny_model_raw), "--base", str(base_raw)]) == 0
     assert models.read_manifest(out)["architecture"]["unet_in_channels"] == 9
+
+
+def test_the_merge_at_the_real_sd15_shapes_gives_the_inpainting_models_tensors() -> None:
+    # Meta tensors: SD-1.5 (4-channel) and SD-1.5-inpainting's exact shapes, no memory.
+    import json
+
+    from inpaintd import checkpoints
+
+    for component in models.WEIGHT_COMPONENTS:
+        configs = {
+            kind: json.loads((checkpoints.CONFIGS_DIR / kind / component / "config.json").read_text())
+            for kind in ("sd15", "sd15-inpaint")
+        }
+        custom = checkpoints.build_meta(component, configs["sd15"]).state_dict()
+        inpainting = checkpoints.build_meta(component, configs["sd15-inpaint"]).state_dict()
+        merged = merge.merge_state(custom, inpainting, dict(custom), component)
+        assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in inpainting.items()}
