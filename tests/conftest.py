@@ -2,7 +2,8 @@
 
 `tiny_model_raw` is the diffusers folder testmodels writes (fp32, no manifest);
 `tiny_model` is its prepared copy (fp32 safetensors + inpaintd-manifest.json), the form the
-daemon loads; `tiny_engine` is an Engine on `tiny_model` with one thread, loaded once.
+daemon loads; `tiny_engine` is an Engine on `tiny_model` with one thread, loaded once; `tiny_sd15_raw` and
+`tiny_sd2_raw` are the 4-channel and SD-2-structured tiny presets.
 Tests must not modify these folders: copy them (shutil.copytree) to tamper.
 """
 
@@ -19,6 +20,18 @@ from inpaintd.spool import Spool
 @pytest.fixture(scope="session")
 def tiny_model_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return testmodels.build_random_model("tiny", tmp_path_factory.mktemp("tiny-model") / "raw")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 4-channel (text-to-image) UNet, like an ordinary SD-1.5 checkpoint."""
+    return testmodels.build_random_model("tiny-sd15", tmp_path_factory.mktemp("tiny-sd15") / "raw")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with SD-2-inpainting's structure."""
+    return testmodels.build_random_model("tiny-sd2-inpaint", tmp_path_factory.mktemp("tiny-sd2") / "raw")
 
 
 @pytest.fixture(scope="session")

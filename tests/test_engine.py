@@ -211,16 +211,48 @@ def test_pickle_model_is_refused_unless_allowed(tiny_model_raw: Path, tmp_path: 
     assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
 
 
-def test_four_channel_model_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
-    import json
+def _reference_pixels(folder: Path, image, mask, params: InpaintParams) -> np.ndarray:
+    """What diffusers' own StableDiffusionInpaintPipeline paints on the same inputs and seed."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    src = tmp_path / "t2i"
-    shutil.copytree(tiny_model_raw, src)
-    config = json.loads((src / "unet" / "config.json").read_text())
-    config["in_channels"] = 4
-    (src / "unet" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="text-to-image model with 4 input channels"):
-        Engine.load(ModelConfig(path=src, dtype="fp32", threads=1, cache_dir=tmp_path))
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
+    assert params.scheduler == "ddim"
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        image=image,
+        mask_image=mask,
+        height=image.size[1],
+        width=image.size[0],
+        num_inference_steps=params.steps,
+        guidance_scale=params.guidance,
+        strength=params.strength,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+    ).images[0]
+    return _pixels(out)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_a_four_channel_model_paints_what_diffusers_latent_blending_paints(
+    tiny_sd15_raw: Path, tmp_path: Path, strength: float
+) -> None:
+    from inpaintd import models
+
+    prepared = tmp_path / "t2i"
+    models.prepare_model(tiny_sd15_raw, prepared, dtype="fp32")
+    # channels_last changes the convolutions' summation order (last-bit differences): the
+    # reference comparison runs both sides in the same layout.
+    config = ModelConfig(path=prepared, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False)
+    engine = Engine.load(config)
+    assert engine.info.unet_in_channels == 4 and engine.info.architecture.startswith("unet4-")
+    image, mask = _inputs()
+    params = _params(scheduler="ddim", steps=4, strength=strength)
+    ours = _pixels(engine.inpaint(image, mask, params))
+    assert np.array_equal(ours, _reference_pixels(prepared, image, mask, params))
 
 
 def test_missing_model_folder_is_a_model_error(tmp_path: Path) -> None:

@@ -176,20 +176,27 @@ def test_missing_folder_and_missing_model_index_are_clear_errors(tmp_path: Path)
         models.inspect_model(tmp_path / "empty")
 
 
-def _make_text_to_image(src: Path, dst: Path) -> Path:
+def _with_in_channels(src: Path, dst: Path, channels: int) -> Path:
     shutil.copytree(src, dst)
     config_path = dst / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config["in_channels"] = 4
+    config["in_channels"] = channels
     config_path.write_text(json.dumps(config))
     return dst
 
 
-def test_four_channel_unet_is_refused_with_an_explanation(tiny_model_raw: Path, tmp_path: Path) -> None:
-    src = _make_text_to_image(tiny_model_raw, tmp_path / "t2i")
-    with pytest.raises(ModelError, match="text-to-image model with 4 input channels.*inpainting UNet with 9"):
+def test_a_four_channel_folder_is_prepared_and_passes_check(tiny_sd15_raw: Path, tmp_path: Path) -> None:
+    assert models.inspect_model(tiny_sd15_raw).unet_in_channels == 4
+    manifest = models.prepare_model(tiny_sd15_raw, tmp_path / "out", dtype="fp32")
+    assert manifest["architecture"]["unet_in_channels"] == 4
+    assert models.check_model(tmp_path / "out") == []
+
+
+def test_a_unet_with_other_input_channels_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
+    src = _with_in_channels(tiny_model_raw, tmp_path / "pix2pix", 8)
+    with pytest.raises(ModelError, match="8 input channels; inpaintd runs inpainting UNets"):
         models.inspect_model(src)
-    with pytest.raises(ModelError, match="4 input channels"):
+    with pytest.raises(ModelError, match="8 input channels"):
         models.prepare_model(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -224,17 +231,18 @@ def test_a_pickle_file_beside_safetensors_is_not_a_problem(tiny_model_raw: Path,
     assert models.inspect_model(src).weight_format == "safetensors"
 
 
-def test_single_file_checkpoint_needs_config_dir(tmp_path: Path) -> None:
+def test_a_single_file_is_recognised_and_refused_when_it_is_no_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.safetensors"
     save_file({"x": torch.zeros(1)}, str(ckpt))
-    with pytest.raises(ModelError, match="config_dir"):
+    with pytest.raises(ModelError, match="not a Stable Diffusion checkpoint"):
         models.prepare_model(ckpt, tmp_path / "out")
     with pytest.raises(ModelError, match="single-file"):
         models.inspect_model(ckpt)
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"not really")
     with pytest.raises(ModelError, match="pickle"):
-        models.prepare_model(pickled, tmp_path / "out", config_dir=tmp_path)
+        models.prepare_model(pickled, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.safetensors"]
 
 
 def test_offline_environment_is_set_on_import() -> None:

@@ -81,14 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_process)
 
     p = sub.add_parser("prepare-model", help="convert a model into the mmap-ready runtime form with a manifest")
-    p.add_argument("source", type=Path, help="diffusers folder (fp16/fp32 safetensors) or a single-file .safetensors checkpoint")
+    p.add_argument("source", type=Path, help="diffusers folder or a single-file checkpoint (.safetensors, original SD layout)")
     p.add_argument("destination", type=Path, help="folder to create")
     p.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto", help="runtime dtype (auto: bf16 where the CPU has native bf16)")
-    p.add_argument("--config-dir", type=Path, help="diffusers config folder for a single-file checkpoint")
+    p.add_argument("--config-dir", type=Path, help="diffusers folder whose configs describe a single file of non-standard shape (default: the SD-1.5/SD-2 configs inpaintd ships)")
+    p.add_argument("--tokenizer", type=Path, dest="tokenizer_dir", help="folder with CLIP's vocab.json and merges.txt for a single file (default: the local Hugging Face cache)")
+    p.add_argument("--ema", action="store_true", help="take the EMA copy of the UNet from a single file that has one")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code when loaded)")
+    p.add_argument("--make-inpainting", action="store_true", help="turn a 4-channel SOURCE into a 9-channel inpainting model: inpainting-base + (SOURCE - base)")
+    p.add_argument("--inpainting-base", type=Path, help="with --make-inpainting: the inpainting model of SOURCE's family (e.g. SD-1.5-inpainting), file or folder")
+    p.add_argument("--base", type=Path, help="with --make-inpainting: the model SOURCE was fine-tuned from (e.g. SD-1.5), file or folder")
+    p.add_argument("--vae", type=Path, help="replace the model's VAE: a .safetensors file (original or diffusers names) or a diffusers VAE folder")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="bake a textual-inversion embedding (.safetensors, A1111 or diffusers format) in; prompts use TOKEN (default: the file name, or the token stored in a diffusers file). Repeatable")
     p.set_defaults(handler=_cmd_prepare)
 
-    p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture) and a config file")
+    p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture), say what it is, and check a config file")
     p.add_argument("model", type=Path, nargs="?", help="prepared model folder (default: the config's model)")
     p.add_argument("--config", type=Path)
     p.set_defaults(handler=_cmd_check)
@@ -157,15 +164,35 @@ def _cmd_process(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from . import models
 
+    merge = None
+    if args.make_inpainting:
+        if args.inpainting_base is None or args.base is None:
+            raise ConfigError("--make-inpainting", "needs --inpainting-base and --base")
+        merge = (args.inpainting_base, args.base)
+    elif args.inpainting_base is not None or args.base is not None:
+        raise ConfigError("--inpainting-base/--base", "only apply with --make-inpainting")
     dtype = args.dtype
     if dtype == "auto":
         from .engine import detect_dtype
 
         dtype = detect_dtype()
     manifest = models.prepare_model(
-        args.source, args.destination, dtype=dtype, config_dir=args.config_dir, allow_pickle=args.allow_pickle
+        args.source,
+        args.destination,
+        dtype=dtype,
+        config_dir=args.config_dir,
+        tokenizer_dir=args.tokenizer_dir,
+        use_ema=args.ema,
+        allow_pickle=args.allow_pickle,
+        make_inpainting=merge,
+        vae=args.vae,
+        embeddings=args.embedding,
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
+    for record in manifest.get("extras", {}).get("embeddings", []):
+        print(f"embedding {record['token']} ({record['vectors']} vector(s)) from {record['source']}")
+    if "vae" in manifest.get("extras", {}):
+        print(f"VAE from {manifest['extras']['vae']['source']}")
     if manifest.get("random_weights"):
         print("note: RANDOM WEIGHTS model (for tests and benchmarks; paints noise)")
     return EXIT_OK
@@ -186,7 +213,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for problem in problems:
             _error(f"{model_path}: {problem}")
         return EXIT_MODEL
+    from .modelsummary import format_summary, summarize
+
     print(f"model {model_path}: ok")
+    for line in format_summary(summarize(Path(model_path))):
+        print(f"  {line}")
     return EXIT_OK
 
 

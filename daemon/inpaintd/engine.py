@@ -67,8 +67,8 @@ class ModelInfo:
     model_id: str  # manifest id of a prepared model; "raw-" + a hash of configs and file sizes otherwise
     random_weights: bool
     dtype: str  # runtime dtype: "bf16" | "fp32"
-    unet_in_channels: int
-    architecture: str  # e.g. "sd15-inpaint"
+    unet_in_channels: int  # 9: inpainting UNet; 4: text-to-image UNet, painted by latent blending
+    architecture: str  # e.g. "sd15-inpaint", "sd15", "sd2-inpaint"
     manifest: dict[str, Any] | None
 
 
@@ -242,8 +242,8 @@ class Engine:
             )
         pipeline = _load_pipeline(path, layout, dtype)
         unet_in = int(pipeline.unet.config.in_channels)
-        if unet_in != 9:  # inspect_model read the same config; a mismatch means the folder changed under us
-            raise ModelError(f"{path}: loaded UNet has {unet_in} input channels; inpaintd needs 9")
+        if unet_in != layout.unet_in_channels:  # inspect_model read the config; the folder changed under us
+            raise ModelError(f"{path}: loaded UNet has {unet_in} input channels, its config says {layout.unet_in_channels}")
         if model.attention_slicing == "on":
             pipeline.enable_attention_slicing()
         info = ModelInfo(
@@ -252,7 +252,7 @@ class Engine:
             random_weights=layout.random_weights,
             dtype=dtype,
             unet_in_channels=unet_in,
-            architecture=_architecture(layout.unet_config),
+            architecture=models.architecture_name(layout.unet_config),
             manifest=layout.manifest,
         )
         engine = cls(pipeline, model, info, layout, threads)
@@ -595,16 +595,6 @@ def _load_pipeline(path: Path, layout: models.ModelLayout, dtype: str) -> Any:
         module.eval()
         module.requires_grad_(False)
     return pipeline
-
-
-def _architecture(unet: dict[str, Any]) -> str:
-    blocks = tuple(unet.get("block_out_channels") or ())
-    cross = unet.get("cross_attention_dim")
-    if blocks == (320, 640, 1280, 1280) and cross == 768:
-        return "sd15-inpaint"
-    if blocks == (320, 640, 1280, 1280) and cross == 1024:
-        return "sd2-inpaint"
-    return f"unet9-{'-'.join(str(b) for b in blocks)}-x{cross}"
 
 
 def _raw_id(path: Path) -> str:

@@ -9,12 +9,13 @@ A *prepared* model is a diffusers folder whose safetensors already hold the runt
 
 Safety rules enforced here (and by the engine): pickle weights (.bin/.ckpt/.pt/.pth run code
 when unpickled) are refused unless the operator sets ``model.allow_pickle``; remote code is
-never trusted; a text-to-image (4-channel) UNet is refused with a message saying why.
+never trusted. Single-file checkpoints are recognised and converted by checkpoints.py.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +58,8 @@ WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 # Components the pipeline needs; the safety checker and its feature extractor are not used.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = ("bf16", "fp32")
+# 9: an inpainting UNet; 4: a text-to-image UNet, which the pipeline paints by latent blending.
+UNET_IN_CHANNELS = (9, 4)
 _ST_DTYPE = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
 _ST_DTYPE_NAME = {v: k for k, v in _ST_DTYPE.items()}
 _FLOAT_ST = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -87,22 +90,18 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelLayout:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES or path.suffix == ".safetensors":
             raise ModelError(
-                f"{path} is a single-file checkpoint; convert it first with "
-                "`inpaintd prepare-model --config-dir DIFFUSERS_CONFIG_FOLDER {path} OUT`"
+                f"{path} is a single-file checkpoint; convert it first with `inpaintd prepare-model {path} OUT`"
             )
         raise ModelError(f"{path} is a file, not a diffusers model folder")
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} has no model_index.json; it is not a diffusers model folder")
     unet_config = _read_json(path / "unet" / "config.json", "the UNet config")
     in_channels = int(unet_config.get("in_channels", 0))
-    if in_channels == 4:
+    if in_channels not in UNET_IN_CHANNELS:
         raise ModelError(
-            f"{path} is a text-to-image model with 4 input channels; inpaintd needs an inpainting "
-            "UNet with 9 input channels (4 latent + 1 mask + 4 masked-image latent), e.g. "
-            "stable-diffusion-inpainting"
+            f"{path}: the UNet has {in_channels} input channels; inpaintd runs inpainting UNets (9: latent, "
+            "mask and masked-image latent) and text-to-image UNets (4, painted by latent blending)"
         )
-    if in_channels != 9:
-        raise ModelError(f"{path}: the UNet has {in_channels} input channels; inpaintd needs 9 (an inpainting UNet)")
 
     variants: set[str | None] = set()
     formats: set[str] = set()
@@ -235,17 +234,30 @@ def prepare_model(
     dtype: str = "bf16",
     *,
     config_dir: Path | None = None,
+    tokenizer_dir: Path | None = None,
+    use_ema: bool = False,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    make_inpainting: tuple[Path, Path] | None = None,
+    vae: Path | None = None,
+    embeddings: Iterable[Any] = (),
 ) -> dict[str, Any]:
     """Convert a model into a prepared folder at `dst` and return its manifest.
 
     `src` is a diffusers folder (fp16/fp32/bf16 safetensors, plain or ``.fp16.`` variant
-    names; pickle only with allow_pickle) or a single-file ``.safetensors`` checkpoint, which
-    needs `config_dir`, a local diffusers folder of the same architecture to take the configs
-    from. The result has plain-named safetensors in `dtype`, the unused safety checker and
-    feature extractor dropped, and the manifest. Built in a temp dir beside `dst`, renamed
-    into place; an existing `dst` raises FileExistsError unless overwrite.
+    names; pickle only with allow_pickle) or a single-file checkpoint in the original layout
+    (checkpoints.convert_checkpoint: configs shipped with inpaintd unless `config_dir`, the
+    tokenizer vocabulary from `tokenizer_dir`, the EMA UNet with `use_ema`). The result has
+    plain-named safetensors in `dtype`, the unused safety checker and feature extractor
+    dropped, and the manifest. Built in a temp dir beside `dst`, renamed into place, so a
+    refusal or a crash leaves no `dst`; an existing `dst` raises FileExistsError unless overwrite.
+
+    `make_inpainting` = (inpainting model, base model), each a diffusers folder or a single
+    file: `src` is a 4-channel fine-tune of the base and the result is the 9-channel
+    add-difference merge (merge.py). `vae` (file or folder) replaces the VAE and
+    `embeddings` (extras.EmbeddingSpec or "FILE[:TOKEN]" strings) add textual-inversion
+    tokens, both baked into the folder's own weight files (extras.py) and listed in the
+    manifest's "extras".
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -253,32 +265,100 @@ def prepare_model(
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists")
+    if not src.exists():
+        raise ModelError(f"{src} does not exist")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.preparing-", dir=dst.parent))
     try:
-        if src.is_file():
-            if src.suffix != ".safetensors":
-                if not (allow_pickle and src.suffix in PICKLE_SUFFIXES):
-                    raise ModelError(
-                        f"{src}: single-file pickle checkpoints run code when loaded; use a .safetensors "
-                        "checkpoint or set allow_pickle"
-                    )
-            if config_dir is None:
-                raise ModelError(f"{src} is a single-file checkpoint; pass config_dir (a local diffusers folder)")
-            staged = tmp / "_from_single_file"
-            _single_file_to_diffusers(src, Path(config_dir), staged)
-            source_dir = staged
-        else:
-            source_dir = src
+        # A merge subtracts models: stage its inputs in fp32 so the difference loses nothing.
+        stage_dtype = "fp32" if make_inpainting else dtype
+        stage = functools.partial(_staged, dtype=stage_dtype, tokenizer_dir=tokenizer_dir, allow_pickle=allow_pickle)
+        source_dir, checkpoint = stage(src, tmp / "_from_single_file", config_dir=config_dir, use_ema=use_ema)
+        if make_inpainting is not None:
+            from . import merge
+
+            inpainting_dir, _ = stage(make_inpainting[0], tmp / "_inpainting_base")
+            base_dir, _ = stage(make_inpainting[1], tmp / "_base")
+            merged = tmp / "_merged"
+            merge.add_difference(
+                merge.MergeSources(custom=source_dir, inpainting=inpainting_dir, base=base_dir),
+                merged,
+                allow_pickle=allow_pickle,
+            )
+            source_dir = merged
         layout = inspect_model(source_dir, allow_pickle=allow_pickle)
         out = tmp / "model"
         out.mkdir()
         _convert_folder(layout, out, dtype)
-        manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype)
+        baked: dict[str, Any] = {}
+        specs = list(embeddings)
+        if vae is not None or specs:
+            from . import extras
+
+            if vae is not None:
+                baked["vae"] = extras.apply_vae(out, Path(vae), dtype, allow_pickle=allow_pickle)
+            if specs:
+                parsed = [s if isinstance(s, extras.EmbeddingSpec) else extras.EmbeddingSpec.parse(str(s)) for s in specs]
+                baked["embeddings"] = extras.apply_embeddings(out, parsed, dtype, allow_pickle=allow_pickle)
+        origin = _origin(checkpoint, use_ema=use_ema, custom_configs=config_dir is not None, merge=make_inpainting)
+        manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype, origin=origin, extras=baked)
         _publish_dir(out, dst, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _staged(
+    path: Path,
+    folder: Path,
+    *,
+    dtype: str,
+    tokenizer_dir: Path | None,
+    allow_pickle: bool,
+    config_dir: Path | None = None,
+    use_ema: bool = False,
+) -> tuple[Path, Any]:
+    """(a diffusers folder for `path`, its CheckpointInfo or None): a single file is converted into `folder`."""
+    path = Path(path)
+    if not path.is_file():
+        if not path.exists():
+            raise ModelError(f"{path} does not exist")
+        return path, None
+    from . import checkpoints
+
+    info = checkpoints.convert_checkpoint(
+        path,
+        folder,
+        dtype=dtype,
+        config_dir=config_dir,
+        tokenizer_dir=tokenizer_dir,
+        use_ema=use_ema,
+        allow_pickle=allow_pickle,
+    )
+    return folder, info
+
+
+def _origin(checkpoint: Any, *, use_ema: bool, custom_configs: bool, merge: tuple[Path, Path] | None) -> dict[str, Any]:
+    """The manifest's record of what the prepared folder was made from."""
+    origin: dict[str, Any] = {"format": "diffusers-folder"}
+    if checkpoint is not None:
+        origin = {
+            "format": "single-file",
+            "kind": checkpoint.kind,
+            "files_dtype": checkpoint.files_dtype,
+            "ema": use_ema,
+            "prediction_type": checkpoint.prediction_type,
+            "configs": "custom" if custom_configs else f"inpaintd:{checkpoint.kind}",
+        }
+    if merge is not None:
+        origin = {
+            "format": "add-difference",
+            "custom": origin,
+            "inpainting_base": str(Path(merge[0]).resolve()),
+            "base": str(Path(merge[1]).resolve()),
+            "formula": "inpainting + (custom - base); UNet input channels 4-8 from inpainting",
+        }
+    return origin
 
 
 def _convert_folder(layout: ModelLayout, out: Path, dtype: str) -> None:
@@ -403,34 +483,9 @@ def _convert_pickle(src: Path, dst: Path, dtype: str) -> None:
     save_file(tensors, str(dst), metadata={"format": "pt"})
 
 
-def _single_file_to_diffusers(src: Path, config_dir: Path, out: Path) -> None:
-    """Load a single-file SD inpainting checkpoint with local configs and save it as a folder."""
-    import torch
-    from diffusers import StableDiffusionInpaintPipeline
-
-    if not (config_dir / "model_index.json").is_file():
-        raise ModelError(f"config_dir {config_dir} is not a diffusers folder (no model_index.json)")
-    try:
-        pipe = StableDiffusionInpaintPipeline.from_single_file(
-            str(src),
-            config=str(config_dir),
-            local_files_only=True,
-            torch_dtype=torch.float32,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    except Exception as exc:  # diffusers raises many types for a checkpoint it cannot map
-        raise ModelError(f"cannot convert single-file checkpoint {src}: {exc}") from exc
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    # The configs came from config_dir; carry its random-weights label if it had one.
-    for name in (SOURCE_FILE, RANDOM_MARKER):
-        if (config_dir / name).is_file():
-            shutil.copy2(config_dir / name, out / name)
-    del pipe
-
-
-def _write_manifest(out: Path, *, src: Path, layout: ModelLayout, dtype: str) -> dict[str, Any]:
+def _write_manifest(
+    out: Path, *, src: Path, layout: ModelLayout, dtype: str, origin: dict[str, Any], extras: dict[str, Any] | None = None
+) -> dict[str, Any]:
     files = {rel: sha256_file(out / rel) for rel in _list_files(out)}
     params = {c: _count_params(out / c) for c in WEIGHT_COMPONENTS}
     unet = layout.unet_config
@@ -441,7 +496,10 @@ def _write_manifest(out: Path, *, src: Path, layout: ModelLayout, dtype: str) ->
         "dtype": dtype,
         "random_weights": layout.random_weights,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "origin": origin,
+        "extras": extras or {},
         "architecture": {
+            "name": architecture_name(unet),
             "pipeline": "StableDiffusionInpaintPipeline",
             "unet_in_channels": layout.unet_in_channels,
             "unet_sample_size": unet.get("sample_size"),
@@ -454,6 +512,16 @@ def _write_manifest(out: Path, *, src: Path, layout: ModelLayout, dtype: str) ->
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
+
+
+def architecture_name(unet: dict[str, Any]) -> str:
+    """sd15-inpaint | sd15 | sd2-inpaint for the published shapes, else a name made of the shapes."""
+    blocks = tuple(unet.get("block_out_channels") or ())
+    cross = unet.get("cross_attention_dim")
+    channels = unet.get("in_channels")
+    if blocks == (320, 640, 1280, 1280) and cross in (768, 1024) and channels in (4, 9):
+        return ("sd15" if cross == 768 else "sd2") + ("-inpaint" if channels == 9 else "")
+    return f"unet{channels}-{'-'.join(str(b) for b in blocks)}-x{cross}"
 
 
 def manifest_id(files: dict[str, str]) -> str:
@@ -520,7 +588,7 @@ def check_model(path: Path) -> list[str]:
 
     Checks: the manifest exists and has the known schema; every file it lists exists with
     the recorded sha256; no weight file exists that it does not list; the floating tensors
-    hold the manifest's dtype; the UNet has 9 input channels.
+    hold the manifest's dtype; the UNet has 9 or 4 input channels.
     """
     path = Path(path)
     problems: list[str] = []
@@ -566,8 +634,8 @@ def check_model(path: Path) -> list[str]:
                 problems.append(f"{rel}: tensors in {', '.join(wrong)}, manifest says {dtype}")
     try:
         in_channels = int(_read_json(path / "unet" / "config.json", "the UNet config").get("in_channels", 0))
-        if in_channels != 9:
-            problems.append(f"the UNet has {in_channels} input channels; inpaintd needs 9")
+        if in_channels not in UNET_IN_CHANNELS:
+            problems.append(f"the UNet has {in_channels} input channels; inpaintd needs 9 or 4")
     except ModelError as exc:
         problems.append(str(exc))
     return problems

@@ -9,6 +9,9 @@ Two presets:
 - ``tiny``: a 9-input-channel UNet with a few thousand parameters per block; builds in
   seconds and paints 64x64 in well under a second. The demo's embedded model and the tests'
   fixture. Builds are deterministic: the same preset gives byte-identical files.
+- ``tiny-sd15``: the same with a 4-channel (text-to-image) UNet, like an ordinary SD-1.5 model.
+- ``tiny-sd2-inpaint``: tiny, with SD-2's structure (linear transformer projections, per-block
+  head counts, GELU text encoder written in OpenCLIP's layout by `write_single_file`).
 - ``sd15-inpaint``: the exact SD-1.5-inpainting architecture (UNet ~860M parameters, SD1.5 VAE,
   CLIP ViT-L/14 text encoder), saved in fp16 like the fp16 folder a user downloads. Its
   pictures are noise; it exists to measure speed and memory without fetching 2 GB.
@@ -28,7 +31,7 @@ from typing import Any
 
 from . import models as _models  # sets the offline environment before diffusers is imported
 
-PRESETS = ("tiny", "sd15-inpaint")
+PRESETS = ("tiny", "tiny-sd15", "tiny-sd2-inpaint", "sd15-inpaint")
 SOURCE_FILE = "inpaintd_source.json"
 RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
 EMBEDDED_NAME = "tiny-random"
@@ -110,7 +113,7 @@ def write_tokenizer(folder: Path) -> None:
 
 def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
     vocab, _ = tokenizer_vocab()
-    if preset == "tiny":
+    if preset in ("tiny", "tiny-sd15", "tiny-sd2-inpaint"):
         unet = dict(
             sample_size=32,
             in_channels=9,
@@ -145,6 +148,11 @@ def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
             projection_dim=32,
             hidden_act="quick_gelu",
         )
+        if preset == "tiny-sd15":
+            unet["in_channels"] = 4
+        elif preset == "tiny-sd2-inpaint":
+            unet.update(attention_head_dim=(2, 4), use_linear_projection=True)
+            text["hidden_act"] = "gelu"
     elif preset == "sd15-inpaint":
         unet = dict(
             sample_size=64,
@@ -341,3 +349,56 @@ def ensure_embedded_model(cache_dir: Path, dtype: str = "fp32") -> Path:
     finally:
         shutil.rmtree(raw_parent, ignore_errors=True)
     return target
+
+
+def write_single_file(folder: Path, path: Path, *, ema: bool = False, dtype: Any = None, seed: int = _SEED) -> Path:
+    """Write a diffusers folder's weights as one original-layout (CompVis/A1111) .safetensors file.
+
+    This is how users get models: SD-2-style folders (linear transformer projections) get
+    OpenCLIP's text encoder layout with the extra, unused last resblock (seeded random);
+    `ema` adds the EMA copy of the UNet; `dtype` casts floating tensors (e.g. torch.float16).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from . import checkpoints
+
+    folder, path = Path(folder), Path(path)
+
+    def weights(component: str) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for f in sorted((folder / component).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        return state
+
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    text = weights("text_encoder")
+    open_clip = bool(unet_config.get("use_linear_projection"))
+    extra = None
+    if open_clip:
+        generator = torch.Generator().manual_seed(seed + 3)
+        extra = {
+            k: torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v.dtype)
+            for k, v in text.items()
+            if k.startswith(("text_model.encoder.layers.0.", "encoder.layers.0."))
+        }
+    state = checkpoints.to_original(
+        weights("unet"),
+        weights("vae"),
+        text,
+        unet_config=unet_config,
+        vae_config=vae_config,
+        text_encoder="open_clip" if open_clip else "clip",
+        extra_text_layer=extra,
+        ema=ema,
+    )
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    if _models.is_random_weights(folder):
+        metadata[checkpoints.RANDOM_METADATA] = "true"
+    save_file(state, str(path), metadata=metadata)
+    return path
