@@ -83,7 +83,7 @@ def test_two_far_apart_scratches_are_two_small_regions(tiny_engine, tmp_path: Pa
         x0, y0, x1, y1 = region.crop_box
         assert (x1 - x0) * (y1 - y0) < 600 * 400 / 10
     assert len(result.sidecar["regions"]) == 2
-    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= {(64, 64), (64, 128), (128, 64), (128, 128)}
+    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= set(geometry.bucket_shapes(cfg.roi))
 
 
 def test_a_big_region_is_downscaled_to_the_working_size_and_pasted_back(tiny_engine, tmp_path: Path) -> None:

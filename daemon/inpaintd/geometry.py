@@ -29,6 +29,8 @@ LATENT_MULTIPLE = 8  # the VAE downsamples by 8: crop sides are multiples of thi
 MAX_COMPONENTS = 1024  # above this many separate specks, components are grouped on a coarser grid
 MAX_RUNS = 200_000  # a block grid with more runs than this (speckle) is labelled coarser
 _WINDOW_BLOCK = 64  # block side used to find the windows dilation and feathering work in
+ASPECT_TOLERANCE = 0.02  # the most a working size may stretch its crop (a stretched scene paints stretched objects)
+ASPECT_STEPS = 8  # aspect buckets: short side = k/8 of the long side
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class Region:
 
     mask_box: Box  # bbox of the (dilated) mask pixels of this region (merged components)
     crop: Box  # context crop taken from the image; contains mask_box grown by the feather
-    work_size: tuple[int, int]  # (width, height) the model runs at; each side from bucket_sides
+    work_size: tuple[int, int]  # (width, height) the model runs at; the crop's aspect within 2%
 
 
 # --------------------------------------------------------------------------- masks
@@ -189,12 +191,17 @@ def find_regions(mask: np.ndarray, roi: RoiConfig) -> list[Region]:
       Sides are multiples of 8 (the latent grid); where the image side is too short for
       that, the crop takes the whole image side. The crop always contains the mask box
       grown by the feather (clipped to the image).
-    - work_size: the crop is scaled down, keeping its aspect, so its larger side fits the
-      largest bucket side <= max_size; then each side snaps up to the smallest bucket side
-      that holds it. The crop is then grown (within the image) towards the work size's
-      aspect so that little non-uniform resampling happens. Shapes are therefore always
-      in bucket_sides x bucket_sides. If no bucket side is <= max_size, the smallest
-      bucket side is the cap.
+    - work_size keeps the crop's aspect within ASPECT_TOLERANCE (2%), so the model never sees
+      a stretched scene. Its long side is the smallest bucket side that holds the crop's long
+      side scaled to fit the cap (the largest bucket side <= max_size). The crop is first grown
+      (within the image, more context, never less) to the aspect of one of the aspect-bucket
+      shapes at that long side (`aspect_shapes`); of those it can reach, the one painted at
+      the highest resolution wins. Where the image allows none (the crop already spans the
+      image both ways, or the image is a thin strip), the work size takes the crop's own
+      aspect instead (sides multiples of 8, long side as close to the bucket side as the 2%
+      allow): an off-bucket shape, compiled on first use. Only when no multiple-of-8 shape
+      up to the cap comes within 2% is the closest aspect taken: caps under 256 px, or
+      crops the image keeps at 8:1 or longer with a 256 px cap (24:1 at 384, 40:1 at 512).
 
     Regions are returned in reading order (top to bottom, then left to right) of their
     mask boxes. Crops of separate regions may overlap; apply them one after another.
@@ -224,22 +231,80 @@ def _make_region(mask_box: Box, roi: RoiConfig, cap: int, width: int, height: in
     context = mask_box.grow(roi.padding + roi.feather, width, height)
     cx2 = mask_box.x0 + mask_box.x1  # twice the mask centre, to stay in integers
     cy2 = mask_box.y0 + mask_box.y1
-    x0, w = _axis_window(width, required.x0, required.x1, context.x0, context.x1, cx2, roi.min_size)
-    y0, h = _axis_window(height, required.y0, required.y1, context.y0, context.y1, cy2, roi.min_size)
-    work = _work_size(w, h, roi.bucket_sides, cap)
-    # Grow the narrow side towards the work size's aspect, as long as the work size stays.
-    if w * work[1] < h * work[0]:
-        want = max(w, h * work[0] // work[1] // LATENT_MULTIPLE * LATENT_MULTIPLE)
-        nx0, nw = _axis_window(width, required.x0, required.x1, context.x0, context.x1, cx2, want)
-        if _work_size(nw, h, roi.bucket_sides, cap) == work:
-            x0, w = nx0, nw
-    elif h * work[0] < w * work[1]:
-        want = max(h, w * work[1] // work[0] // LATENT_MULTIPLE * LATENT_MULTIPLE)
-        ny0, nh = _axis_window(height, required.y0, required.y1, context.y0, context.y1, cy2, want)
-        if _work_size(w, nh, roi.bucket_sides, cap) == work:
-            y0, h = ny0, nh
+    x_axis = (width, required.x0, required.x1, context.x0, context.x1, cx2)
+    y_axis = (height, required.y0, required.y1, context.y0, context.y1, cy2)
+    x0, w = _axis_window(*x_axis, roi.min_size)
+    y0, h = _axis_window(*y_axis, roi.min_size)
+    long_side = _long_side(w, h, roi.bucket_sides, cap)
+    best: tuple[tuple[float, int], tuple[int, int, int, int], tuple[int, int]] | None = None
+    for shape in aspect_shapes(long_side):
+        sw, sh = shape
+        nx0, nw, ny0, nh = x0, w, y0, h
+        if w * sh <= h * sw:  # the shape is wider than the crop: more context left and right
+            nx0, nw = _axis_window(*x_axis, max(w, _round8(h * sw / sh)))
+            scale = sh / h
+        else:
+            ny0, nh = _axis_window(*y_axis, max(h, _round8(w * sh / sw)))
+            scale = sw / w
+        if not aspect_close(shape, (nw, nh)):
+            continue  # the image is too small that way
+        # Highest resolution first (work px per crop px along the side that did not grow, so
+        # shapes reached by growing the same side tie), then the least added context.
+        key = (-scale, nw * nh)
+        if best is None or key < best[0]:
+            best = (key, (nx0, nw, ny0, nh), shape)
+    if best is not None:
+        (x0, w, y0, h), work = best[1], best[2]
+    else:
+        work = own_aspect_size(w, h, long_side, cap)
     crop = Box(x0, y0, x0 + w, y0 + h)
     return Region(mask_box=mask_box, crop=crop, work_size=work)
+
+
+def aspect_shapes(long_side: int) -> list[tuple[int, int]]:
+    """The aspect-bucket working shapes whose long side is long_side, square first.
+
+    Short sides are k/ASPECT_STEPS of the long side (k = 1..ASPECT_STEPS), rounded to the
+    latent grid: aspects 1, 8/7, 4/3, 8/5, 2, 8/3, 4 and 8, both ways round. Neighbouring
+    aspects differ by at most 8/7, so reaching one grows a crop by at most 14%.
+    """
+    shorts = sorted({max(LATENT_MULTIPLE, _round8(long_side * k / ASPECT_STEPS)) for k in range(1, ASPECT_STEPS + 1)})
+    shorts = [s for s in shorts if s <= long_side][::-1]
+    return [(long_side, s) for s in shorts] + [(s, long_side) for s in shorts if s != long_side]
+
+
+def bucket_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
+    """Every aspect-bucket shape a job can run at: aspect_shapes of each bucket side up to the cap.
+
+    The only other shapes are the off-bucket ones of crops the image leaves no room to grow
+    (see find_regions), which a compiled UNet compiles on first use.
+    """
+    cap = _work_cap(roi)
+    sides = [s for s in sorted(roi.bucket_sides) if s <= cap] or [cap]
+    return [shape for side in sides for shape in aspect_shapes(side)]
+
+
+def aspect_close(work: tuple[int, int], crop: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> bool:
+    """|aspect(work) / aspect(crop) - 1| <= tolerance."""
+    return abs((work[0] * crop[1]) / (work[1] * crop[0]) - 1.0) <= tolerance + 1e-12
+
+
+def own_aspect_size(w: int, h: int, long_side: int, cap: int) -> tuple[int, int]:
+    """A working size with the aspect of a w x h crop: sides multiples of 8, both <= cap.
+
+    Of the sizes within ASPECT_TOLERANCE, the one whose long side is closest to long_side
+    (the smaller on a tie); if none is that close, the closest aspect.
+    """
+    best: tuple[tuple[float, float, int], tuple[int, int]] | None = None
+    for side in range(LATENT_MULTIPLE, cap + 1, LATENT_MULTIPLE):
+        for cand in ((min(cap, _round8(side * w / h)), side), (side, min(cap, _round8(side * h / w)))):
+            error = abs((cand[0] * h) / (cand[1] * w) - 1.0)
+            ok = error <= ASPECT_TOLERANCE
+            key = (0.0 if ok else error, abs(max(cand) - long_side) if ok else 0.0, max(cand))
+            if best is None or key < best[0]:
+                best = (key, cand)
+    assert best is not None
+    return best[1]
 
 
 def _axis_window(length: int, req0: int, req1: int, ctx0: int, ctx1: int, centre2: int, target: int) -> tuple[int, int]:
@@ -262,15 +327,15 @@ def _work_cap(roi: RoiConfig) -> int:
     return fitting[-1] if fitting else sides[0]
 
 
-def _work_size(w: int, h: int, buckets: tuple[int, ...], cap: int) -> tuple[int, int]:
-    scale = min(1.0, cap / max(w, h))
-    sides = sorted(buckets)
+def _long_side(w: int, h: int, buckets: tuple[int, ...], cap: int) -> int:
+    """The smallest bucket side holding the crop's long side once scaled down to fit the cap."""
+    need = min(cap, max(1, math.ceil(max(w, h) * min(1.0, cap / max(w, h)) - 1e-9)))
+    return next(s for s in sorted(buckets) if s >= need)
 
-    def snap(n: int) -> int:
-        need = min(cap, max(1, math.ceil(n * scale - 1e-9)))
-        return next(s for s in sides if s >= need)
 
-    return snap(w), snap(h)
+def _round8(value: float) -> int:
+    """The nearest positive multiple of the latent grid."""
+    return max(LATENT_MULTIPLE, int(math.floor(value / LATENT_MULTIPLE + 0.5)) * LATENT_MULTIPLE)
 
 
 def _ceil_to(n: int, multiple: int) -> int:

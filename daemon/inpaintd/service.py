@@ -45,10 +45,10 @@ log = structlog.get_logger("inpaintd.service")
 
 
 def work_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
-    """Every (width, height) a job can run at: bucket sides up to the working cap, squared."""
-    sides = sorted(roi.bucket_sides)
-    fitting = [s for s in sides if s <= roi.max_size] or sides[:1]
-    return [(w, h) for w in fitting for h in fitting]
+    """Every aspect-bucket (width, height) a job can run at (geometry.bucket_shapes)."""
+    from .geometry import bucket_shapes
+
+    return bucket_shapes(roi)
 
 
 def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
