@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import __version__, geometry, images
+from . import __version__, geometry, images, jpeg_lossless
 from .config import Config
 from .errors import JobError
 from .jobs import SIDECAR_SCHEMA, JobRequest, JobResult, RegionReport
@@ -87,8 +87,9 @@ def run_job(
         )
     paint_done = clock()
 
-    image_bytes, extension = images.encode_image(
-        pixels, alpha_out, source, request.output_format, config.output.jpeg_quality
+    painted = [r.mask_box.grow(roi.feather, *source.size).as_tuple() for r in regions]
+    image_bytes, extension, jpeg_report = encode_output(
+        pixels, alpha_out, source, request.output_format, config.output.jpeg_quality, painted
     )
     finished = clock()
 
@@ -102,6 +103,7 @@ def run_job(
         reports=reports,
         image_bytes=image_bytes,
         extension=extension,
+        jpeg_report=jpeg_report,
         timings={
             "read_seconds": round(read_done - started, 3),
             "paint_seconds": round(paint_done - read_done, 3),
@@ -115,6 +117,42 @@ def run_job(
     if debug_overlay:
         result.debug_overlay = render_overlay(source.pixels, mask, regions)
     return result
+
+
+def encode_output(
+    pixels: np.ndarray,
+    alpha: np.ndarray | None,
+    source: images.LoadedImage,
+    fmt: str,
+    jpeg_quality: int,
+    painted: list[tuple[int, int, int, int]],
+) -> tuple[bytes, str, dict[str, Any] | None]:
+    """(bytes, extension, JPEG report for the sidecar or None) of the finished image.
+
+    A JPEG written from a JPEG keeps the input's coefficients outside the MCUs under the
+    painted boxes (display-orientation boxes holding every changed pixel); where that cannot
+    be done it is re-encoded whole at jpeg_quality with the input's metadata segments, and
+    the report says why.
+    """
+    extension = images.output_extension(source, fmt)
+    if extension != "jpg":
+        return (*images.encode_image(pixels, alpha, source, fmt, jpeg_quality), None)
+    if source.jpeg_data is None:
+        reason = f"the input is {source.format.upper()}, not JPEG"
+    else:
+        try:
+            layout = jpeg_lossless.inspect(source.jpeg_data)
+            boxes = jpeg_lossless.mcu_boxes(painted, source.orientation, layout)
+            final = images.stored_image(pixels, None, source, "jpg")
+            data = jpeg_lossless.splice(source.jpeg_data, final, boxes, layout)
+            report = {"jpeg_mode": "lossless-outside", "jpeg_mcu": list(layout.mcu), "jpeg_painted_mcu_boxes": [list(b) for b in boxes]}
+            return data, extension, report
+        except jpeg_lossless.Unsupported as exc:
+            reason = str(exc)
+    data, extension = images.encode_image(pixels, alpha, source, fmt, jpeg_quality)
+    if source.jpeg_data is not None:
+        data = jpeg_lossless.carry_markers(source.jpeg_data, data, keep_icc=source.icc_profile is not None)
+    return data, extension, {"jpeg_mode": "reencoded", "jpeg_reason": reason}
 
 
 def _paint_region(
@@ -204,6 +242,7 @@ def _sidecar(
     reports: list[RegionReport],
     image_bytes: bytes,
     extension: str,
+    jpeg_report: dict[str, Any] | None,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     from .engine import versions  # engine owns torch; imported here so process stays light to import
@@ -257,6 +296,7 @@ def _sidecar(
             "format": extension,
             "sha256": hashlib.sha256(image_bytes).hexdigest(),
             "bytes": len(image_bytes),
+            **(jpeg_report or {}),
         },
         "timings": timings,
         "peak_rss_bytes": peak_rss_bytes(),
