@@ -18,6 +18,7 @@ from inpaintd.geometry import (
     dilate,
     feather_alpha,
     find_regions,
+    latent_mask,
     own_aspect_size,
     threshold_mask,
 )
@@ -361,3 +362,38 @@ def test_blend_rejects_mismatched_shapes():
         blend(original, np.zeros((4, 4, 3), dtype=np.uint8), Box(0, 0, 5, 5), alpha)
     with pytest.raises(ValueError, match="not inside"):
         blend(original, np.zeros((5, 5, 3), dtype=np.uint8), Box(8, 8, 13, 13), alpha)
+
+
+@SETTINGS
+@given(
+    crop_w=st.integers(1, 96),
+    crop_h=st.integers(1, 96),
+    work_w=st.integers(1, 16).map(lambda k: 8 * k),
+    work_h=st.integers(1, 16).map(lambda k: 8 * k),
+    seed=st.integers(0, 2**16),
+    density=st.floats(0.0, 0.05),
+)
+def test_the_model_mask_is_whole_latent_cells_covering_every_pixel_the_blend_reads(
+    crop_w, crop_h, work_w, work_h, seed, density
+):
+    """Brute force: each support pixel, resized back with a 3-tap filter, reads only masked work pixels."""
+    support = np.random.default_rng(seed).random((crop_h, crop_w)) < density
+    model = latent_mask(support, (work_w, work_h))
+    assert model.shape == (work_h, work_w)
+    cells = model.reshape(work_h // 8, 8, work_w // 8, 8)
+    assert np.array_equal(cells.all(axis=(1, 3)), cells.any(axis=(1, 3))), "whole 8x8 latent cells only"
+    sx, sy = work_w / crop_w, work_h / crop_h
+    hx, hy = 3 * max(1.0, sx), 3 * max(1.0, sy)
+    for y, x in zip(*np.nonzero(support)):
+        x0, x1 = max(0, int(np.floor(x * sx - hx))), min(work_w, int(np.ceil((x + 1) * sx + hx)))
+        y0, y1 = max(0, int(np.floor(y * sy - hy))), min(work_h, int(np.ceil((y + 1) * sy + hy)))
+        assert model[y0:y1, x0:x1].all(), (x, y)
+    if not support.any():
+        assert not model.any()
+
+
+def test_a_mask_in_one_corner_marks_only_the_latent_cells_it_reaches():
+    support = np.zeros((64, 64), dtype=bool)
+    support[0:2, 0:2] = True
+    model = latent_mask(support, (64, 64))  # no resize: reach is 3 px around the pixels
+    assert model[:8, :8].all() and model.sum() == 64

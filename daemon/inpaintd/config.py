@@ -87,6 +87,9 @@ class RoiConfig:
     # Working long sides; short sides are k/8 of them (geometry.aspect_shapes), so a warmed or
     # compiled model sees few distinct shapes and no crop is stretched.
     bucket_sides: tuple[int, ...] = (256, 384, 512)
+    # Match the painted patch's per-channel mean and spread to the original on the unmasked ring
+    # around it before blending (color.py): corrects a model's colour shift. Opt-in.
+    color_match: bool = False
 
 
 @dataclass(frozen=True)

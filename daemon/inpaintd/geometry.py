@@ -168,6 +168,55 @@ def blend(original: np.ndarray, painted: np.ndarray, crop: Box, alpha: np.ndarra
     return out
 
 
+RESAMPLE_TAPS = 3  # Lanczos-3: a resized pixel reads source pixels up to 3 source px away
+
+
+def latent_mask(support: np.ndarray, work_size: tuple[int, int], grid: int = LATENT_MULTIPLE) -> np.ndarray:
+    """The mask the model gets: whole grid x grid blocks of the working image (the latent grid).
+
+    support: bool crop-sized, the pixels the blend will take from the painting (alpha > 0:
+    the mask and its feather band). A block is marked when any support pixel, resized back
+    from the working size with Lanczos, reads a working pixel in it. So the model repaints
+    every latent cell the feather band draws on, its hard boundary lies on latent cell edges
+    outside the band, and the feather fades from fully painted to original within painted
+    cells rather than across the model's own boundary.
+    Returns bool (work_h, work_w).
+    """
+    support = _check_bool(support)
+    work_w, work_h = work_size
+    crop_h, crop_w = support.shape
+    if work_w % grid or work_h % grid:
+        raise ValueError(f"working size {work_size} is not a multiple of {grid}")
+    # Integral image: any support pixel in a rectangle, for every block at once.
+    table = np.zeros((crop_h + 1, crop_w + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(support, axis=0, dtype=np.int64), axis=1)
+    xs0, xs1 = _block_reach(work_w, crop_w, grid)
+    ys0, ys1 = _block_reach(work_h, crop_h, grid)
+    counts = (
+        table[ys1[:, None], xs1[None, :]] - table[ys0[:, None], xs1[None, :]]
+        - table[ys1[:, None], xs0[None, :]] + table[ys0[:, None], xs0[None, :]]
+    )
+    blocks = counts > 0
+    return np.repeat(np.repeat(blocks, grid, axis=0), grid, axis=1)
+
+
+def _block_reach(work: int, crop: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block along one axis: the [start, end) crop pixels whose resized value reads it.
+
+    Crop pixel x covers working span [x*work/crop, (x+1)*work/crop); resizing reads
+    RESAMPLE_TAPS source px beyond it (scaled by work/crop when the working image is the
+    larger, as a downscale's filter widens). Computed in exact integer arithmetic.
+    """
+    blocks = np.arange(work // grid, dtype=np.int64)
+    halo_num = RESAMPLE_TAPS * max(work, crop)  # halo = RESAMPLE_TAPS * max(1, work/crop), times crop
+    lo_num = blocks * grid * crop - halo_num  # (block start - halo) * crop
+    hi_num = (blocks + 1) * grid * crop + halo_num
+    # x reads the block iff (x+1)*work > lo and x*work < hi (in units of 1/crop px).
+    start = np.maximum(0, np.floor_divide(lo_num, work))  # smallest x with (x+1)*work > lo
+    end = np.minimum(crop, -np.floor_divide(-hi_num, work))  # largest x with x*work < hi, plus 1
+    return start, np.maximum(start, end)
+
+
 # --------------------------------------------------------------------------- regions
 
 

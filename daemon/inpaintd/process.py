@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import __version__, geometry, images, jpeg_lossless
+from . import __version__, color, geometry, images, jpeg_lossless
 from .config import Config
 from .errors import JobError
 from .jobs import SIDECAR_SCHEMA, JobRequest, JobResult, RegionReport
@@ -76,7 +76,9 @@ def run_job(
     for index, region in enumerate(regions):
         region_started = clock()
         progress = _region_progress(on_step, index, len(regions))
-        _paint_region(engine, pixels, alpha_out, mask, region, roi.feather, request, progress, mask_source)
+        _paint_region(
+            engine, pixels, alpha_out, mask, region, roi.feather, request, progress, mask_source, roi.color_match
+        )
         reports.append(
             RegionReport(
                 mask_box=region.mask_box.as_tuple(),
@@ -115,7 +117,7 @@ def run_job(
         name=request.name, image_bytes=image_bytes, extension=extension, sidecar=sidecar, regions=reports
     )
     if debug_overlay:
-        result.debug_overlay = render_overlay(source.pixels, mask, regions)
+        result.debug_overlay = render_overlay(source.pixels, mask, regions, roi.feather)
     return result
 
 
@@ -165,6 +167,7 @@ def _paint_region(
     request: JobRequest,
     on_step: StepCallback | None,
     mask_source: str,
+    color_match: bool = False,
 ) -> None:
     """Paint one region in place into pixels (and alpha when the mask came from it)."""
     crop = region.crop
@@ -177,20 +180,24 @@ def _paint_region(
         mb.y0 : mb.y1, mb.x0 : mb.x1
     ]
 
+    weight = geometry.feather_alpha(own_mask, feather)
+    support = weight > 0  # every pixel the blend takes (partly) from the painting
     work_w, work_h = region.work_size
     crop_image = Image.fromarray(pixels[window])
-    crop_mask = Image.fromarray(own_mask.astype(np.uint8) * 255)
     if (work_w, work_h) != (crop.width, crop.height):
         crop_image = crop_image.resize((work_w, work_h), Image.Resampling.LANCZOS)
-        # Bilinear then any-coverage keeps thin strokes from vanishing when downscaling.
-        crop_mask = crop_mask.resize((work_w, work_h), Image.Resampling.BILINEAR).point(lambda v: 255 if v else 0)
+    # The model repaints whole latent cells covering the feather band too, so the band blends
+    # painted content into the original instead of crossing the model's own mask boundary.
+    crop_mask = Image.fromarray(geometry.latent_mask(support, (work_w, work_h)).astype(np.uint8) * 255)
 
     painted = engine.inpaint(crop_image, crop_mask, request.params, on_step=on_step)
     if painted.size != (crop.width, crop.height):
         painted = painted.resize((crop.width, crop.height), Image.Resampling.LANCZOS)
     painted_pixels = np.asarray(painted.convert("RGB"), dtype=np.uint8)
+    if color_match:
+        ring = color.ring_around(support, max(color.RING_MIN, feather))
+        painted_pixels = color.match_color(painted_pixels, pixels[window], ring)
 
-    weight = geometry.feather_alpha(own_mask, feather)
     local = geometry.Box(0, 0, crop.width, crop.height)
     pixels[window] = geometry.blend(pixels[window], painted_pixels, local, weight)
     if alpha_out is not None and mask_source == "alpha":
@@ -307,9 +314,17 @@ def _sidecar(
     return sidecar
 
 
-def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.Region]) -> bytes:
-    """PNG of the image with the mask outline (red) and each region's crop box (green) drawn on it."""
-    picture = Image.fromarray(pixels).convert("RGB")
+def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.Region], feather: int = 0) -> bytes:
+    """PNG of the image with the feather band (yellow tint), the mask outline (red) and each
+    region's crop box (green, labelled with its working size) drawn on it.
+
+    The band is where the result is a mix of painting and original (0 < alpha < 1): the place
+    to look for a seam.
+    """
+    overlay = np.asarray(Image.fromarray(pixels).convert("RGB")).copy()
+    alpha = geometry.feather_alpha(mask, feather)
+    band = (alpha > 0) & (alpha < 1)
+    overlay[band] = (overlay[band].astype(np.uint16) + np.array([255, 255, 0], dtype=np.uint16)) // 2
     # A pixel is on the outline when it is masked and one of its 4 neighbours is not.
     inner = mask.copy()
     inner[1:, :] &= mask[:-1, :]
@@ -317,7 +332,6 @@ def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.
     inner[:, 1:] &= mask[:, :-1]
     inner[:, :-1] &= mask[:, 1:]
     edge = mask & ~inner
-    overlay = np.asarray(picture).copy()
     overlay[edge] = (255, 0, 0)
     picture = Image.fromarray(overlay)
     draw = ImageDraw.Draw(picture)
