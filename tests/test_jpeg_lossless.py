@@ -229,6 +229,15 @@ def test_a_jpeg_the_splice_cannot_keep_exact_is_reencoded_with_its_metadata_and_
     assert {"exif", "xmp", "com"} <= _metadata_kinds(result.image_bytes)
 
 
+def test_a_multi_picture_jpeg_is_reencoded_with_the_reason(tiny_engine, tmp_path):
+    """A phone MPO: jpegtran would keep only the first frame and break the MP index offsets."""
+    image_path = tmp_path / "in.jpg"
+    photo(96, 80).save(image_path, format="MPO", save_all=True, append_images=[photo(48, 40)], quality=90)
+    result = run_job(tiny_engine, tmp_path, image_path, (96, 80), (40, 30, 50, 40))
+    output = result.sidecar["output"]
+    assert output["jpeg_mode"] == "reencoded" and "multi-picture" in output["jpeg_reason"], output
+
+
 def test_a_cmyk_jpeg_is_reencoded_as_rgb_without_its_cmyk_profile(tiny_engine, tmp_path):
     image_path = tmp_path / "in.jpg"
     photo(96, 80).convert("CMYK").save(image_path, format="JPEG", quality=90, icc_profile=b"not really a CMYK profile", comment=b"c")

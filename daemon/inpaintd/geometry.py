@@ -5,8 +5,9 @@ Pure numpy: no torch, no files, no PIL. The pipeline of one job is
     mask  = threshold_mask(raw_mask, roi.mask_threshold)
     mask  = dilate(mask, roi.dilate)
     for region in find_regions(mask, roi):           # small crops around the mask only
-        painted = engine(image[region.crop], resized to region.work_size, back to the crop size)
         alpha   = feather_alpha(mask, roi.feather)    # 1 on the mask, 0 beyond the feather
+        model   = latent_mask(alpha > 0, region.work_size)   # whole 8x8 latent cells
+        painted = engine(image[region.crop] resized to region.work_size, model), back to the crop size
         image   = blend(image, painted, region.crop, alpha)
 
 Cost follows the mask, not the image: dilation and feathering run only in windows around

@@ -47,7 +47,7 @@ from PIL import Image
 
 JPEGTRAN = "jpegtran"
 MAX_DROPS = 16  # more painted boxes than this are dropped as their bounding box (one jpegtran run each)
-_TIMEOUT = 120.0  # seconds for one jpegtran run; a 50 MP file takes about one
+_TIMEOUT = 60.0  # seconds for one jpegtran run (a 24 MP drop takes well under one): a hung child must not hold the job until the 2-min watchdog
 
 # SOF markers by what they mean for us.
 _SOF_OK = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}
