@@ -277,3 +277,15 @@ def test_color_match_is_a_per_job_option(tiny_engine, tmp_path) -> None:
     assert np.array_equal(decoded(result), np.full((64, 64, 3), 77, dtype=np.uint8))
     with pytest.raises(JobError, match="color_match"):
         build_request("in", image_path, mask_path, {"color_match": "yes"}, cfg)
+
+
+def test_a_thin_strip_runs_at_an_elongated_working_size_and_stays_byte_identical_outside(tiny_engine, tmp_path) -> None:
+    """The most elongated shapes (one latent cell high) go through the real pipeline."""
+    cfg = config()
+    image = photo(400, 24)
+    mask = mask_with(400, 24, (20, 10, 380, 14))
+    result = run(tiny_engine, tmp_path, image, mask, cfg)
+    for region in result.regions:
+        assert min(region.work_size) == 8 and max(region.work_size) <= cfg.roi.max_size
+    outside = ~affected_area(mask, cfg)
+    assert np.array_equal(decoded(result)[outside], image[outside])
