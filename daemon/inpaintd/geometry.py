@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -30,7 +31,8 @@ LATENT_MULTIPLE = 8  # the VAE downsamples by 8: crop sides are multiples of thi
 MAX_COMPONENTS = 1024  # above this many separate specks, components are grouped on a coarser grid
 MAX_RUNS = 200_000  # a block grid with more runs than this (speckle) is labelled coarser
 _WINDOW_BLOCK = 64  # block side used to find the windows dilation and feathering work in
-ASPECT_TOLERANCE = 0.02  # the most a working size may stretch its crop (a stretched scene paints stretched objects)
+# The most a working size may stretch its crop (a stretched scene paints stretched objects): 2%.
+ASPECT_TOLERANCE = Fraction(1, 50)
 ASPECT_STEPS = 8  # aspect buckets: short side = k/8 of the long side
 
 
@@ -244,12 +246,13 @@ def find_regions(mask: np.ndarray, roi: RoiConfig) -> list[Region]:
     - work_size keeps the crop's aspect within ASPECT_TOLERANCE (2%), so the model never sees
       a stretched scene. Its long side is the smallest bucket side that holds the crop's long
       side scaled to fit the cap (the largest bucket side <= max_size). The crop is first grown
-      (within the image, more context, never less) to the aspect of one of the aspect-bucket
-      shapes at that long side (`aspect_shapes`); of those it can reach, the one painted at
-      the highest resolution wins. Where the image allows none (the crop already spans the
-      image both ways, or the image is a thin strip), the work size takes the crop's own
-      aspect instead (sides multiples of 8, long side as close to the bucket side as the 2%
-      allow): an off-bucket shape, compiled on first use. Only when no multiple-of-8 shape
+      (within the image, more context) to the aspect of one of the aspect-bucket shapes at
+      that long side (`aspect_shapes`); of those it can reach, the one painted at the highest
+      resolution wins. Where the image leaves no room to grow (a small image the crop already
+      spans), the other side is shrunk to a bucket aspect instead, never below the mask box
+      and its feather. Where neither works (the mask and feather fill a small image), the
+      work size takes the crop's own aspect (sides multiples of 8, long side as close to the
+      bucket side as the 2% allow): an off-bucket shape, compiled on first use. Only when no multiple-of-8 shape
       up to the cap comes within 2% is the closest aspect taken: caps under 256 px, or
       crops the image keeps at 8:1 or longer with a 256 px cap (24:1 at 384, 40:1 at 512).
 
@@ -286,29 +289,62 @@ def _make_region(mask_box: Box, roi: RoiConfig, cap: int, width: int, height: in
     x0, w = _axis_window(*x_axis, roi.min_size)
     y0, h = _axis_window(*y_axis, roi.min_size)
     long_side = _long_side(w, h, roi.bucket_sides, cap)
-    best: tuple[tuple[float, int], tuple[int, int, int, int], tuple[int, int]] | None = None
+    best: tuple[tuple[float, ...], tuple[int, int, int, int], tuple[int, int]] | None = None
     for shape in aspect_shapes(long_side):
-        sw, sh = shape
-        nx0, nw, ny0, nh = x0, w, y0, h
-        if w * sh <= h * sw:  # the shape is wider than the crop: more context left and right
-            nx0, nw = _axis_window(*x_axis, max(w, _round8(h * sw / sh)))
-            scale = sh / h
-        else:
-            ny0, nh = _axis_window(*y_axis, max(h, _round8(w * sh / sw)))
-            scale = sw / w
-        if not aspect_close(shape, (nw, nh)):
-            continue  # the image is too small that way
-        # Highest resolution first (work px per crop px along the side that did not grow, so
-        # shapes reached by growing the same side tie), then the least added context.
-        key = (-scale, nw * nh)
-        if best is None or key < best[0]:
-            best = (key, (nx0, nw, ny0, nh), shape)
+        for key, window in _reach_shape(shape, (x0, w, y0, h), x_axis, y_axis):
+            if best is None or key < best[0]:
+                best = (key, window, shape)
     if best is not None:
         (x0, w, y0, h), work = best[1], best[2]
     else:
         work = own_aspect_size(w, h, long_side, cap)
     crop = Box(x0, y0, x0 + w, y0 + h)
     return Region(mask_box=mask_box, crop=crop, work_size=work)
+
+
+def _reach_shape(
+    shape: tuple[int, int],
+    window: tuple[int, int, int, int],
+    x_axis: tuple[int, ...],
+    y_axis: tuple[int, ...],
+) -> list[tuple[tuple[float, ...], tuple[int, int, int, int]]]:
+    """Ways to give the crop window (x0, w, y0, h) the shape's aspect, each with its rank key.
+
+    Growing one side (more context) ranks first, highest resolution first: work px per crop
+    px along the side that did not grow, so shapes reached by growing the same side tie, then
+    the least added context. Only where the image leaves no room to grow either way is the
+    other side shrunk instead (less context, never below the mask box and its feather), the
+    least shrinking first: that keeps a small image on the bucket shapes.
+    """
+    sw, sh = shape
+    x0, w, y0, h = window
+    out: list[tuple[tuple[float, ...], tuple[int, int, int, int]]] = []
+    wider = w * sh <= h * sw
+    if wider:  # more context left and right, or less above and below
+        nx0, nw = _axis_window(*x_axis, max(w, _round8(h * sw / sh)))
+        grown, scale = (nx0, nw, y0, h), sh / h
+        shrunk = _shrink_window(*y_axis, _round8(w * sh / sw))
+        cut = None if shrunk is None else (x0, w, *shrunk)
+    else:
+        ny0, nh = _axis_window(*y_axis, max(h, _round8(w * sh / sw)))
+        grown, scale = (x0, w, ny0, nh), sw / w
+        shrunk = _shrink_window(*x_axis, _round8(h * sw / sh))
+        cut = None if shrunk is None else (*shrunk, y0, h)
+    if aspect_close(shape, (grown[1], grown[3])):
+        out.append(((0, -scale, grown[1] * grown[3]), grown))
+    if cut is not None and aspect_close(shape, (cut[1], cut[3])):
+        out.append(((1, -(cut[1] * cut[3])), cut))
+    return out
+
+
+def _shrink_window(
+    length: int, req0: int, req1: int, ctx0: int, ctx1: int, centre2: int, side: int
+) -> tuple[int, int] | None:
+    """(start, side) of a window of this side holding [req0, req1), centred where it can be; None if too short."""
+    if side < req1 - req0 or side > length:
+        return None
+    start = min(max((centre2 - side) // 2, req1 - side), req0)
+    return min(max(start, 0), length - side), side
 
 
 def aspect_shapes(long_side: int) -> list[tuple[int, int]]:
@@ -334,9 +370,10 @@ def bucket_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
     return [shape for side in sides for shape in aspect_shapes(side)]
 
 
-def aspect_close(work: tuple[int, int], crop: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> bool:
-    """|aspect(work) / aspect(crop) - 1| <= tolerance."""
-    return abs((work[0] * crop[1]) / (work[1] * crop[0]) - 1.0) <= tolerance + 1e-12
+def aspect_close(work: tuple[int, int], crop: tuple[int, int]) -> bool:
+    """|aspect(work) / aspect(crop) - 1| <= ASPECT_TOLERANCE, decided exactly in integers."""
+    tol = ASPECT_TOLERANCE
+    return tol.denominator * abs(work[0] * crop[1] - work[1] * crop[0]) <= tol.numerator * work[1] * crop[0]
 
 
 def own_aspect_size(w: int, h: int, long_side: int, cap: int) -> tuple[int, int]:
@@ -349,7 +386,7 @@ def own_aspect_size(w: int, h: int, long_side: int, cap: int) -> tuple[int, int]
     for side in range(LATENT_MULTIPLE, cap + 1, LATENT_MULTIPLE):
         for cand in ((min(cap, _round8(side * w / h)), side), (side, min(cap, _round8(side * h / w)))):
             error = abs((cand[0] * h) / (cand[1] * w) - 1.0)
-            ok = error <= ASPECT_TOLERANCE
+            ok = aspect_close(cand, (w, h))
             key = (0.0 if ok else error, abs(max(cand) - long_side) if ok else 0.0, max(cand))
             if best is None or key < best[0]:
                 best = (key, cand)
