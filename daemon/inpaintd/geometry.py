@@ -252,9 +252,10 @@ def find_regions(mask: np.ndarray, roi: RoiConfig) -> list[Region]:
       spans), the other side is shrunk to a bucket aspect instead, never below the mask box
       and its feather. Where neither works (the mask and feather fill a small image), the
       work size takes the crop's own aspect (sides multiples of 8, long side as close to the
-      bucket side as the 2% allow): an off-bucket shape, compiled on first use. Only when no multiple-of-8 shape
-      up to the cap comes within 2% is the closest aspect taken: caps under 256 px, or
-      crops the image keeps at 8:1 or longer with a 256 px cap (24:1 at 384, 40:1 at 512).
+      bucket side as the 2% allow): an off-bucket shape, compiled on first use. Only when no
+      multiple-of-8 shape up to the cap comes within 2% is the closest aspect taken: caps
+      under 256 px, or crops the image keeps at 8:1 or longer with a 256 px cap (24:1 at
+      384, 40:1 at 512).
 
     Regions are returned in reading order (top to bottom, then left to right) of their
     mask boxes. Crops of separate regions may overlap; apply them one after another.
@@ -340,7 +341,10 @@ def _reach_shape(
 def _shrink_window(
     length: int, req0: int, req1: int, ctx0: int, ctx1: int, centre2: int, side: int
 ) -> tuple[int, int] | None:
-    """(start, side) of a window of this side holding [req0, req1), centred where it can be; None if too short."""
+    """(start, side) of a window holding [req0, req1), centred where it can be; None if too short.
+
+    Takes the same axis tuple as _axis_window; the context span is not kept (that is the cost).
+    """
     if side < req1 - req0 or side > length:
         return None
     start = min(max((centre2 - side) // 2, req1 - side), req0)
@@ -362,8 +366,8 @@ def aspect_shapes(long_side: int) -> list[tuple[int, int]]:
 def bucket_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
     """Every aspect-bucket shape a job can run at: aspect_shapes of each bucket side up to the cap.
 
-    The only other shapes are the off-bucket ones of crops the image leaves no room to grow
-    (see find_regions), which a compiled UNet compiles on first use.
+    The only other shapes are the off-bucket ones of crops that can neither grow nor shrink
+    to a bucket aspect (see find_regions), which a compiled UNet compiles on first use.
     """
     cap = _work_cap(roi)
     sides = [s for s in sorted(roi.bucket_sides) if s <= cap] or [cap]

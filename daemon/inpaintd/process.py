@@ -4,7 +4,8 @@ The path of a job: read the image (display orientation) and its mask (a separate
 alpha channel) -> threshold and dilate -> split into regions (geometry.find_regions) -> for
 each region crop with context, resize to its working size, let the engine paint it, resize
 back and paste it with a feathered edge -> encode in the input's format, mode, ICC and EXIF.
-Pixels outside the dilated+feathered mask are never touched, so they stay byte-identical.
+Pixels outside the dilated+feathered mask are never touched, so they stay byte-identical; a
+JPEG from a JPEG is the input file with only the painted MCUs replaced (jpeg_lossless).
 """
 
 from __future__ import annotations
