@@ -56,8 +56,8 @@ def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
 
     A compiled UNet is specialised per input shape, so each working shape is compiled before
     READY rather than inside the first job of that shape. Eager kernels are not: one pass at
-    the smallest shape already pages every weight in and touches every module, while nine
-    passes at SD-1.5 size would keep READY waiting for minutes.
+    the smallest shape already pages every weight in and touches every module, while 45
+    passes (the default aspect buckets) at SD-1.5 size would keep READY waiting for minutes.
     """
     shapes = work_shapes(roi)
     return shapes if compile_mode != "off" else shapes[:1]
