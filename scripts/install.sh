@@ -16,6 +16,8 @@
 #   - /etc/inpaintd/config.yaml from config.example.yaml, only if it does not exist yet;
 #   - /etc/systemd/system/inpaintd.service, then daemon-reload and enable (and try-restart,
 #     so an upgrade takes effect if it was running) when systemd is PID 1;
+#   - jpegtran (libjpeg-turbo-progs, apt-get where it can): JPEG outputs keep the input's
+#     coefficients outside the painted MCUs; without it they are re-encoded whole;
 #   - the tcmalloc allocator for the service (lower peak memory, see BENCHMARKS.md): it installs
 #     libtcmalloc-minimal4 with apt-get where it can and then the drop-in
 #     inpaintd.service.d/10-allocator.conf that preloads it; without the library, glibc malloc.
@@ -150,6 +152,16 @@ fi
 install -d -m 0755 "$R/etc/systemd/system"
 install -m 0644 "$src/systemd/inpaintd.service" "$R/etc/systemd/system/inpaintd.service"
 say "installed /etc/systemd/system/inpaintd.service (local changes: systemctl edit inpaintd)"
+
+# --- jpegtran -----------------------------------------------------------------------------------
+# The daemon runs /usr/bin/jpegtran as a subprocess for lossless JPEG outputs (jpeg_lossless.py).
+if ! [ -x "$R/usr/bin/jpegtran" ] && [ "$root" = / ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing libjpeg-turbo-progs (jpegtran)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libjpeg-turbo-progs >/dev/null || true
+fi
+if ! [ -x "$R/usr/bin/jpegtran" ]; then
+  say "jpegtran not found (apt-get install libjpeg-turbo-progs): JPEG outputs are re-encoded whole"
+fi
 
 # --- allocator ----------------------------------------------------------------------------------
 dropins=$R/etc/systemd/system/inpaintd.service.d

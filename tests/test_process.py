@@ -83,7 +83,7 @@ def test_two_far_apart_scratches_are_two_small_regions(tiny_engine, tmp_path: Pa
         x0, y0, x1, y1 = region.crop_box
         assert (x1 - x0) * (y1 - y0) < 600 * 400 / 10
     assert len(result.sidecar["regions"]) == 2
-    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= {(64, 64), (64, 128), (128, 64), (128, 128)}
+    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= set(geometry.bucket_shapes(cfg.roi))
 
 
 def test_a_big_region_is_downscaled_to_the_working_size_and_pasted_back(tiny_engine, tmp_path: Path) -> None:
@@ -205,3 +205,87 @@ def test_the_debug_overlay_draws_the_boxes(tiny_engine, tmp_path: Path) -> None:
     x0, y0, x1, y1 = result.regions[0].crop_box
     assert tuple(overlay[y0, (x0 + x1) // 2]) == (0, 255, 0), "crop box outline"
     assert (overlay == (255, 0, 0)).all(axis=-1).any(), "mask outline"
+    # The feather band: exactly the pixels blended part painting, part original, tinted yellow.
+    grown = geometry.dilate(geometry.threshold_mask(mask_with(100, 100, (40, 40, 50, 50)), 127), cfg.roi.dilate)
+    alpha = geometry.feather_alpha(grown, cfg.roi.feather)
+    band = (alpha > 0) & (alpha < 1)
+    assert band.any()
+    assert (overlay[band] == (191, 191, 64)).all(axis=-1).all()
+    untouched = ~band & ~grown
+    untouched[y0, :] = untouched[y1 - 1, :] = untouched[:, x0] = untouched[:, x1 - 1] = False
+    untouched[y0 : y0 + 16, x0 : x0 + 64] = False  # the label
+    assert (overlay[untouched] == 128).all()
+
+
+class RecordingEngine:
+    """The real tiny engine, recording the mask each region was painted with."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.masks: list[np.ndarray] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def inpaint(self, image, mask, params, on_step=None):
+        self.masks.append(np.asarray(mask) > 0)
+        return self.engine.inpaint(image, mask, params, on_step=on_step)
+
+
+@pytest.mark.parametrize("size", [(100, 90), (400, 300)])  # painted at crop size, and downscaled
+def test_the_model_mask_is_whole_latent_cells_holding_the_mask_and_its_feather(tiny_engine, tmp_path, size) -> None:
+    width, height = size
+    cfg = config()
+    engine = RecordingEngine(tiny_engine)
+    mask = mask_with(width, height, (width // 3, height // 3, width // 3 + 13, height // 3 + 5))
+    image_path = save(tmp_path / "in.png", photo(width, height))
+    mask_path = save(tmp_path / "in.mask.png", mask)
+    result = process.run_job(engine, build_request("in", image_path, mask_path, {"seed": 1}, cfg), cfg)
+    (model_mask,) = engine.masks
+    (region,) = result.regions
+    work_w, work_h = region.work_size
+    assert model_mask.shape == (work_h, work_w)
+    cells = model_mask.reshape(work_h // 8, 8, work_w // 8, 8)
+    assert np.array_equal(cells.all(axis=(1, 3)), cells.any(axis=(1, 3))), "whole latent cells"
+    # Every pixel the blend takes from the painting maps into a masked latent cell.
+    x0, y0, x1, y1 = region.crop_box
+    blended = affected_area(mask, cfg)[y0:y1, x0:x1]
+    ys, xs = np.nonzero(blended)
+    wx = ((xs + 0.5) * work_w / (x1 - x0)).astype(int)
+    wy = ((ys + 0.5) * work_h / (y1 - y0)).astype(int)
+    assert model_mask[wy, wx].all()
+    assert not model_mask.all(), "the model repaints cells around the mask, not the whole crop"
+
+
+def test_color_match_makes_a_patch_in_a_flat_surrounding_that_colour(tiny_engine, tmp_path) -> None:
+    """The random-weight model paints noise; matched to a flat ring, the noise becomes the ring's colour."""
+    flat = np.empty((96, 96, 3), dtype=np.uint8)
+    flat[...] = (90, 160, 210)
+    mask = mask_with(96, 96, (40, 40, 52, 52))
+    plain = run(tiny_engine, tmp_path, flat, mask, config())
+    assert not np.array_equal(decoded(plain), flat)
+    matched = run(tiny_engine, tmp_path, flat, mask, config(roi={"color_match": True}))
+    assert np.array_equal(decoded(matched), flat)
+    assert matched.sidecar["roi"]["color_match"] is True
+
+
+def test_color_match_is_a_per_job_option(tiny_engine, tmp_path) -> None:
+    cfg = config()
+    image_path = save(tmp_path / "in.png", np.full((64, 64, 3), 77, dtype=np.uint8))
+    mask_path = save(tmp_path / "in.mask.png", mask_with(64, 64, (20, 20, 30, 30)))
+    result = process.run_job(tiny_engine, build_request("in", image_path, mask_path, {"seed": 1, "color_match": True}, cfg), cfg)
+    assert np.array_equal(decoded(result), np.full((64, 64, 3), 77, dtype=np.uint8))
+    with pytest.raises(JobError, match="color_match"):
+        build_request("in", image_path, mask_path, {"color_match": "yes"}, cfg)
+
+
+def test_a_thin_strip_runs_at_an_elongated_working_size_and_stays_byte_identical_outside(tiny_engine, tmp_path) -> None:
+    """The most elongated shapes (one latent cell high) go through the real pipeline."""
+    cfg = config()
+    image = photo(400, 24)
+    mask = mask_with(400, 24, (20, 10, 380, 14))
+    result = run(tiny_engine, tmp_path, image, mask, cfg)
+    for region in result.regions:
+        assert min(region.work_size) == 8 and max(region.work_size) <= cfg.roi.max_size
+    outside = ~affected_area(mask, cfg)
+    assert np.array_equal(decoded(result)[outside], image[outside])

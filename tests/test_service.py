@@ -454,10 +454,11 @@ def test_an_unexpected_error_fails_that_job_as_internal_error_and_the_loop_goes_
     svc.spool.close()
 
 
-def test_work_shapes_cover_every_bucket_pair_up_to_the_cap_and_retries_back_off():
-    assert service.work_shapes(RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512))) == [
-        (256, 256), (256, 384), (384, 256), (384, 384)]
-    assert service.work_shapes(RoiConfig(min_size=64, max_size=64, bucket_sides=(128,))) == [(128, 128)]
+def test_work_shapes_are_the_aspect_buckets_of_every_side_up_to_the_cap_and_retries_back_off():
+    shapes = service.work_shapes(RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512)))
+    assert shapes[0] == (256, 256) and len(shapes) == 2 * 15 and max(map(max, shapes)) == 384
+    assert {w * 8 // max(w, h) for w, h in shapes} == set(range(1, 9))  # aspects k:8 .. 8:k
+    assert service.work_shapes(RoiConfig(min_size=64, max_size=64, bucket_sides=(128,)))[0] == (128, 128)
     assert [queues.retry_delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
 
 

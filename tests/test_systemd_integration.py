@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon_harness import FAST_SETTINGS, job_bytes
+from daemon_harness import FAST_SETTINGS, image_bytes, job_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "inpaintd.service"
@@ -430,6 +430,26 @@ def test_a_dropped_job_produces_its_result_and_its_journal_lines(container: Cont
     assert {e["INPAINTD_JOB"] for e in lines} == {"porch"}
     assert "job.done" in {e["INPAINTD_EVENT"] for e in lines}
     wait_until(lambda: container.show("StatusText")["StatusText"].startswith("idle"), 10, "idle status", container)
+
+
+@pytest.mark.skipif(shutil.which("jpegtran") is None, reason="jpegtran not installed (scripts/setup-image-deps.sh)")
+def test_a_jpeg_job_is_spliced_by_jpegtran_under_the_hardened_unit(container: Container, started: float) -> None:
+    """ProtectSystem=strict, PrivateTmp, SystemCallFilter: the service can still run /usr/bin/jpegtran."""
+    root = container.root()
+    inbox = root / "var/lib/inpaintd/inbox"
+    outbox = root / "var/lib/inpaintd/outbox"
+    files = job_bytes("deck", size=(96, 80))
+    files["deck.jpg"] = image_bytes((96, 80), "JPEG", quality=90)
+    del files["deck.png"]
+    for name, data in files.items():
+        tmp = inbox / f".{name}.part"
+        tmp.write_bytes(data)
+        tmp.chmod(0o644)
+        tmp.rename(inbox / name)
+    sidecar = outbox / "deck.json"
+    wait_until(sidecar.exists, 60, "deck.json in the outbox", container)
+    output = json.loads(sidecar.read_text())["output"]
+    assert output["jpeg_mode"] == "lossless-outside", output
 
 
 def test_a_hung_loop_trips_the_watchdog_and_restart_brings_it_back(container: Container, started: float) -> None:

@@ -85,8 +85,12 @@ class RoiConfig:
     merge_gap: int = 32  # regions whose context boxes are closer than this merge
     min_size: int = 512  # context box grows towards this side length (model's native size)
     max_size: int = 512  # working side cap; bigger boxes are downscaled to fit
-    # Working sides snap to these values so a warmed/compiled model sees few distinct shapes.
+    # Working long sides; short sides are k/8 of them (geometry.aspect_shapes), so a warmed or
+    # compiled model sees few distinct shapes and no crop is stretched.
     bucket_sides: tuple[int, ...] = (256, 384, 512)
+    # Match the painted patch's per-channel mean and spread to the original on the unmasked ring
+    # around it before blending (color.py): corrects a model's colour shift. Opt-in.
+    color_match: bool = False
 
 
 @dataclass(frozen=True)

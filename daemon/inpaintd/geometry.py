@@ -5,8 +5,9 @@ Pure numpy: no torch, no files, no PIL. The pipeline of one job is
     mask  = threshold_mask(raw_mask, roi.mask_threshold)
     mask  = dilate(mask, roi.dilate)
     for region in find_regions(mask, roi):           # small crops around the mask only
-        painted = engine(image[region.crop], resized to region.work_size, back to the crop size)
         alpha   = feather_alpha(mask, roi.feather)    # 1 on the mask, 0 beyond the feather
+        model   = latent_mask(alpha > 0, region.work_size)   # whole 8x8 latent cells
+        painted = engine(image[region.crop] resized to region.work_size, model), back to the crop size
         image   = blend(image, painted, region.crop, alpha)
 
 Cost follows the mask, not the image: dilation and feathering run only in windows around
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import numpy as np
 
@@ -29,6 +31,9 @@ LATENT_MULTIPLE = 8  # the VAE downsamples by 8: crop sides are multiples of thi
 MAX_COMPONENTS = 1024  # above this many separate specks, components are grouped on a coarser grid
 MAX_RUNS = 200_000  # a block grid with more runs than this (speckle) is labelled coarser
 _WINDOW_BLOCK = 64  # block side used to find the windows dilation and feathering work in
+# The most a working size may stretch its crop (a stretched scene paints stretched objects): 2%.
+ASPECT_TOLERANCE = Fraction(1, 50)
+ASPECT_STEPS = 8  # aspect buckets: short side = k/8 of the long side
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class Region:
 
     mask_box: Box  # bbox of the (dilated) mask pixels of this region (merged components)
     crop: Box  # context crop taken from the image; contains mask_box grown by the feather
-    work_size: tuple[int, int]  # (width, height) the model runs at; each side from bucket_sides
+    work_size: tuple[int, int]  # (width, height) the model runs at; the crop's aspect within 2%
 
 
 # --------------------------------------------------------------------------- masks
@@ -166,6 +171,55 @@ def blend(original: np.ndarray, painted: np.ndarray, crop: Box, alpha: np.ndarra
     return out
 
 
+RESAMPLE_TAPS = 3  # Lanczos-3: a resized pixel reads source pixels up to 3 source px away
+
+
+def latent_mask(support: np.ndarray, work_size: tuple[int, int], grid: int = LATENT_MULTIPLE) -> np.ndarray:
+    """The mask the model gets: whole grid x grid blocks of the working image (the latent grid).
+
+    support: bool crop-sized, the pixels the blend will take from the painting (alpha > 0:
+    the mask and its feather band). A block is marked when any support pixel, resized back
+    from the working size with Lanczos, reads a working pixel in it. So the model repaints
+    every latent cell the feather band draws on, its hard boundary lies on latent cell edges
+    outside the band, and the feather fades from fully painted to original within painted
+    cells rather than across the model's own boundary.
+    Returns bool (work_h, work_w).
+    """
+    support = _check_bool(support)
+    work_w, work_h = work_size
+    crop_h, crop_w = support.shape
+    if work_w % grid or work_h % grid:
+        raise ValueError(f"working size {work_size} is not a multiple of {grid}")
+    # Integral image: any support pixel in a rectangle, for every block at once.
+    table = np.zeros((crop_h + 1, crop_w + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(support, axis=0, dtype=np.int64), axis=1)
+    xs0, xs1 = _block_reach(work_w, crop_w, grid)
+    ys0, ys1 = _block_reach(work_h, crop_h, grid)
+    counts = (
+        table[ys1[:, None], xs1[None, :]] - table[ys0[:, None], xs1[None, :]]
+        - table[ys1[:, None], xs0[None, :]] + table[ys0[:, None], xs0[None, :]]
+    )
+    blocks = counts > 0
+    return np.repeat(np.repeat(blocks, grid, axis=0), grid, axis=1)
+
+
+def _block_reach(work: int, crop: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block along one axis: the [start, end) crop pixels whose resized value reads it.
+
+    Crop pixel x covers working span [x*work/crop, (x+1)*work/crop); resizing reads
+    RESAMPLE_TAPS source px beyond it (scaled by work/crop when the working image is the
+    larger, as a downscale's filter widens). Computed in exact integer arithmetic.
+    """
+    blocks = np.arange(work // grid, dtype=np.int64)
+    halo_num = RESAMPLE_TAPS * max(work, crop)  # halo = RESAMPLE_TAPS * max(1, work/crop), times crop
+    lo_num = blocks * grid * crop - halo_num  # (block start - halo) * crop
+    hi_num = (blocks + 1) * grid * crop + halo_num
+    # x reads the block iff (x+1)*work > lo and x*work < hi (in units of 1/crop px).
+    start = np.maximum(0, np.floor_divide(lo_num, work))  # smallest x with (x+1)*work > lo
+    end = np.minimum(crop, -np.floor_divide(-hi_num, work))  # largest x with x*work < hi, plus 1
+    return start, np.maximum(start, end)
+
+
 # --------------------------------------------------------------------------- regions
 
 
@@ -189,12 +243,19 @@ def find_regions(mask: np.ndarray, roi: RoiConfig) -> list[Region]:
       Sides are multiples of 8 (the latent grid); where the image side is too short for
       that, the crop takes the whole image side. The crop always contains the mask box
       grown by the feather (clipped to the image).
-    - work_size: the crop is scaled down, keeping its aspect, so its larger side fits the
-      largest bucket side <= max_size; then each side snaps up to the smallest bucket side
-      that holds it. The crop is then grown (within the image) towards the work size's
-      aspect so that little non-uniform resampling happens. Shapes are therefore always
-      in bucket_sides x bucket_sides. If no bucket side is <= max_size, the smallest
-      bucket side is the cap.
+    - work_size keeps the crop's aspect within ASPECT_TOLERANCE (2%), so the model never sees
+      a stretched scene. Its long side is the smallest bucket side that holds the crop's long
+      side scaled to fit the cap (the largest bucket side <= max_size). The crop is first grown
+      (within the image, more context) to the aspect of one of the aspect-bucket shapes at
+      that long side (`aspect_shapes`); of those it can reach, the one painted at the highest
+      resolution wins. Where the image leaves no room to grow (a small image the crop already
+      spans), the other side is shrunk to a bucket aspect instead, never below the mask box
+      and its feather. Where neither works (the mask and feather fill a small image), the
+      work size takes the crop's own aspect (sides multiples of 8, long side as close to the
+      bucket side as the 2% allow): an off-bucket shape, compiled on first use. Only when no
+      multiple-of-8 shape up to the cap comes within 2% is the closest aspect taken: caps
+      under 256 px, or crops the image keeps at 8:1 or longer with a 256 px cap (24:1 at
+      384, 40:1 at 512).
 
     Regions are returned in reading order (top to bottom, then left to right) of their
     mask boxes. Crops of separate regions may overlap; apply them one after another.
@@ -224,22 +285,117 @@ def _make_region(mask_box: Box, roi: RoiConfig, cap: int, width: int, height: in
     context = mask_box.grow(roi.padding + roi.feather, width, height)
     cx2 = mask_box.x0 + mask_box.x1  # twice the mask centre, to stay in integers
     cy2 = mask_box.y0 + mask_box.y1
-    x0, w = _axis_window(width, required.x0, required.x1, context.x0, context.x1, cx2, roi.min_size)
-    y0, h = _axis_window(height, required.y0, required.y1, context.y0, context.y1, cy2, roi.min_size)
-    work = _work_size(w, h, roi.bucket_sides, cap)
-    # Grow the narrow side towards the work size's aspect, as long as the work size stays.
-    if w * work[1] < h * work[0]:
-        want = max(w, h * work[0] // work[1] // LATENT_MULTIPLE * LATENT_MULTIPLE)
-        nx0, nw = _axis_window(width, required.x0, required.x1, context.x0, context.x1, cx2, want)
-        if _work_size(nw, h, roi.bucket_sides, cap) == work:
-            x0, w = nx0, nw
-    elif h * work[0] < w * work[1]:
-        want = max(h, w * work[1] // work[0] // LATENT_MULTIPLE * LATENT_MULTIPLE)
-        ny0, nh = _axis_window(height, required.y0, required.y1, context.y0, context.y1, cy2, want)
-        if _work_size(w, nh, roi.bucket_sides, cap) == work:
-            y0, h = ny0, nh
+    x_axis = (width, required.x0, required.x1, context.x0, context.x1, cx2)
+    y_axis = (height, required.y0, required.y1, context.y0, context.y1, cy2)
+    x0, w = _axis_window(*x_axis, roi.min_size)
+    y0, h = _axis_window(*y_axis, roi.min_size)
+    long_side = _long_side(w, h, roi.bucket_sides, cap)
+    best: tuple[tuple[float, ...], tuple[int, int, int, int], tuple[int, int]] | None = None
+    for shape in aspect_shapes(long_side):
+        for key, window in _reach_shape(shape, (x0, w, y0, h), x_axis, y_axis):
+            if best is None or key < best[0]:
+                best = (key, window, shape)
+    if best is not None:
+        (x0, w, y0, h), work = best[1], best[2]
+    else:
+        work = own_aspect_size(w, h, long_side, cap)
     crop = Box(x0, y0, x0 + w, y0 + h)
     return Region(mask_box=mask_box, crop=crop, work_size=work)
+
+
+def _reach_shape(
+    shape: tuple[int, int],
+    window: tuple[int, int, int, int],
+    x_axis: tuple[int, ...],
+    y_axis: tuple[int, ...],
+) -> list[tuple[tuple[float, ...], tuple[int, int, int, int]]]:
+    """Ways to give the crop window (x0, w, y0, h) the shape's aspect, each with its rank key.
+
+    Growing one side (more context) ranks first, highest resolution first: work px per crop
+    px along the side that did not grow, so shapes reached by growing the same side tie, then
+    the least added context. Only where the image leaves no room to grow either way is the
+    other side shrunk instead (less context, never below the mask box and its feather), the
+    least shrinking first: that keeps a small image on the bucket shapes.
+    """
+    sw, sh = shape
+    x0, w, y0, h = window
+    out: list[tuple[tuple[float, ...], tuple[int, int, int, int]]] = []
+    wider = w * sh <= h * sw
+    if wider:  # more context left and right, or less above and below
+        nx0, nw = _axis_window(*x_axis, max(w, _round8(h * sw / sh)))
+        grown, scale = (nx0, nw, y0, h), sh / h
+        shrunk = _shrink_window(*y_axis, _round8(w * sh / sw))
+        cut = None if shrunk is None else (x0, w, *shrunk)
+    else:
+        ny0, nh = _axis_window(*y_axis, max(h, _round8(w * sh / sw)))
+        grown, scale = (x0, w, ny0, nh), sw / w
+        shrunk = _shrink_window(*x_axis, _round8(h * sw / sh))
+        cut = None if shrunk is None else (*shrunk, y0, h)
+    if aspect_close(shape, (grown[1], grown[3])):
+        out.append(((0, -scale, grown[1] * grown[3]), grown))
+    if cut is not None and aspect_close(shape, (cut[1], cut[3])):
+        out.append(((1, -(cut[1] * cut[3])), cut))
+    return out
+
+
+def _shrink_window(
+    length: int, req0: int, req1: int, ctx0: int, ctx1: int, centre2: int, side: int
+) -> tuple[int, int] | None:
+    """(start, side) of a window holding [req0, req1), centred where it can be; None if too short.
+
+    Takes the same axis tuple as _axis_window; the context span is not kept (that is the cost).
+    """
+    if side < req1 - req0 or side > length:
+        return None
+    start = min(max((centre2 - side) // 2, req1 - side), req0)
+    return min(max(start, 0), length - side), side
+
+
+def aspect_shapes(long_side: int) -> list[tuple[int, int]]:
+    """The aspect-bucket working shapes whose long side is long_side, square first.
+
+    Short sides are k/ASPECT_STEPS of the long side (k = 1..ASPECT_STEPS), rounded to the
+    latent grid: aspects 1, 8/7, 4/3, 8/5, 2, 8/3, 4 and 8, both ways round. Neighbouring
+    aspects differ by at most 8/7, so reaching one grows a crop by at most 14%.
+    """
+    shorts = sorted({max(LATENT_MULTIPLE, _round8(long_side * k / ASPECT_STEPS)) for k in range(1, ASPECT_STEPS + 1)})
+    shorts = [s for s in shorts if s <= long_side][::-1]
+    return [(long_side, s) for s in shorts] + [(s, long_side) for s in shorts if s != long_side]
+
+
+def bucket_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
+    """Every aspect-bucket shape a job can run at: aspect_shapes of each bucket side up to the cap.
+
+    The only other shapes are the off-bucket ones of crops that can neither grow nor shrink
+    to a bucket aspect (see find_regions), which a compiled UNet compiles on first use.
+    """
+    cap = _work_cap(roi)
+    sides = [s for s in sorted(roi.bucket_sides) if s <= cap] or [cap]
+    return [shape for side in sides for shape in aspect_shapes(side)]
+
+
+def aspect_close(work: tuple[int, int], crop: tuple[int, int]) -> bool:
+    """|aspect(work) / aspect(crop) - 1| <= ASPECT_TOLERANCE, decided exactly in integers."""
+    tol = ASPECT_TOLERANCE
+    return tol.denominator * abs(work[0] * crop[1] - work[1] * crop[0]) <= tol.numerator * work[1] * crop[0]
+
+
+def own_aspect_size(w: int, h: int, long_side: int, cap: int) -> tuple[int, int]:
+    """A working size with the aspect of a w x h crop: sides multiples of 8, both <= cap.
+
+    Of the sizes within ASPECT_TOLERANCE, the one whose long side is closest to long_side
+    (the smaller on a tie); if none is that close, the closest aspect.
+    """
+    best: tuple[tuple[float, float, int], tuple[int, int]] | None = None
+    for side in range(LATENT_MULTIPLE, cap + 1, LATENT_MULTIPLE):
+        for cand in ((min(cap, _round8(side * w / h)), side), (side, min(cap, _round8(side * h / w)))):
+            error = abs((cand[0] * h) / (cand[1] * w) - 1.0)
+            ok = aspect_close(cand, (w, h))
+            key = (0.0 if ok else error, abs(max(cand) - long_side) if ok else 0.0, max(cand))
+            if best is None or key < best[0]:
+                best = (key, cand)
+    assert best is not None
+    return best[1]
 
 
 def _axis_window(length: int, req0: int, req1: int, ctx0: int, ctx1: int, centre2: int, target: int) -> tuple[int, int]:
@@ -262,15 +418,15 @@ def _work_cap(roi: RoiConfig) -> int:
     return fitting[-1] if fitting else sides[0]
 
 
-def _work_size(w: int, h: int, buckets: tuple[int, ...], cap: int) -> tuple[int, int]:
-    scale = min(1.0, cap / max(w, h))
-    sides = sorted(buckets)
+def _long_side(w: int, h: int, buckets: tuple[int, ...], cap: int) -> int:
+    """The smallest bucket side holding the crop's long side once scaled down to fit the cap."""
+    need = min(cap, max(1, math.ceil(max(w, h) * min(1.0, cap / max(w, h)) - 1e-9)))
+    return next(s for s in sorted(buckets) if s >= need)
 
-    def snap(n: int) -> int:
-        need = min(cap, max(1, math.ceil(n * scale - 1e-9)))
-        return next(s for s in sides if s >= need)
 
-    return snap(w), snap(h)
+def _round8(value: float) -> int:
+    """The nearest positive multiple of the latent grid."""
+    return max(LATENT_MULTIPLE, int(math.floor(value / LATENT_MULTIPLE + 0.5)) * LATENT_MULTIPLE)
 
 
 def _ceil_to(n: int, multiple: int) -> int:

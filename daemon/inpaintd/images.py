@@ -86,6 +86,7 @@ class LoadedImage:
     icc_profile: bytes | None
     exif: bytes | None  # raw EXIF to write back unchanged
     size: tuple[int, int]  # display (width, height)
+    jpeg_data: bytes | None = None  # the file itself when it is a JPEG: the lossless splice starts from it
 
 
 def load_image(path: Path, max_pixels: int) -> LoadedImage:
@@ -128,6 +129,7 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
         icc_profile=icc,
         exif=exif,
         size=(pixels.shape[1], pixels.shape[0]),
+        jpeg_data=data if im.format in ("JPEG", "MPO") else None,
     )
 
 
@@ -199,26 +201,8 @@ def encode_image(
     alpha, so an RGBA source written as jpg loses it; BMP carries no ICC/EXIF. PNG, TIFF
     (LZW) are lossless; JPEG and WebP use jpeg_quality.
     """
-    ext = _SAME.get(source.format, "png") if fmt == "same" else fmt
-    if ext == "jpeg":
-        ext = "jpg"
-    if ext not in ("png", "jpg", "webp", "tiff", "bmp"):
-        raise ValueError(f"unknown output format {fmt!r}")
-    pixels = np.asarray(pixels)
-    width, height = source.size
-    if pixels.shape != (height, width, 3) or pixels.dtype != np.uint8:
-        raise ValueError(f"pixels must be uint8 {height}x{width}x3, got {pixels.dtype} {pixels.shape}")
-    im = Image.fromarray(pixels, "RGB")
-    if source.mode == "L":
-        im = im.convert("L")
-    elif source.mode == "RGBA" and ext != "jpg":
-        alpha = source.alpha if alpha is None else alpha
-        if alpha is not None:
-            im = im.convert("RGBA")
-            im.putalpha(Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8), "L"))
-    if source.orientation in _TO_STORED:
-        im = im.transpose(_TO_STORED[source.orientation])
-
+    ext = output_extension(source, fmt)
+    im = stored_image(pixels, alpha, source, ext)
     options: dict[str, object] = {}
     if ext != "bmp":
         if source.icc_profile:
@@ -275,6 +259,35 @@ def _read_head(path: Path, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def output_extension(source: LoadedImage, fmt: str) -> str:
+    """The extension an output of format fmt ("same" or an extension) gets for this source."""
+    ext = _SAME.get(source.format, "png") if fmt == "same" else fmt
+    if ext == "jpeg":
+        ext = "jpg"
+    if ext not in ("png", "jpg", "webp", "tiff", "bmp"):
+        raise ValueError(f"unknown output format {fmt!r}")
+    return ext
+
+
+def stored_image(pixels: np.ndarray, alpha: np.ndarray | None, source: LoadedImage, ext: str) -> Image.Image:
+    """Display-orientation pixels as the image to write: source's mode, stored orientation."""
+    pixels = np.asarray(pixels)
+    width, height = source.size
+    if pixels.shape != (height, width, 3) or pixels.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8 {height}x{width}x3, got {pixels.dtype} {pixels.shape}")
+    im = Image.fromarray(pixels, "RGB")
+    if source.mode == "L":
+        im = im.convert("L")
+    elif source.mode == "RGBA" and ext != "jpg":
+        alpha = source.alpha if alpha is None else alpha
+        if alpha is not None:
+            im = im.convert("RGBA")
+            im.putalpha(Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8), "L"))
+    if source.orientation in _TO_STORED:
+        im = im.transpose(_TO_STORED[source.orientation])
+    return im
 
 
 # --------------------------------------------------------------------------- helpers

@@ -42,6 +42,7 @@ _ROI_KEYS: dict[str, tuple[str, Any]] = {
     "dilate": ("roi.dilate", int),
     "feather": ("roi.feather", int),
     "mask_threshold": ("roi.mask_threshold", int),
+    "color_match": ("roi.color_match", bool),
 }
 _OUTPUT_KEYS: dict[str, tuple[str, Any]] = {
     "output_format": ("output.format", str),

@@ -4,7 +4,8 @@ The path of a job: read the image (display orientation) and its mask (a separate
 alpha channel) -> threshold and dilate -> split into regions (geometry.find_regions) -> for
 each region crop with context, resize to its working size, let the engine paint it, resize
 back and paste it with a feathered edge -> encode in the input's format, mode, ICC and EXIF.
-Pixels outside the dilated+feathered mask are never touched, so they stay byte-identical.
+Pixels outside the dilated+feathered mask are never touched, so they stay byte-identical; a
+JPEG from a JPEG is the input file with only the painted MCUs replaced (jpeg_lossless).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import __version__, geometry, images
+from . import __version__, color, geometry, images, jpeg_lossless
 from .config import Config
 from .errors import JobError
 from .jobs import SIDECAR_SCHEMA, JobRequest, JobResult, RegionReport
@@ -84,7 +85,9 @@ def run_job(
     for index, region in enumerate(regions):
         region_started = clock()
         progress = _region_progress(on_step, index, len(regions))
-        _paint_region(engine, pixels, alpha_out, mask, region, roi.feather, request, progress, mask_source)
+        _paint_region(
+            engine, pixels, alpha_out, mask, region, roi.feather, request, progress, mask_source, roi.color_match
+        )
         reports.append(
             RegionReport(
                 mask_box=region.mask_box.as_tuple(),
@@ -95,8 +98,9 @@ def run_job(
         )
     paint_done = clock()
 
-    image_bytes, extension = images.encode_image(
-        pixels, alpha_out, source, request.output_format, config.output.jpeg_quality
+    painted = [r.mask_box.grow(roi.feather, *source.size).as_tuple() for r in regions]
+    image_bytes, extension, jpeg_report = encode_output(
+        pixels, alpha_out, source, request.output_format, config.output.jpeg_quality, painted
     )
     finished = clock()
 
@@ -110,6 +114,7 @@ def run_job(
         reports=reports,
         image_bytes=image_bytes,
         extension=extension,
+        jpeg_report=jpeg_report,
         timings={
             "read_seconds": round(read_done - started, 3),
             "paint_seconds": round(paint_done - read_done, 3),
@@ -121,7 +126,7 @@ def run_job(
         name=request.name, image_bytes=image_bytes, extension=extension, sidecar=sidecar, regions=reports
     )
     if debug_overlay:
-        result.debug_overlay = render_overlay(source.pixels, mask, regions)
+        result.debug_overlay = render_overlay(source.pixels, mask, regions, roi.feather)
     return result
 
 
@@ -142,6 +147,42 @@ def check_cost(regions: int, params: Any, max_region_steps: int) -> None:
         )
 
 
+def encode_output(
+    pixels: np.ndarray,
+    alpha: np.ndarray | None,
+    source: images.LoadedImage,
+    fmt: str,
+    jpeg_quality: int,
+    painted: list[tuple[int, int, int, int]],
+) -> tuple[bytes, str, dict[str, Any] | None]:
+    """(bytes, extension, JPEG report for the sidecar or None) of the finished image.
+
+    A JPEG written from a JPEG keeps the input's coefficients outside the MCUs under the
+    painted boxes (display-orientation boxes holding every changed pixel); where that cannot
+    be done it is re-encoded whole at jpeg_quality with the input's metadata segments, and
+    the report says why.
+    """
+    extension = images.output_extension(source, fmt)
+    if extension != "jpg":
+        return (*images.encode_image(pixels, alpha, source, fmt, jpeg_quality), None)
+    if source.jpeg_data is None:
+        reason = f"the input is {source.format.upper()}, not JPEG"
+    else:
+        try:
+            layout = jpeg_lossless.inspect(source.jpeg_data)
+            boxes = jpeg_lossless.mcu_boxes(painted, source.orientation, layout)
+            final = images.stored_image(pixels, None, source, "jpg")
+            data = jpeg_lossless.splice(source.jpeg_data, final, boxes, layout)
+            report = {"jpeg_mode": "lossless-outside", "jpeg_mcu": list(layout.mcu), "jpeg_painted_mcu_boxes": [list(b) for b in boxes]}
+            return data, extension, report
+        except jpeg_lossless.Unsupported as exc:
+            reason = str(exc)
+    data, extension = images.encode_image(pixels, alpha, source, fmt, jpeg_quality)
+    if source.jpeg_data is not None:
+        data = jpeg_lossless.carry_markers(source.jpeg_data, data, keep_icc=source.icc_profile is not None)
+    return data, extension, {"jpeg_mode": "reencoded", "jpeg_reason": reason}
+
+
 def _paint_region(
     engine: Any,
     pixels: np.ndarray,
@@ -152,6 +193,7 @@ def _paint_region(
     request: JobRequest,
     on_step: StepCallback | None,
     mask_source: str,
+    color_match: bool = False,
 ) -> None:
     """Paint one region in place into pixels (and alpha when the mask came from it)."""
     crop = region.crop
@@ -164,20 +206,24 @@ def _paint_region(
         mb.y0 : mb.y1, mb.x0 : mb.x1
     ]
 
+    weight = geometry.feather_alpha(own_mask, feather)
+    support = weight > 0  # every pixel the blend takes (partly) from the painting
     work_w, work_h = region.work_size
     crop_image = Image.fromarray(pixels[window])
-    crop_mask = Image.fromarray(own_mask.astype(np.uint8) * 255)
     if (work_w, work_h) != (crop.width, crop.height):
         crop_image = crop_image.resize((work_w, work_h), Image.Resampling.LANCZOS)
-        # Bilinear then any-coverage keeps thin strokes from vanishing when downscaling.
-        crop_mask = crop_mask.resize((work_w, work_h), Image.Resampling.BILINEAR).point(lambda v: 255 if v else 0)
+    # The model repaints whole latent cells covering the feather band too, so the band blends
+    # painted content into the original instead of crossing the model's own mask boundary.
+    crop_mask = Image.fromarray(geometry.latent_mask(support, (work_w, work_h)).astype(np.uint8) * 255)
 
     painted = engine.inpaint(crop_image, crop_mask, request.params, on_step=on_step)
     if painted.size != (crop.width, crop.height):
         painted = painted.resize((crop.width, crop.height), Image.Resampling.LANCZOS)
     painted_pixels = np.asarray(painted.convert("RGB"), dtype=np.uint8)
+    if color_match:
+        ring = color.ring_around(support, max(color.RING_MIN, feather))
+        painted_pixels = color.match_color(painted_pixels, pixels[window], ring)
 
-    weight = geometry.feather_alpha(own_mask, feather)
     local = geometry.Box(0, 0, crop.width, crop.height)
     pixels[window] = geometry.blend(pixels[window], painted_pixels, local, weight)
     if alpha_out is not None and mask_source == "alpha":
@@ -229,6 +275,7 @@ def _sidecar(
     reports: list[RegionReport],
     image_bytes: bytes,
     extension: str,
+    jpeg_report: dict[str, Any] | None,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     from .engine import versions  # engine owns torch; imported here so process stays light to import
@@ -282,6 +329,7 @@ def _sidecar(
             "format": extension,
             "sha256": hashlib.sha256(image_bytes).hexdigest(),
             "bytes": len(image_bytes),
+            **(jpeg_report or {}),
         },
         "timings": timings,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -292,9 +340,17 @@ def _sidecar(
     return sidecar
 
 
-def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.Region]) -> bytes:
-    """PNG of the image with the mask outline (red) and each region's crop box (green) drawn on it."""
-    picture = Image.fromarray(pixels).convert("RGB")
+def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.Region], feather: int = 0) -> bytes:
+    """PNG of the image with the feather band (yellow tint), the mask outline (red) and each
+    region's crop box (green, labelled with its working size) drawn on it.
+
+    The band is where the result is a mix of painting and original (0 < alpha < 1): the place
+    to look for a seam.
+    """
+    overlay = np.asarray(Image.fromarray(pixels).convert("RGB")).copy()
+    alpha = geometry.feather_alpha(mask, feather)
+    band = (alpha > 0) & (alpha < 1)
+    overlay[band] = (overlay[band].astype(np.uint16) + np.array([255, 255, 0], dtype=np.uint16)) // 2
     # A pixel is on the outline when it is masked and one of its 4 neighbours is not.
     inner = mask.copy()
     inner[1:, :] &= mask[:-1, :]
@@ -302,7 +358,6 @@ def render_overlay(pixels: np.ndarray, mask: np.ndarray, regions: list[geometry.
     inner[:, 1:] &= mask[:, :-1]
     inner[:, :-1] &= mask[:, 1:]
     edge = mask & ~inner
-    overlay = np.asarray(picture).copy()
     overlay[edge] = (255, 0, 0)
     picture = Image.fromarray(overlay)
     draw = ImageDraw.Draw(picture)

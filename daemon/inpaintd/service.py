@@ -51,10 +51,10 @@ log = structlog.get_logger("inpaintd.service")
 
 
 def work_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
-    """Every (width, height) a job can run at: bucket sides up to the working cap, squared."""
-    sides = sorted(roi.bucket_sides)
-    fitting = [s for s in sides if s <= roi.max_size] or sides[:1]
-    return [(w, h) for w in fitting for h in fitting]
+    """Every aspect-bucket (width, height) a job can run at (geometry.bucket_shapes)."""
+    from .geometry import bucket_shapes
+
+    return bucket_shapes(roi)
 
 
 def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
@@ -62,8 +62,8 @@ def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
 
     A compiled UNet is specialised per input shape, so each working shape is compiled before
     READY rather than inside the first job of that shape. Eager kernels are not: one pass at
-    the smallest shape already pages every weight in and touches every module, while nine
-    passes at SD-1.5 size would keep READY waiting for minutes.
+    the smallest shape already pages every weight in and touches every module, while 45
+    passes (the default aspect buckets) at SD-1.5 size would keep READY waiting for minutes.
     """
     shapes = work_shapes(roi)
     return shapes if compile_mode != "off" else shapes[:1]
