@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -138,6 +139,12 @@ class Fleet:
         folder = self.nas.share / "state" / device / "claimed"
         return sorted(os.listdir(folder)) if folder.exists() else []
 
+    def claim_state(self, device: str, job_id: str) -> str | None:
+        try:
+            return json.loads((self.nas.share / "state" / device / "claimed" / job_id / "job.json").read_text())["state"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def close(self) -> None:
         for daemon in self.daemons.values():
             if daemon.alive():
@@ -208,10 +215,19 @@ def slow_jobs(fleet: Fleet, prefix: str, count: int) -> list[str]:
 def test_a_dead_devices_claims_are_finished_by_the_others_and_it_publishes_nothing_stale(fleet: Fleet) -> None:
     names = slow_jobs(fleet, "k", 40)
     victim = fleet.daemons["dev1"]
-    taken = wait_for_claims(fleet, "dev1")
+    while True:  # freeze it holding a claim (a job can finish between a look and a kill)
+        wait_for_claims(fleet, "dev1")
+        os.kill(victim.pid, signal.SIGSTOP)
+        taken = [c for c in fleet.claims("dev1") if fleet.claim_state("dev1", c) not in (None, "claiming")]
+        if taken:
+            break
+        os.kill(victim.pid, signal.SIGCONT)
     victim.kill9()
     found = fleet.wait(names, 300)
     assert_exactly_once(found, names, fleet)
+    deadline = time.monotonic() + 5 * LEASE
+    while fleet.claims("dev1") and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert fleet.claims("dev1") == [], "the dead device's claims were not taken over"
     took = [e for d in ("dev0", "dev2") for e in fleet.daemons[d].events() if e.get("event") == "fleet.took_over"]
     assert took, f"no take-over logged (dev1 held {taken})"

@@ -287,6 +287,12 @@ class Spool:
                 for entry in claim.entries():
                     if not os.path.lexists(claim.inputs / entry) and os.path.lexists(inbox / entry):
                         os.rename(inbox / entry, claim.inputs / entry)
+                if not any(os.path.lexists(claim.inputs / entry) for entry in claim.entries()):
+                    # Stopped before its first rename, and the files are gone (another device has
+                    # them): there is nothing here to finish.
+                    shutil.rmtree(claim.dir)
+                    log.info("spool.empty_claim_removed", path=str(path))
+                    return None
                 self._finish_claiming(claim)
         except Exception:  # noqa: BLE001 - fault isolation: one claim, not the start-up
             log.exception("spool.recover_failed", path=str(path), note="left in place; tried again later")
