@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install what tests/test_transfers.py and tests/test_faults.py drive for real: an sshd and scp/rsync
-# clients, samba's smbd and smbclient, and libfaketime. Idempotent; root + apt only. The tests start
+# Install what tests/test_transfers.py, tests/test_faults.py and tests/test_fleet.py drive for real: an
+# sshd and scp/rsync clients, samba's smbd and smbclient, libfaketime and sshfs. Idempotent; root + apt only. The tests start
 # their own sshd/smbd on 127.0.0.1 with configs in a temp folder; the system services are not used.
 set -euo pipefail
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
@@ -14,6 +14,7 @@ command -v rsync >/dev/null || need+=(rsync)
 command -v smbd >/dev/null || [ -x /usr/sbin/smbd ] || need+=(samba)
 command -v smbclient >/dev/null || need+=(smbclient)
 command -v faketime >/dev/null || need+=(faketime)
+command -v sshfs >/dev/null || need+=(sshfs)  # tests/test_fleet.py: several devices on one share (FUSE)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import Interrupted, JobError, TransientError
+from .errors import Interrupted, JobError, TakenOver, TransientError
 from .quoting import bounded, shorten
 
 # Errors of our own folders that go away without anyone touching the input: wait and retry.
@@ -61,6 +61,8 @@ def classify(exc: BaseException, folders: Mapping[str, Path] | None = None, inpu
         raise exc
     if isinstance(exc, Interrupted):
         return Verdict("leave", "interrupted", shorten(str(exc)))
+    if isinstance(exc, TakenOver):
+        return Verdict("leave", "taken_over", shorten(str(exc)))
     if isinstance(exc, JobError):
         return Verdict("fail", exc.code, shorten(exc.message), bounded(exc.details))
     if isinstance(exc, TransientError):

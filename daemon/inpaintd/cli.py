@@ -232,8 +232,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from . import status
 
     config = load_config(args.config)
-    state = status.read_status(config.paths.state)
-    print(json.dumps(state, indent=2) if args.json else status.format_status(state))
+    if not config.fleet.enabled:
+        state = status.read_status(config.paths.state)
+        print(json.dumps(state, indent=2) if args.json else status.format_status(state))
+        return EXIT_OK
+    from . import fleet
+
+    me = fleet.device_id(config.fleet.device_id)
+    state = status.read_status(config.paths.state / me)
+    view = fleet.Fleet(config.paths.state, me, config.fleet.lease_seconds, config.fleet.heartbeat_seconds)
+    devices = [{"device": p.device, "heartbeat_age_seconds": None if p.age is None else round(p.age, 1),
+                "presumed_dead": p.dead(config.fleet.lease_seconds), "state": p.status.get("state"),
+                "current": (p.status.get("current") or {}).get("name"), "queue_length": p.status.get("queue_length")}
+               for p in view.peers()]
+    if args.json:
+        print(json.dumps({**state, "device": me, "devices": devices}, indent=2))
+    else:
+        print(status.format_status(state))
+        print(status.format_devices(me, devices))
     return EXIT_OK
 
 

@@ -140,6 +140,16 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    # Several devices on one shared folder (README "Several devices"): paths.state is then the
+    # share's state root and each device keeps its state in paths.state/<device_id>/.
+    enabled: bool = False
+    device_id: str = ""  # "" = the first 12 characters of /etc/machine-id, else the host name
+    lease_seconds: float = 60.0  # a device silent this long (server clock) is presumed dead
+    heartbeat_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = "auto"  # auto | console | json | journald
     level: str = "info"
@@ -156,6 +166,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 # Bounds and choices, checked by _check. Keys are dotted paths.
@@ -202,6 +213,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.hold_timeout": (1.0, 30 * 86400.0),
     "output.jpeg_quality": (1, 100),
     "service.shutdown_timeout": (1.0, 3600.0),
+    "fleet.lease_seconds": (2.0, 86400.0),
+    "fleet.heartbeat_seconds": (0.2, 3600.0),
 }
 
 
@@ -270,6 +283,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     config = cls(**kwargs)
     if cls is RoiConfig and config.min_size > config.max_size:
         raise ConfigError(f"{prefix}min_size", f"must be <= roi.max_size ({config.max_size})")
+    if cls is FleetConfig and config.heartbeat_seconds * 3 > config.lease_seconds:
+        raise ConfigError(f"{prefix}heartbeat_seconds", f"must be at most a third of fleet.lease_seconds "
+                                                        f"({config.lease_seconds:g}) so a live device never looks dead")
     if cls is RoiConfig and min(config.bucket_sides) > config.max_size:
         raise ConfigError(f"{prefix}bucket_sides", f"needs a side <= roi.max_size ({config.max_size})")
     return config

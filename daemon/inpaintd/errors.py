@@ -51,6 +51,10 @@ class Interrupted(InpaintdError):
     """Shutdown asked the running job to stop at the next denoising step."""
 
 
+class TakenOver(InpaintdError):
+    """Another device took this job over while this one was away (fleet): drop it, write nothing."""
+
+
 # Machine-readable codes written to failure sidecars. One place, so docs and tests agree.
 JOB_ERROR_CODES: dict[str, str] = {
     "image_unreadable": "the image file is corrupt, truncated, empty or not an image",

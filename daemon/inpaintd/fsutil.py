@@ -19,6 +19,18 @@ from pathlib import Path
 from typing import Any
 
 TEMP_PREFIX = ".inpaintd-tmp-"
+_writer = ""  # this device's id in its temp names, on a folder several devices share
+
+
+def set_writer(device: str) -> None:
+    """Name this process's temp files `.inpaintd-tmp-<device>-*`, so that clean-up after a stop
+    removes only its own in a folder other devices write to as well."""
+    global _writer
+    _writer = f"{device}-"
+
+
+def own_temp_prefix() -> str:
+    return TEMP_PREFIX + _writer
 
 
 def fsync_dir(directory: Path) -> None:
@@ -36,7 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, overwrite: bool = True) -> No
     of replacing a file someone else published meanwhile.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=own_temp_prefix(), dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -134,7 +146,7 @@ def move_entry(src: Path, dst: Path) -> str:
         if exc.errno != errno.EXDEV:
             raise
     st = os.lstat(src)
-    tmp = dst.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+    tmp = dst.parent / f"{own_temp_prefix()}{secrets.token_hex(6)}"
     try:
         if stat_mod.S_ISREG(st.st_mode):
             _copy_file(src, tmp)

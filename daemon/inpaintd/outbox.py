@@ -156,7 +156,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_temp_files(folder: Path) -> list[str]:
+def remove_temp_files(folder: Path, prefix: str = TEMP_PREFIX) -> list[str]:
     """Remove the temp files of atomic writes a kill interrupted (`.inpaintd-tmp-*`); their names.
 
     Only where no write of this daemon is in flight: the outbox at start-up, a job's own
@@ -169,7 +169,7 @@ def remove_temp_files(folder: Path) -> list[str]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(TEMP_PREFIX) or entry.is_symlink():
+        if not entry.name.startswith(prefix) or entry.is_symlink():
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
@@ -292,7 +292,8 @@ def error_record(error: JobError, name: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: float) -> Path | None:
+def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: float,
+               extra: Mapping[str, Any] | None = None) -> Path | None:
     """Inputs and error.json to failed/NAME/ (distinct if taken); the claim is dropped.
 
     The error is recorded in the claim (state failing) before anything moves, so a stop
@@ -309,6 +310,7 @@ def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: f
                 inputs=claim.entries(),
                 arrived=timestamp(claim.arrived),
                 failed_at=timestamp(now),
+                **(extra or {}),
             )
             spool.mark(claim, "failing", error=record)
         return _file_away(spool, claim, failed, claim.record["error"])

@@ -38,9 +38,9 @@ from typing import Any
 
 import structlog
 
-from . import __version__, boundary, grouping, outbox
+from . import __version__, boundary, fleet as fleet_mod, fsutil, grouping, outbox
 from .config import Config, RoiConfig, load_config
-from .errors import ConfigError, Interrupted, JobError
+from .errors import ConfigError, Interrupted, JobError, TakenOver, TransientError
 from .intake import Intake, folders_of
 from .queues import ArrivalQueue, Held, HeldJobs
 from .quoting import shorten
@@ -107,7 +107,17 @@ class Service:
         self.notifier = notifier if notifier is not None else _notifier()
         self.jobs = ArrivalQueue()
         self.held = HeldJobs(config.limits.hold_timeout)
-        self.spool = Spool(config.paths.state)
+        self.device = fleet_mod.device_id(config.fleet.device_id)
+        self.fleet: fleet_mod.Fleet | None = None
+        self.state_dir = config.paths.state
+        if config.fleet.enabled:
+            # Our own folder under the share's state root (fleet.py): claims, status, heartbeat.
+            self.state_dir = config.paths.state / self.device
+            self.fleet = fleet_mod.Fleet(config.paths.state, self.device, config.fleet.lease_seconds,
+                                         config.fleet.heartbeat_seconds)
+            fsutil.set_writer(self.device)
+        self.keeper: fleet_mod.Keeper | None = None
+        self.spool = Spool(self.state_dir)
         self.status: StatusFile | None = None
         self.engine: Any = None
         self.intake: Intake | None = None
@@ -132,13 +142,17 @@ class Service:
         log.info("service.ready", inbox=str(self.config.paths.inbox), queued=self.jobs.qsize())
         self._idle()
         while not self.stopping.is_set():
-            self._ping()
-            if self.reload_requested:
-                self.reload()
-            claim, held = self._next()
-            if claim is not None:
-                self.process(claim, held)
-                self._idle()
+            try:
+                self._ping()
+                if self.reload_requested:
+                    self.reload()
+                claim, held = self._next()
+                if claim is not None:
+                    self.process(claim, held)
+                    self._idle()
+            except Exception:  # noqa: BLE001 - the loop serves every job: it never ends on an error
+                log.exception("service.loop_error", note="the loop goes on")
+                self.stopping.wait(1.0)
         return self.shutdown()
 
     def start(self) -> None:
@@ -150,10 +164,16 @@ class Service:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"paths.{key}", f"cannot create {path}: {exc.strerror or exc}") from exc
+        if self.fleet is not None:
+            try:
+                self.fleet.check_unique()
+            except RuntimeError as exc:
+                raise ConfigError("fleet.device_id", str(exc)) from exc
+            self.fleet.beat()
         self.spool.open(paths.inbox)
-        self.status = StatusFile(paths.state)
+        self.status = StatusFile(self.state_dir)
         self.status.update(state="starting", daemon_version=__version__, inbox=str(paths.inbox),
-                           outbox=str(paths.outbox))
+                           outbox=str(paths.outbox), device=self.device)
         self._clean_outbox()
         for claim in self.spool.recover(paths.inbox):
             log.info("job.requeued", job=claim.name, job_id=claim.job_id, attempts=claim.attempts)
@@ -191,11 +211,16 @@ class Service:
         self.intake = Intake(config, self.spool, self.jobs, self.status)
         self.intake.watch()
         self.intake.start()
+        if self.fleet is not None:
+            self.keeper = fleet_mod.Keeper(self.fleet, self.spool, paths.inbox, self.jobs.put)
+            self.keeper.start()
 
     def _clean_outbox(self) -> None:
         """Temp files of atomic writes a kill -9 interrupted; nothing of ours is being written yet."""
         try:
-            outbox.remove_temp_files(self.config.paths.outbox)
+            # On a shared outbox only our own: another device's may be in flight.
+            prefix = fsutil.own_temp_prefix() if self.fleet is not None else fsutil.TEMP_PREFIX
+            outbox.remove_temp_files(self.config.paths.outbox, prefix)
         except OSError as exc:
             log.warning("outbox.cleanup_failed", outbox=str(self.config.paths.outbox), error=str(exc))
 
@@ -205,12 +230,17 @@ class Service:
         if self.intake is not None:
             self.intake.stop()
             self.intake.join(timeout=5)
+        if self.keeper is not None:
+            self.keeper.stop()
         if self.status is not None:
             self.status.update(state="stopped", current=None)
             self.status.flush()
         if self._stop_timer is not None:
             self._stop_timer.cancel()
-        self.spool.close()
+        try:
+            self.spool.close()
+        except OSError as exc:  # the lock file's folder is away (a network share): the lock goes with us
+            log.warning("spool.close_failed", error=str(exc))
         log.info("service.stopped")
         return 0
 
@@ -268,8 +298,10 @@ class Service:
             log.warning("config.reload_needs_restart", section="paths.state", note="applies after a restart")
         if new.logging != self.config.logging:
             log.warning("config.reload_needs_restart", section="logging", note="applies after a restart")
+        if new.fleet != self.config.fleet:
+            log.warning("config.reload_needs_restart", section="fleet", note="applies after a restart")
         applied = replace(
-            new, model=self.config.model, logging=self.config.logging,
+            new, model=self.config.model, logging=self.config.logging, fleet=self.config.fleet,
             paths=replace(new.paths, state=self.config.paths.state),
         )
         for key in ("inbox", "outbox", "failed", "archive"):
@@ -359,6 +391,7 @@ class Service:
         self._attempt_counted = False
         self._painted = held.result if held is not None else None
         try:
+            self._check_ours(claim)
             pending = held.pending_failure if held is not None else None
             if pending is not None and claim.state != "failing":
                 self._fail(claim, pending, bound)
@@ -381,8 +414,25 @@ class Service:
             self._deadline = None
             self._painted = None
 
+    def _check_ours(self, claim: Claim) -> None:
+        """Fleet: write nothing for a job another device took over, nor while our lease is stale."""
+        if self.fleet is None:
+            return
+        if not self.fleet.lease_fresh():
+            raise TransientError("share_unreachable", "this device has not reached the share's state folder "
+                                 "for over half a lease; nothing is written until it does")
+        try:
+            os.stat(claim.dir)
+        except FileNotFoundError:
+            raise TakenOver(f"{claim.name} was taken over by another device while this one was away") from None
+        except OSError as exc:  # the share is away (ENOTCONN, EIO): wait, do not give the job up
+            raise TransientError("share_unreachable", f"cannot reach this job's claim on the share ({exc.strerror})") from exc
+
     def _settle(self, claim: Claim, exc: BaseException, held: Held | None, result: Any, bound: Any) -> None:
         verdict = boundary.classify(exc, folders_of(self.config), claim.inputs)
+        if verdict.code == "taken_over":
+            bound.warning("job.taken_over", note="another device has it; this one drops its work without writing")
+            return
         if verdict.action == "leave":
             self._undo_attempt(claim, bound)
             bound.info("job.interrupted", note="left claimed; it runs again at the next start")
@@ -461,6 +511,7 @@ class Service:
         extra = {
             "job_id": claim.job_id,
             "host": self.host,
+            "device": self.device,
             "daemon_version": __version__,
             "queue_wait_seconds": round(started - claim.arrived, 3),
             "arrived": outbox.timestamp(claim.arrived),
@@ -470,6 +521,7 @@ class Service:
             "inputs_received_as": claim.entries(),
         }
         self._painted = result  # kept by a hold if publication must wait: no repaint
+        self._check_ours(claim)
         # The names are recorded (fsynced) in the claim before anything is written, so
         # that a kill -9 anywhere in publication is settled at the next start.
         image_path, sidecar_path = outbox.publish(
@@ -497,6 +549,7 @@ class Service:
             self.spool.mark(claim, "claimed")
 
     def _archive(self, claim: Claim, bound: Any) -> None:
+        self._check_ours(claim)
         target = outbox.archive_inputs(self.spool, claim, self.config.paths.archive, self.config.output.after_success)
         bound.info("job.archived", archive=str(target) if target else "deleted")
 
@@ -512,7 +565,9 @@ class Service:
 
     def _fail(self, claim: Claim, error: JobError, bound: Any) -> None:
         assert self.status is not None
-        path = outbox.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time())
+        self._check_ours(claim)
+        path = outbox.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time(),
+                                 {"device": self.device})
         bound.warning("job.failed", code=error.code, error=shorten(error.message),
                       failed=str(path) if path else None)
         self.status.increment("jobs_failed")
@@ -532,7 +587,10 @@ def run_service(config: Config, config_path: str | os.PathLike[str] | None) -> i
     try:
         return service.run()
     except BaseException:
-        service.spool.close()
+        try:
+            service.spool.close()
+        except OSError:
+            pass
         raise
 
 

@@ -228,6 +228,11 @@ class Spool:
             try:
                 os.rename(inbox / entry, claim.inputs / entry)
             except OSError as exc:
+                if _moved_after_all(inbox / entry, claim.inputs / entry):
+                    # A network filesystem can report an error for a rename it did (the reply
+                    # was lost and the retried request found nothing): the entry is ours.
+                    moved.append(entry)
+                    continue
                 self._roll_back(claim, inbox, moved)
                 if isinstance(exc, FileNotFoundError) and not os.path.lexists(inbox / entry):
                     log.warning("job.claim_lost", job=name, missing=entry, note="taken by someone else")
@@ -262,23 +267,46 @@ class Spool:
         """
         claims: list[Claim] = []
         for path in sorted(self.claimed.iterdir()):
-            try:
-                if not path.is_dir() or path.name.startswith("."):
-                    continue
-                claim = self.load(path)
-                if claim is None:
-                    continue
-                if claim.state == "claiming":
-                    for entry in claim.entries():
-                        if not os.path.lexists(claim.inputs / entry) and os.path.lexists(inbox / entry):
-                            os.rename(inbox / entry, claim.inputs / entry)
-                    self._finish_claiming(claim)
-            except Exception:  # noqa: BLE001 - fault isolation: one claim, not the start-up
-                log.exception("spool.recover_failed", path=str(path), note="left in place; tried again at the next start")
+            if not path.is_dir() or path.name.startswith("."):
                 continue
-            claims.append(claim)
+            claim = self.adopt(path, inbox)
+            if claim is not None:
+                claims.append(claim)
         claims.sort(key=lambda c: (c.arrived, c.job_id))
         return claims
+
+    def adopt(self, path: Path, inbox: Path, only_claiming: bool = False) -> Claim | None:
+        """The claim in `path` (ours: left by an earlier run, or taken over from a dead device),
+        with a half-made one completed; None if it cannot be read or completed now (it stays,
+        tried again later) or, with only_claiming, if it was complete already."""
+        try:
+            claim = self.load(path)
+            if claim is None or (only_claiming and claim.state != "claiming"):
+                return None
+            if claim.state == "claiming":
+                for entry in claim.entries():
+                    if not os.path.lexists(claim.inputs / entry) and os.path.lexists(inbox / entry):
+                        os.rename(inbox / entry, claim.inputs / entry)
+                if not any(os.path.lexists(claim.inputs / entry) for entry in claim.entries()):
+                    # Stopped before its first rename, and the files are gone (another device has
+                    # them): there is nothing here to finish.
+                    shutil.rmtree(claim.dir)
+                    log.info("spool.empty_claim_removed", path=str(path))
+                    return None
+                self._finish_claiming(claim)
+        except Exception:  # noqa: BLE001 - fault isolation: one claim, not the start-up
+            log.exception("spool.recover_failed", path=str(path), note="left in place; tried again later")
+            return None
+        return claim
+
+    def recover_claiming(self, inbox: Path) -> list[Claim]:
+        """Claims whose claiming an error interrupted (a network share that went away mid-rename):
+        completed now that the share answers again, for the queue."""
+        try:
+            paths = sorted(p for p in self.claimed.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return []
+        return [c for c in (self.adopt(p, inbox, only_claiming=True) for p in paths) if c is not None]
 
     def load(self, path: Path) -> Claim | None:
         try:
@@ -376,3 +404,10 @@ def _gone_is_fine(function: Any, path: str, exc_info: Any) -> None:
     """rmtree's error hook: a path already removed (a stop came mid-drop) is what we wanted."""
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]
+
+
+def _moved_after_all(src: Path, dst: Path) -> bool:
+    try:
+        return os.path.lexists(dst) and not os.path.lexists(src)
+    except OSError:
+        return False

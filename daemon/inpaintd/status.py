@@ -91,7 +91,10 @@ class StatusFile:
             tmp.write_bytes(payload)
             os.replace(tmp, self.path)
         except OSError:
-            tmp.unlink(missing_ok=True)  # a status file must never stop the daemon
+            try:
+                tmp.unlink(missing_ok=True)  # a status file must never stop the daemon
+            except OSError:
+                pass  # the folder is away (a network share): nothing to clean up there now
 
     def increment(self, key: str) -> None:
         with self._lock:
@@ -175,4 +178,19 @@ def format_status(data: dict[str, Any]) -> str:
         lines.append(f"last error: {error.get('job')}: [{error.get('code')}] {error.get('message')} ({error.get('at')})")
     if "jobs_done" in data:
         lines.append(f"jobs:       {data.get('jobs_done', 0)} done, {data.get('jobs_failed', 0)} failed since start")
+    return "\n".join(lines)
+
+
+def format_devices(me: str, devices: list[dict[str, Any]]) -> str:
+    """The devices sharing the folder, as `inpaintd status` lists them (fleet mode)."""
+    lines = [f"devices:    {len(devices)} on the share (this one: {me})"]
+    for d in devices:
+        age = d.get("heartbeat_age_seconds")
+        beat = "never beat" if age is None else f"heartbeat {age:g} s ago"
+        if d.get("presumed_dead"):
+            beat += ", presumed dead (its claims are taken over)"
+        current = f", painting {d['current']}" if d.get("current") else ""
+        queued = d.get("queue_length")
+        lines.append(f"  {d['device']}{' (this device)' if d['device'] == me else ''}: {beat}; "
+                     f"{d.get('state') or 'unknown'}{current}, {queued if queued is not None else '?'} queued")
     return "\n".join(lines)
