@@ -15,6 +15,9 @@ Phases:
            jobs during processing: all complete, in FIFO order, resident memory stays bounded.
   hostile  every case of tests/hostile_corpus.py, ROUNDS times into one daemon, interleaved with
            good jobs: each ends as expected, the daemon never stops.
+  fleet    issue 13: three daemons on three sshfs mounts of one share (tests/fleet_harness.py);
+           FLEET_JOBS dropped by a fourth client while one device is killed for good and another
+           is cut off the share and remounted: each job once, throughput per device.
   chaos    the long profile of tests/chaos.py (issue 10): two daemons on one inbox, random
            interleavings of good jobs and hostile material, SIGKILLs at random moments, the disk
            filled, the archive's disk filled, the outbox made read-only; then every invariant of
@@ -409,6 +412,80 @@ def phase_chaos(model: Path, work: Path, seed: int, drops: int, kills: int, faul
     return result
 
 
+def phase_fleet(model: Path, work: Path, jobs: int) -> PhaseResult:
+    """Issue 13: three devices on three sshfs mounts of one share, one killed for good, one cut off."""
+    import fleet_harness
+
+    result = PhaseResult("fleet: 3 devices on one sshfs share")
+    reason = fleet_harness.unavailable()
+    if reason:
+        result.problems.append(f"skipped: {reason}")
+        return result
+    started = time.monotonic()
+    fleet = fleet_harness.Fleet(work / "fleet", model, 3)
+    try:
+        names = [f"f{i:04d}" for i in range(jobs)]
+        begun = time.monotonic()
+        for index, name in enumerate(names):
+            drop_job(fleet.client / "inbox", name, size=(96, 96))
+            if index == jobs // 4:
+                victim = fleet.daemons["dev1"]
+                while not [c for c in fleet.claims("dev1") if fleet.claim_state("dev1", c) not in (None, "claiming")]:
+                    time.sleep(0.02)
+                victim.kill9()
+                result.faults["SIGKILL of a device mid-job, not restarted until the end"] = 1
+            if index == jobs // 2:
+                while not fleet.claims("dev2"):
+                    time.sleep(0.02)
+                fleet.nas.cut("dev2")
+                cut_at = time.monotonic()
+                result.faults["device cut off the share (its sshfs killed) mid-job, remounted"] = 1
+            if index > jobs // 2 and "cut_at" in locals() and time.monotonic() - cut_at > 3 * fleet_harness.LEASE \
+                    and not fleet_harness.mount_alive(fleet, "dev2"):
+                fleet.nas.reconnect("dev2")
+        if not fleet_harness.mount_alive(fleet, "dev2"):
+            time.sleep(max(0.0, 3 * fleet_harness.LEASE - (time.monotonic() - cut_at)))
+            fleet.nas.reconnect("dev2")
+        found = fleet.wait(names, 900)
+        elapsed = time.monotonic() - begun
+        result.checks["the dead device's claims were all taken over"] = not fleet.claims("dev1")
+        before = {n: len(v) for n, v in fleet.outcomes().items()}
+        fleet.daemons["dev1"].start(timeout=180)
+        time.sleep(2 * fleet_harness.LEASE)
+        after = {n: len(v) for n, v in fleet.outcomes().items()}
+        per_device: dict[str, int] = {}
+        for name in names:
+            outs = found.get(name, [])
+            if not outs:
+                result.lost += 1
+                continue
+            if len(outs) > 1:
+                result.duplicated += 1
+            kind, data = outs[0]
+            if kind == "done":
+                result.done += 1
+                per_device[str(data.get("device"))] = per_device.get(str(data.get("device")), 0) + 1
+            else:
+                result.failed[kind] = result.failed.get(kind, 0) + 1
+        result.jobs = jobs
+        took = sum(1 for d in fleet.daemons.values() for e in d.events() if e.get("event") == "fleet.took_over")
+        dropped = sum(1 for e in fleet.daemons["dev2"].events() if e.get("event") == "job.taken_over")
+        result.figures["jobs per device"] = ", ".join(f"{k}: {v}" for k, v in sorted(per_device.items()))
+        result.figures["throughput per device (jobs/s, tiny model, over the whole run)"] = ", ".join(
+            f"{k}: {v / elapsed:.2f}" for k, v in sorted(per_device.items()))
+        result.figures["claims taken over from the dead or cut-off device"] = str(took)
+        result.figures["jobs the cut-off device dropped on return (taken over meanwhile)"] = str(dropped)
+        result.figures["seconds for all jobs"] = f"{elapsed:.0f}"
+        result.checks["the restarted dead device published nothing stale"] = before == after
+        result.checks["all devices alive at the end"] = all(d.alive() for d in fleet.daemons.values())
+        result.checks["no temp file left in the shared outbox"] = not [
+            p for p in (fleet.nas.share / "outbox").iterdir() if p.name.startswith(".")]
+    finally:
+        fleet.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -444,7 +521,9 @@ def table(results: list[PhaseResult], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phases", default="kill,load,hostile,chaos", help="comma list of kill, load, hostile, chaos")
+    parser.add_argument("--phases", default="kill,load,hostile,chaos,fleet",
+                        help="comma list of kill, load, hostile, chaos, fleet")
+    parser.add_argument("--fleet-jobs", type=int, default=600, help="jobs in the fleet phase (default 600)")
     parser.add_argument("--chaos-drops", type=int, default=400, help="drops in the chaos phase (default 400)")
     parser.add_argument("--chaos-kills", type=int, default=30, help="SIGKILLs in the chaos phase (default 30)")
     parser.add_argument("--chaos-faults", type=int, default=24, help="filesystem faults in the chaos phase (default 24)")
@@ -473,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(phase_load(model, work, args.load, args.burst))
         elif phase == "hostile":
             results.append(phase_hostile(model, work, args.rounds))
+        elif phase == "fleet":
+            results.append(phase_fleet(model, work, args.fleet_jobs))
         elif phase == "chaos":
             results.append(phase_chaos(model, work, args.seed, args.chaos_drops, args.chaos_kills, args.chaos_faults,
                                        args.chaos_seconds))

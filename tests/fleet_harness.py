@@ -1,0 +1,152 @@
+"""Several devices on one real network filesystem on loopback, for tests/test_fleet.py and scripts/soak.py.
+
+A private sshd on 127.0.0.1 serves one "NAS" folder; `sshfs` mounts it once per simulated device
+and once for the client that drops files, so each daemon is a separate client of a real network
+filesystem (its own caches, its own connection; no inotify across clients: the daemons poll).
+Each daemon runs with `fleet.enabled`, its own device id and a short lease. Outcomes are read on
+the server side, in the NAS folder itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from daemon_harness import FAST_SETTINGS, Daemon, Dirs, merged
+from transfer_servers import SshServer
+
+LEASE = 4.0
+FLEET_SETTINGS = {
+    "watch": {"observer": "polling", "settle_seconds": 0.5, "poll_interval": 0.3, "rescan_interval": 2,
+              "incomplete_timeout": 30},
+    "fleet": {"enabled": True, "lease_seconds": LEASE, "heartbeat_seconds": 1.0},
+}
+
+
+def unavailable() -> str | None:
+    reason = SshServer.unavailable()
+    if reason:
+        return reason
+    if shutil.which("sshfs") is None or shutil.which("fusermount3") is None:
+        return "sshfs is not installed (scripts/setup-transfer-test-deps.sh installs it as root)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0:
+        return "sshfs mounts here need root"
+    return None
+
+
+class Nas:
+    """One shared folder served over SFTP, mounted once per client with sshfs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.server = SshServer(root / "sshd").start()
+        self.share = root / "nas"
+        self.share.mkdir()
+        for name in ("inbox", "outbox", "failed", "archive", "state"):
+            (self.share / name).mkdir()
+        self.mounts: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
+
+    def mount(self, name: str) -> Path:
+        point = self.root / f"mnt-{name}"
+        point.mkdir(exist_ok=True)
+        options = ",".join([
+            f"IdentityFile={self.server.key}", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null",
+            "BatchMode=yes", f"port={self.server.port}", "dir_cache=no", "ServerAliveInterval=2",
+        ])
+        proc = subprocess.Popen(["sshfs", "-f", "-o", options, f"{self.server.user}@127.0.0.1:{self.share}", str(point)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not _mounted(point):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sshfs mount of {point} failed")
+            time.sleep(0.1)
+        self.mounts[name] = (point, proc)
+        return point
+
+    def cut(self, name: str) -> None:
+        """Kill the client's sshfs process: its mount stops answering (ENOTCONN), like a lost link."""
+        point, proc = self.mounts[name]
+        proc.kill()
+        proc.wait(timeout=10)
+
+    def reconnect(self, name: str) -> Path:
+        point, _ = self.mounts[name]
+        subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True)
+        return self.mount(name)
+
+    def close(self) -> None:
+        for point, proc in self.mounts.values():
+            subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True)
+            if proc.poll() is None:
+                proc.kill()
+        self.server.stop()
+
+
+def _mounted(point: Path) -> bool:
+    with open("/proc/mounts") as mounts:
+        return any(line.split()[1] == str(point) for line in mounts)
+
+
+class Fleet:
+    def __init__(self, root: Path, model: Path, devices: int) -> None:
+        self.nas = Nas(root)
+        self.client = self.nas.mount("client")
+        self.daemons: dict[str, Daemon] = {}
+        for index in range(devices):
+            device = f"dev{index}"
+            point = self.nas.mount(device)
+            data = merged(FAST_SETTINGS, FLEET_SETTINGS)
+            data["fleet"] = {**data["fleet"], "device_id": device}
+            dirs = Dirs.make(root / f"local-{device}", model, data)
+            dirs.rewrite_config({"paths": {k: str(point / k) for k in ("inbox", "outbox", "failed", "archive",
+                                                                         "state")},
+                                 "fleet": data["fleet"]})
+            self.daemons[device] = Daemon(dirs)
+        for daemon in self.daemons.values():
+            daemon.start(timeout=180)
+
+    def outcomes(self) -> dict[str, list[tuple[str, dict]]]:
+        found: dict[str, list[tuple[str, dict]]] = {}
+        for path in (self.nas.share / "outbox").glob("*.json"):
+            data = json.loads(path.read_text())
+            found.setdefault(data["name"], []).append(("done", data))
+        for path in (self.nas.share / "failed").glob("*/error.json"):
+            data = json.loads(path.read_text())
+            found.setdefault(data["job"], []).append((data["code"], data))
+        return found
+
+    def wait(self, names: list[str], timeout: float) -> dict[str, list[tuple[str, dict]]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.outcomes()
+            if set(names) <= set(found) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+    def claims(self, device: str) -> list[str]:
+        folder = self.nas.share / "state" / device / "claimed"
+        return sorted(os.listdir(folder)) if folder.exists() else []
+
+    def claim_state(self, device: str, job_id: str) -> str | None:
+        try:
+            return json.loads((self.nas.share / "state" / device / "claimed" / job_id / "job.json").read_text())["state"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def close(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.alive():
+                daemon.kill9()
+        self.nas.close()
+
+
+def mount_alive(fleet: Fleet, name: str) -> bool:
+    """Whether a client's sshfs process still runs (False after Nas.cut until reconnect)."""
+    _, proc = fleet.nas.mounts[name]
+    return proc.poll() is None
