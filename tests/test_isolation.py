@@ -11,6 +11,7 @@ live daemons is tests/test_chaos.py.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from daemon_harness import Daemon, Dirs, drop_job, image_bytes, mask_bytes, put, wait_for
+from daemon_harness import Daemon, Dirs, drop_job, image_bytes, mask_bytes, put, read_status, wait_for
 from inpaintd import boundary, fsutil, grouping, images, jobspec, outbox, quoting
 from inpaintd.config import LimitsConfig, config_from_dict
 from inpaintd.errors import JobError
@@ -545,3 +546,142 @@ def test_inpaintd_status_names_the_held_jobs() -> None:
     text = format_status({"running": True, "pid": 1, "uptime_seconds": 5, "state": "retrying", "held": ["a", "b"],
                           "health": "outbox folder /o is not usable (Read-only file system), retrying"})
     assert "held:       2 waiting out an error" in text and "(a, b)" in text and "Read-only" in text
+
+
+# ---------------------------------------------------------------------------- found by an adversarial review
+
+
+@pytest.mark.parametrize("options,code", [
+    ({"guidance": 10 ** 400}, "options_invalid"),  # float() of it overflows
+    ({"strength": -(10 ** 400)}, "options_invalid"),
+    ({"prompt": "a \ud800 house"}, "options_invalid"),  # a lone surrogate from a YAML/JSON escape
+    ({"negative_prompt": "\ud83d"}, "options_invalid"),
+    ({"strength": 0.01}, "options_invalid"),  # int(20 x 0.01) = 0 denoising steps
+    ({"steps": 3, "strength": 0.3, "scheduler": "lcm"}, "options_invalid"),
+])
+def test_option_values_that_crashed_deep_inside_are_refused_up_front(options: dict, code: str) -> None:
+    with pytest.raises(JobError) as caught:
+        jobspec.build_request("n", Path("n.png"), None, options, config_from_dict({}))
+    assert caught.value.code == code
+
+
+def test_a_config_whose_defaults_make_no_denoising_step_is_refused() -> None:
+    from inpaintd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="inference.strength"):
+        config_from_dict({"inference": {"steps": 1, "strength": 0.5}})
+
+
+def loaded(tmp_path: Path, data: bytes, name: str = "i.png"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return images.load_image(path, 100_000_000)
+
+
+def test_results_a_format_cannot_hold_fail_the_job_or_drop_the_metadata_that_does_not_fit(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x010E] = "A" * 100_000  # over JPEG's 64 KiB APP1 segment
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG", exif=exif.tobytes())
+    source = loaded(tmp_path, buffer.getvalue())
+    data, ext = images.encode_image(source.pixels, None, source, "jpg", 90)
+    assert ext == "jpg" and Image.open(io.BytesIO(data)).size == (64, 64)
+    wide = loaded(tmp_path, image_bytes((17000, 8), "PNG"), "w.png")
+    with pytest.raises(JobError) as caught:
+        images.encode_image(wide.pixels, None, wide, "webp", 90)
+    assert caught.value.code == "image_unsupported" and "output_format" in caught.value.message
+
+
+def test_broken_frames_and_unconvertible_mask_modes_are_the_inputs_fault(tmp_path: Path) -> None:
+    gif = io.BytesIO()
+    Image.new("P", (64, 64)).save(gif, format="GIF")
+    broken = gif.getvalue()[:-1] + b"," + bytes(9)  # the trailer replaced by a truncated frame
+    with pytest.raises(JobError) as caught:
+        loaded(tmp_path, broken)
+    assert caught.value.code in ("image_unreadable", "image_unsupported")
+    lab = tmp_path / "m.tif"
+    Image.new("LAB", (64, 64)).save(lab, format="TIFF")
+    with pytest.raises(JobError) as caught:
+        images.load_mask(lab, (64, 64), 100_000_000)
+    assert caught.value.code == "mask_unreadable"
+
+
+def test_a_job_folder_nested_a_thousand_deep_is_unsafe_not_a_crash(place) -> None:
+    root, spool = place
+    job = root / "inbox" / "deep"
+    job.mkdir()
+    (job / "image.png").write_bytes(png())
+    (job / "mask.png").write_bytes(mask_bytes())
+    fd = os.open(job, os.O_RDONLY)
+    try:
+        for _ in range(1100):  # relative mkdirs: the full path would pass PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    claim = spool.claim(root / "inbox", JobGroup("deep", "deep/image.png", "deep/mask.png", None, ("deep",), "deep", 0),
+                        arrived=1.0)
+    assert spool.oversized_inputs(claim, 10) == {"deep/image.png": len(png()), "deep/mask.png": len(mask_bytes())}
+    assert "nests folders more than" in spool.unsafe_inputs(claim)["deep"]
+    folder = outbox.fail_claim(spool, claim, JobError("job_unsafe", "deep"), root / "failed", 1.0)
+    assert sorted(os.listdir(folder)) == ["d", "error.json", "image.png", "mask.png"]
+
+
+def test_an_input_named_error_json_is_kept_beside_the_record(place) -> None:
+    root, spool = place
+    job = root / "inbox" / "notes"
+    job.mkdir()
+    (job / "image.png").write_bytes(png())
+    (job / "error.json").write_text('{"my": "own notes"}')
+    claim = spool.claim(root / "inbox", JobGroup("notes", "notes/image.png", None, None, ("notes",), "notes", 0), 1.0)
+    folder = outbox.fail_claim(spool, claim, JobError("mask_missing", "no mask"), root / "failed", 1.0)
+    record = json.loads((folder / "error.json").read_text())
+    assert record["code"] == "mask_missing" and record["renamed_inputs"] == {"error.json": "error.json.input"}
+    assert (folder / "error.json.input").read_text() == '{"my": "own notes"}'
+
+
+@pytest.fixture
+def unprivileged_daemon(tiny_model: Path, tmp_path: Path):
+    """One daemon without CAP_DAC_OVERRIDE (as the service runs), so permissions bind it."""
+    from chaos import namespace_unavailable
+
+    reason = namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    dirs = Dirs.make(tmp_path / "u", tiny_model, SETTINGS)
+    daemon = Daemon(dirs, wrapper=["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]).start()
+    yield dirs, daemon
+    daemon.stop()
+
+
+def test_live_read_only_folders_never_hold_anything_and_are_recorded(unprivileged_daemon) -> None:
+    dirs, daemon = unprivileged_daemon
+
+    def folder(name: str, mode: int | None = None, sub_mode: int | None = None) -> None:
+        staging = dirs.root / f"up-{name}"
+        staging.mkdir()
+        (staging / "image.png").write_bytes(png())
+        (staging / "mask.png").write_bytes(mask_bytes())
+        (staging / "prompt.txt").write_text("x")
+        if sub_mode is not None:
+            (staging / "sub").mkdir()
+            (staging / "sub" / "notes.txt").write_text("kept")
+            os.chmod(staging / "sub", sub_mode)
+        if mode is not None:
+            os.chmod(staging, mode)
+        os.rename(staging, dirs.inbox / name)
+
+    folder("ro", mode=0o555)  # scp -rp of a read-only folder: cannot be renamed out of the inbox
+    folder("rosub", sub_mode=0o555)  # a read-only subfolder: the job folder moves whole
+    drop_job(dirs.inbox, "good")
+    found = wait_for(dirs, ["ro", "rosub", "good"], 90)
+    assert [o.kind for o in found.get("good", [])] == ["done"]
+    assert [o.kind for o in found.get("rosub", [])] == ["done"]
+    assert [o.code for o in found.get("ro", [])] == ["input_unmovable"]
+    assert (dirs.inbox / "ro" / "image.png").exists()  # left where it was, untouched
+    archived = [p for p in dirs.archive.iterdir() if p.name.startswith("rosub")]
+    assert archived and (archived[0] / "sub" / "notes.txt").read_text() == "kept"
+    held = read_status(dirs.state).get("held") or []
+    assert held == [] and daemon.alive()

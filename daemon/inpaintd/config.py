@@ -281,6 +281,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[name] = _check(key, value, hint)
     config = cls(**kwargs)
+    if cls is InferenceConfig and int(config.steps * config.strength) < 1:
+        raise ConfigError(f"{prefix}strength", f"steps x strength ({config.steps} x {config.strength:g}) must "
+                                               "make at least one denoising step")
     if cls is RoiConfig and config.min_size > config.max_size:
         raise ConfigError(f"{prefix}min_size", f"must be <= roi.max_size ({config.max_size})")
     if cls is FleetConfig and config.heartbeat_seconds * 3 > config.lease_seconds:
@@ -322,11 +325,19 @@ def _check(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {quote(value)}")
-        _check_range(key, float(value))
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(key, f"is far out of range, got {quote(value)}") from None
+        _check_range(key, number)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {quote(value)}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a YAML/JSON escape: no tokenizer takes it
+            raise ConfigError(key, "must be valid Unicode text (it holds a lone surrogate escape)") from None
         choices = _CHOICES.get(key)
         if choices is not None:
             value = value.strip().lower()

@@ -62,6 +62,7 @@ JOB_ERROR_CODES: dict[str, str] = {
     "image_too_large": "the image has more pixels than limits.max_pixels allows (decompression bomb guard)",
     "input_too_large": "an input file is larger than limits.max_input_bytes (refused before it is read)",
     "input_unreadable": "an input file cannot be read (its permissions, or an I/O error reading it)",
+    "input_unmovable": "an inbox entry inpaintd may not move (e.g. a read-only folder); it stays in the inbox",
     "mask_unreadable": "the mask file is corrupt, truncated, empty or not an image",
     "mask_missing": "no mask file and the image has no alpha channel",
     "mask_size_mismatch": "the mask's size differs from the image's",

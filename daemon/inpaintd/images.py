@@ -100,7 +100,7 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
             f"image is {width}x{height} = {width * height} pixels, more than limits.max_pixels ({max_pixels})",
             {"width": width, "height": height, "max_pixels": max_pixels},
         )
-    if _animated(im):
+    if _animated(im, "image_unreadable", "image"):
         raise JobError("image_unsupported", "image has more than one frame; animated or multi-page images are not supported")
     fmt = _FORMAT_NAMES[im.format]
     # Pillow's TIFF loader applies the orientation itself and drops the tag, so a TIFF's
@@ -151,7 +151,7 @@ def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np
         _size_mismatch((width, height), expected_size)  # from the header, before decoding
     if width * height > max_pixels:  # only reachable if the caller's sizes disagree with its limit
         raise JobError("mask_unreadable", f"mask is {width}x{height}, more than limits.max_pixels ({max_pixels})")
-    if _animated(im):
+    if _animated(im, "mask_unreadable", "mask"):
         raise JobError("mask_unreadable", "mask has more than one frame; an animated mask cannot be used")
     _decode(im, "mask_unreadable", "mask")
     # Pillow reports and decodes a TIFF already rotated, and drops its orientation tag.
@@ -162,7 +162,11 @@ def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np
     display = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if display != tuple(expected_size):
         _size_mismatch(display, expected_size)
-    grey = _mask_values(im)
+    try:
+        grey = _mask_values(im)
+    except Exception as exc:  # noqa: BLE001 - modes Pillow cannot convert (LAB TIFF, ...)
+        raise JobError("mask_unreadable", f"mask mode {im.mode} cannot be read as grey values: "
+                                          f"{shorten(str(exc), 200)}") from exc
     if orientation in _TO_DISPLAY:
         grey = np.asarray(Image.fromarray(grey).transpose(_TO_DISPLAY[orientation]))
     return np.ascontiguousarray(grey, dtype=np.uint8)
@@ -217,9 +221,27 @@ def encode_image(
         options.update(compress_level=6)
     elif ext == "tiff":
         options.update(compression="tiff_lzw")
+    pil_format = {"jpg": "JPEG", "tiff": "TIFF"}.get(ext, ext.upper())
+    try:
+        return _save(im, pil_format, options), ext
+    except Exception:  # noqa: BLE001 - e.g. EXIF over JPEG's 64 KiB segment: try without metadata
+        pass
+    bare = {k: v for k, v in options.items() if k not in ("exif", "icc_profile")}
+    try:
+        return _save(im, pil_format, bare), ext
+    except Exception as exc:  # noqa: BLE001 - sizes a format cannot hold (WebP 16383 px, JPEG 65500 px)
+        raise JobError(
+            "image_unsupported",
+            f"the result ({im.size[0]}x{im.size[1]}) cannot be written as {ext}: {shorten(str(exc) or type(exc).__name__, 200)}; "
+            "choose another output_format",
+            {"output_format": ext},
+        ) from exc
+
+
+def _save(im: Image.Image, pil_format: str, options: dict[str, object]) -> bytes:
     buffer = io.BytesIO()
-    im.save(buffer, format={"jpg": "JPEG", "tiff": "TIFF"}.get(ext, ext.upper()), **options)
-    return buffer.getvalue(), ext
+    im.save(buffer, format=pil_format, **options)
+    return buffer.getvalue()
 
 
 PROBE_BYTES = 4 * 1024 * 1024  # how much of a file the alpha probe reads at most
@@ -323,9 +345,12 @@ def _read_regular(path: Path, code: str, what: str) -> bytes:
     return data
 
 
-def _animated(im: Image.Image) -> bool:
+def _animated(im: Image.Image, code: str, what: str) -> bool:
     """More than one frame, found without walking them all (n_frames reads every TIFF IFD)."""
-    return im.format != "MPO" and bool(getattr(im, "is_animated", False))
+    try:
+        return im.format != "MPO" and bool(getattr(im, "is_animated", False))
+    except Exception as exc:  # noqa: BLE001 - Pillow raises IndexError, struct.error ... for broken frames
+        raise JobError(code, f"{what} frames cannot be read: {shorten(str(exc) or type(exc).__name__, 200)}") from exc
 
 
 def _open(data: bytes, code: str, what: str, path: Path) -> Image.Image:

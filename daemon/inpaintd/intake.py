@@ -10,9 +10,11 @@ the inbox can keep other jobs from being claimed.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 import structlog
 
-from . import boundary, grouping, images, outbox, spool as spool_mod
+from . import boundary, fsutil, grouping, images, outbox, spool as spool_mod
 from .config import Config
 from .errors import JobError
 from .grouping import Rules
@@ -31,6 +33,8 @@ from .status import StatusFile, error_summary
 from .watcher import Change, Watcher
 
 log = structlog.get_logger("inpaintd.intake")
+
+UNMOVABLE_AFTER = 4  # failed tries in a row (about 30 s) before an entry is called unmovable
 
 
 def rules_for(config: Config, name_max: int = 255) -> Rules:
@@ -81,6 +85,7 @@ class Intake(threading.Thread):
         self._skipped: set[str] = set()
         self._backoff: dict[str, tuple[float, int]] = {}  # job name -> (retry at, failures in a row)
         self._waiting_count: int | None = None
+        self._recorded_unmovable: set[str] = set()
         self.watcher: Watcher | None = None
         self._restart_watcher = True
         self._wall_offset: float | None = None
@@ -178,12 +183,12 @@ class Intake(threading.Thread):
         # Each rejection and each claim runs inside its own boundary: whatever one job's files
         # raise, the job waits (with back-off) and every other job flows on.
         for rejected in plan.rejected:
-            self._guarded(rejected.name, now, self._reject, inbox, rejected)
+            self._guarded(rejected.name, rejected.entries, now, self._reject, inbox, rejected)
         offset = self._wall_clock_offset()
         for group in plan.ready:
             if self.stop_event.is_set():
                 break
-            self._guarded(group.name, now, self._claim, inbox, group, group.arrived + offset)
+            self._guarded(group.name, group.entries, now, self._claim, inbox, group, group.arrived + offset)
         if len(plan.waiting) != self._waiting_count:
             self._waiting_count = len(plan.waiting)
             self.status.update(waiting_in_inbox=len(plan.waiting))
@@ -216,7 +221,8 @@ class Intake(threading.Thread):
                 log.info("file.skipped", file=path, reason=why, job=None)
         self._skipped = ignored
 
-    def _guarded(self, name: str, now: float, operation: Callable[..., None], *args: Any) -> None:
+    def _guarded(self, name: str, entries: tuple[str, ...], now: float, operation: Callable[..., None],
+                 *args: Any) -> None:
         """Run one job's intake operation; anything it raises backs that job off, and only it."""
         retry_at, failures = self._backoff.get(name, (0.0, 0))
         if retry_at > now:
@@ -226,15 +232,54 @@ class Intake(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - fault isolation: one job's files, not the intake
             failures += 1
             delay = retry_delay(failures, base=2.0)
-            self._backoff[name] = (now + delay, failures)
             verdict = boundary.classify(exc, folders_of(self.config))
+            if failures >= UNMOVABLE_AFTER and self._unmovable(exc):
+                # The inbox takes writes, but this entry cannot be moved out of it (a read-only
+                # folder: renaming a folder to another parent needs write permission on it).
+                # Say so in failed/ once; look again only after incomplete_timeout.
+                delay = self.config.watch.incomplete_timeout
+                if name not in self._recorded_unmovable:
+                    self._record_unmovable(name, entries, exc)
+            self._backoff[name] = (now + delay, failures)
             log.error("job.intake_failed", job=name, code=verdict.code, error=verdict.message,
                       retry_in_seconds=delay, exc_info=verdict.unexpected)
             self.status.update(health=shorten(f"cannot take {name}: {verdict.message}, retrying", 300))
             return
+        self._recorded_unmovable.discard(name)
         if failures:
             self._backoff.pop(name, None)
             self.status.update(health=None)
+
+    def _unmovable(self, exc: Exception) -> bool:
+        """A permission error on the entry itself while the inbox is writable."""
+        if not isinstance(exc, OSError) or exc.errno not in (errno.EACCES, errno.EPERM):
+            return False
+        inbox = self.config.paths.inbox
+        try:
+            fd, probe = tempfile.mkstemp(prefix=fsutil.own_temp_prefix(), dir=inbox)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError:
+            return False  # the inbox itself refuses writes: ours to fix, keep retrying
+        return True
+
+    def _record_unmovable(self, name: str, entries: tuple[str, ...], exc: Exception) -> None:
+        error = JobError(
+            "input_unmovable",
+            shorten(f"inpaintd may not move {name} out of the inbox ({getattr(exc, 'strerror', exc)}); it stays "
+                    "there, untouched. A folder must be writable by the inpaintd-drop group (a read-only folder "
+                    "copied with scp -rp or rsync -a is not): fix its permissions and it is taken then"),
+            {"left_in_inbox": list(entries)},
+        )
+        try:
+            path = outbox.record_without_inputs(self.config.paths.failed, name, error, time.time())
+        except Exception as again:  # noqa: BLE001 - the next look tries again
+            log.warning("job.unmovable_unrecorded", job=name, error=shorten(str(again)))
+            return
+        self._recorded_unmovable.add(name)
+        log.warning("job.failed", job=name, code=error.code, error=error.message, failed=str(path))
+        self.status.increment("jobs_failed")
+        self.status.update(last_error=error_summary(name, error.code, error.message))
 
     def _forget(self, entries: tuple[str, ...]) -> None:
         for path in list(self._seen):

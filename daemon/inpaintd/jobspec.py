@@ -108,6 +108,13 @@ def build_request(
         strength=checked.get("strength", defaults.strength),
         seed=draw_seed() if seed is None else seed,
     )
+    if int(params.steps * params.strength) < 1:
+        # diffusers runs int(steps * strength) steps and refuses 0 of them.
+        raise JobError(
+            "options_invalid",
+            f"steps x strength = {params.steps} x {params.strength:g} runs no denoising step; raise steps or strength",
+            {"steps": params.steps, "strength": params.strength},
+        )
     roi_overrides = {key: checked[key] for key in _ROI_KEYS if key in checked}
     return JobRequest(
         name=name,

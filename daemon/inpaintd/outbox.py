@@ -19,7 +19,9 @@ a kill left in the middle of an atomic write.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
+import secrets
 import json
 import os
 import shutil
@@ -33,7 +35,8 @@ import structlog
 from . import __version__
 from .boundary import transient
 from .errors import JobError, TransientError
-from .fsutil import TEMP_PREFIX, atomic_write_bytes, fsync_dir, move_entry, rename_distinct
+from .fsutil import (TEMP_PREFIX, atomic_write_bytes, fsync_dir, move_entry, own_temp_prefix, rename_distinct,
+                     rename_noreplace)
 from .jobs import JobResult
 from .quoting import bounded, shorten
 from .spool import Claim, Spool
@@ -139,6 +142,14 @@ def settle_publication(outbox: Path, job_id: str, names: Mapping[str, str]) -> b
     return False
 
 
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _job_id_in(path: Path) -> str | None:
     try:
         data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
@@ -237,17 +248,51 @@ def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] 
     """
     staging = root / f"{TEMP_PREFIX}{claim.job_id}"
     final: Path | None = None
+    folder = claim.record.get("folder")
+    job_folder = claim.inputs / folder if folder is not None else None
+    if (not os.path.lexists(staging) and job_folder is not None and claim.entries() == [folder]
+            and stat_mod.S_ISDIR(_lstat_mode(job_folder))):
+        # A job folder becomes the record folder itself, in one rename: what it holds (a
+        # read-only subfolder, a tree nested deep) is never moved piece by piece.
+        try:
+            os.rename(job_folder, staging)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOENT):
+                raise
     if os.path.lexists(staging) or _has_inputs(claim):
         staging.mkdir(exist_ok=True)
-        remove_temp_files(staging)  # a copy or a write a stop interrupted
-        _move_inputs(claim.inputs, claim.entries(), claim.record.get("folder"), staging)
+        remove_temp_files(staging, own_temp_prefix())  # a copy or a write a stop interrupted
+        _move_inputs(claim.inputs, claim.entries(), folder, staging)
         if error is not None:
-            atomic_write_bytes(staging / "error.json", _encode(error))
+            renamed = _set_aside(staging / "error.json", claim.job_id)
+            record = {**error, "renamed_inputs": renamed} if renamed else dict(error)
+            atomic_write_bytes(staging / "error.json", _encode(record))
         fsync_dir(staging)
         final = rename_distinct(staging, root, record_dir_name(claim.name))
         fsync_dir(root)
     spool.drop(claim)
     return final
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
+
+
+def _set_aside(path: Path, job_id: str) -> dict[str, str]:
+    """An input that is itself named error.json is kept under another name, never overwritten."""
+    if not os.path.lexists(path) or _job_id_in(path) == job_id:
+        return {}
+    for index in range(1, 1000):
+        candidate = path.with_name(f"{path.name}.input" if index == 1 else f"{path.name}.input-{index}")
+        try:
+            rename_noreplace(path, candidate)
+        except FileExistsError:
+            continue
+        return {path.name: candidate.name}
+    raise OSError(errno.EEXIST, "no free name to keep an input named error.json", str(path))
 
 
 def _has_inputs(claim: Claim) -> bool:
@@ -290,6 +335,27 @@ def error_record(error: JobError, name: str, **fields: Any) -> dict[str, Any]:
         "host": host(),
         "daemon_version": __version__,
     }
+
+
+def record_without_inputs(failed: Path, name: str, error: JobError, now: float) -> Path:
+    """failed/NAME/error.json for entries that cannot be taken out of the inbox (they stay there)."""
+    staging = failed / f"{own_temp_prefix()}{secrets.token_hex(6)}"
+    staging.mkdir()
+    try:
+        atomic_write_bytes(staging / "error.json", _encode(error_record(error, name, inputs=[], failed_at=timestamp(now))))
+        final = failed / record_dir_name(name)
+        try:
+            rename_noreplace(staging, final)
+        except FileExistsError:
+            if _load_json(final / "error.json").get("code") == error.code:
+                shutil.rmtree(staging)  # recorded already (another daemon on this inbox, or before a restart)
+                return final
+            final = rename_distinct(staging, failed, record_dir_name(name))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(failed)
+    return final
 
 
 def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: float,

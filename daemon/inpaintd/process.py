@@ -179,7 +179,10 @@ def encode_output(
             reason = str(exc)
     data, extension = images.encode_image(pixels, alpha, source, fmt, jpeg_quality)
     if source.jpeg_data is not None:
-        data = jpeg_lossless.carry_markers(source.jpeg_data, data, keep_icc=source.icc_profile is not None)
+        try:
+            data = jpeg_lossless.carry_markers(source.jpeg_data, data, keep_icc=source.icc_profile is not None)
+        except jpeg_lossless.Unsupported as exc:  # the input's marker structure is broken: metadata as Pillow kept it
+            reason = f"{reason}; metadata segments not carried over ({exc})"
     return data, extension, {"jpeg_mode": "reencoded", "jpeg_reason": reason}
 
 

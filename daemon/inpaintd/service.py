@@ -396,7 +396,8 @@ class Service:
             if pending is not None and claim.state != "failing":
                 self._fail(claim, pending, bound)
                 return
-            if held is not None and self.held.expired(held, time.monotonic()):
+            if held is not None and self.held.expired(held, time.monotonic()) and claim.state != "published":
+                # (A published job is never turned into a failure: it keeps being retried.)
                 self._fail(claim, self._exhausted(held), bound)
                 return
             if claim.state == "publishing":

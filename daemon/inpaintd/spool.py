@@ -42,6 +42,7 @@ from .grouping import JobGroup, Kind, Stat, junk_reason
 log = structlog.get_logger("inpaintd.spool")
 
 CLAIM_SCHEMA = "inpaintd.claim/1"
+MAX_FOLDER_DEPTH = 16  # folders inside a job folder: deeper trees are refused (job_unsafe)
 INPUTS = "inputs"
 
 
@@ -368,15 +369,9 @@ class Spool:
         (a writer still holding it) and claims made before the limit was lowered.
         """
         sizes: dict[str, int] = {}
-        for dirpath, _dirs, files in os.walk(claim.inputs):
-            for name in files:
-                path = Path(dirpath, name)
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    continue
-                if stat_mod.S_ISREG(st.st_mode) and st.st_size > max_bytes:
-                    sizes[str(path.relative_to(claim.inputs))] = st.st_size
+        for path, st, _depth in _walk(claim.inputs):
+            if stat_mod.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+                sizes[str(path.relative_to(claim.inputs))] = st.st_size
         return sizes
 
     def unsafe_inputs(self, claim: Claim) -> dict[str, str]:
@@ -392,12 +387,35 @@ class Spool:
                 problems[rel] = "is missing"
                 continue
             if stat_mod.S_ISDIR(st.st_mode) and rel == claim.record.get("folder"):
+                deepest = max((depth for _p, _st, depth in _walk(path)), default=0)
+                if deepest > MAX_FOLDER_DEPTH:
+                    problems[rel] = f"nests folders more than {MAX_FOLDER_DEPTH} levels deep"
                 continue
             if not stat_mod.S_ISREG(st.st_mode):
                 problems[rel] = "is not a regular file"
             elif st.st_nlink > 1:
                 problems[rel] = "is a hard link to another file"
         return problems
+
+
+def _walk(root: Path):  # type: ignore[no-untyped-def]
+    """(path, lstat, depth) of everything under root, without recursion (a folder nested a
+    thousand deep must not exhaust Python's stack) and without following links."""
+    stack = [(root, 1)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield Path(entry.path), st, depth
+            if stat_mod.S_ISDIR(st.st_mode):
+                stack.append((Path(entry.path), depth + 1))
 
 
 def _gone_is_fine(function: Any, path: str, exc_info: Any) -> None:
