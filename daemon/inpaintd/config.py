@@ -147,6 +147,7 @@ class FleetConfig:
     device_id: str = ""  # "" = the first 12 characters of /etc/machine-id, else the host name
     lease_seconds: float = 60.0  # a device silent this long (server clock) is presumed dead
     heartbeat_seconds: float = 10.0
+    prefetch: int = 1  # jobs a device claims ahead of the one it paints; the rest stay for the others
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "service.shutdown_timeout": (1.0, 3600.0),
     "fleet.lease_seconds": (2.0, 86400.0),
     "fleet.heartbeat_seconds": (0.2, 3600.0),
+    "fleet.prefetch": (0, 1000),
 }
 
 

@@ -211,6 +211,7 @@ class Keeper(threading.Thread):
         self.inbox = inbox
         self.put = put
         self.stop_event = threading.Event()
+        self.clean_due = False
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -229,6 +230,7 @@ class Keeper(threading.Thread):
             try:
                 if away:
                     away = False
+                    self.clean_due = True  # temp files a write cut off left: the worker removes them
                     log.info("fleet.share_back", device=self.fleet.me)
                     for claim in self.spool.recover_claiming(self.inbox):
                         self.put(claim)

@@ -185,14 +185,21 @@ class Intake(threading.Thread):
         for rejected in plan.rejected:
             self._guarded(rejected.name, rejected.entries, now, self._reject, inbox, rejected)
         offset = self._wall_clock_offset()
+        left_ready = False
         for group in plan.ready:
             if self.stop_event.is_set():
+                break
+            if config.fleet.enabled and self.jobs.qsize() >= config.fleet.prefetch:
+                # On a shared inbox a device takes only what it will paint soon, and leaves the
+                # rest to the devices that are free: the load spreads instead of going to the
+                # fastest poller.
+                left_ready = True
                 break
             self._guarded(group.name, group.entries, now, self._claim, inbox, group, group.arrived + offset)
         if len(plan.waiting) != self._waiting_count:
             self._waiting_count = len(plan.waiting)
             self.status.update(waiting_in_inbox=len(plan.waiting))
-        pending = plan.waiting or plan.probe
+        pending = plan.waiting or plan.probe or left_ready
         if pending:
             return max(0.05, min(0.25, config.watch.settle_seconds / 4))
         return config.watch.rescan_interval

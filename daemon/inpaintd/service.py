@@ -146,6 +146,10 @@ class Service:
                 self._ping()
                 if self.reload_requested:
                     self.reload()
+                if self.keeper is not None and self.keeper.clean_due:
+                    # Between jobs: no write of ours is in flight.
+                    self.keeper.clean_due = False
+                    self._clean_outbox()
                 claim, held = self._next()
                 if claim is not None:
                     self.process(claim, held)
