@@ -401,26 +401,33 @@ def _materialise(world: World, drop: Drop, files: dict[str, bytes | None], rng: 
         os.rename(staging, inbox / name)
         drop.files = [name]
         return
+    now_files = dict(files)
+    if drop.kind == "good-late":
+        mask = now_files.pop(f"{name}.mask.png")
+        drop.late.append((now + rng.uniform(0.5, 2.5), f"{name}.mask.png", mask))
+    if drop.kind == "good-rewritten":
+        # The image first; it settles, is rewritten, then the other parts come.
+        drop.late.append((now + 0.8, f"{name}.png", _png(seed=rng.randrange(1 << 16))))
+        for rel in [r for r in now_files if r != f"{name}.png"]:
+            drop.late.append((now + 1.2, rel, now_files.pop(rel)))  # type: ignore[arg-type]
+    write_drop(inbox, drop, now_files)
+    if drop.kind.startswith("unreadable"):
+        os.chmod(inbox / f"{name}.png", 0)
+    drop.files = sorted({rel.split("/", 1)[0] for rel in files})
+
+
+def write_drop(inbox: Path, drop: Drop, files: dict[str, bytes | None]) -> None:
+    """Every entry of a drop at once, as a careful client writes it (no late parts, no chmod)."""
     for rel, data in files.items():
         if data is None:
             (inbox / rel).mkdir()
     for rel, data in files.items():
         if data is None:
             continue
-        if drop.kind == "symlink" and rel == f"{name}.png":
+        if drop.kind == "symlink" and rel == f"{drop.name}.png":
             os.symlink("/etc/hostname", inbox / rel)
-            continue
-        if drop.kind == "good-late" and rel == f"{name}.mask.png":
-            drop.late.append((now + rng.uniform(0.5, 2.5), rel, data))
-            continue
-        if drop.kind == "good-rewritten" and rel != f"{name}.png":
-            drop.late.append((now + 1.2, rel, data))  # after the image settled and was rewritten
-            continue
-        _write(inbox / rel, data)
-        if drop.kind.startswith("unreadable") and rel == f"{name}.png":
-            os.chmod(inbox / rel, 0)
-    if drop.kind == "good-rewritten":
-        drop.late.append((now + 0.8, f"{name}.png", _png(seed=rng.randrange(1 << 16))))
+        else:
+            _write(inbox / rel, data)
     drop.files = sorted({rel.split("/", 1)[0] for rel in files})
 
 

@@ -124,25 +124,13 @@ def test_a_device_cut_off_the_share_mid_job_comes_back_without_duplicates(fleet:
 def test_hostile_drops_on_a_shared_inbox_are_recorded_once(fleet: Fleet) -> None:
     import random
 
-    from chaos import plan_drop
+    from chaos import plan_drop, write_drop
 
     rng = random.Random(3)
     drops = []
     for index in range(30):
         drop, files = plan_drop(rng, index, can_chmod=False)
-        inbox = fleet.client / "inbox"
-        for rel, data in files.items():
-            if data is None:
-                (inbox / rel).mkdir()
-        for rel, data in files.items():
-            if data is None:
-                continue
-            if drop.kind == "symlink" and rel == f"{drop.name}.png":
-                os.symlink("/etc/hostname", inbox / rel)
-                continue
-            tmp = inbox / f".up-{index}-{os.urandom(3).hex()}"
-            tmp.write_bytes(data)
-            os.rename(tmp, inbox / rel)
+        write_drop(fleet.client / "inbox", drop, files)
         drops.append(drop)
     names = [d.name for d in drops]
     found = fleet.wait(names, 300)

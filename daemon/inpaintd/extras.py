@@ -250,20 +250,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _folder_state(folder: Path, *, allow_pickle: bool) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     fmt, variant = models._component_weights(folder, allow_pickle=allow_pickle)
-    state: dict[str, Any] = {}
-    if fmt == "safetensors":
-        for f in models._weight_files(folder, variant):
-            state.update(load_file(str(f)))
-    else:
-        import torch
-
-        for f in sorted(folder.iterdir()):
-            if f.name.endswith(models.PICKLE_SUFFIXES):
-                state.update(torch.load(str(f), map_location="cpu", weights_only=True))
-    return state
+    return models.read_state(folder, fmt, variant)
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:

@@ -124,19 +124,7 @@ def merge_state(custom: dict[str, Any], inpainting: dict[str, Any], base: dict[s
 
 
 def _load(layout: models.ModelLayout, component: str) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
-    folder = layout.path / component
-    state: dict[str, Any] = {}
-    if layout.weight_format == "safetensors":
-        for f in models._weight_files(folder, layout.variant):
-            state.update(load_file(str(f)))
-    else:
-        for f in sorted(folder.iterdir()):
-            if f.name.endswith(models.PICKLE_SUFFIXES):
-                state.update(torch.load(str(f), map_location="cpu", weights_only=True))
-    return state
+    return models.read_state(layout.path / component, layout.weight_format, layout.variant)
 
 
 def _align(state: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:

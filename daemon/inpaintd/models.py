@@ -644,3 +644,20 @@ def check_model(path: Path) -> list[str]:
 def iter_problems(paths: Iterable[Path]) -> dict[str, list[str]]:
     """check_model over several folders (for `inpaintd check-model a b c`)."""
     return {str(p): check_model(p) for p in paths}
+
+
+def read_state(folder: Path, weight_format: str, variant: str | None) -> dict[str, Any]:
+    """Every tensor of one component folder (safetensors, or pickles the caller allowed)."""
+    state: dict[str, Any] = {}
+    if weight_format == "safetensors":
+        from safetensors.torch import load_file
+
+        for f in _weight_files(folder, variant):
+            state.update(load_file(str(f)))
+    else:
+        import torch
+
+        for f in sorted(folder.iterdir()):
+            if f.name.endswith(PICKLE_SUFFIXES):
+                state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return state
