@@ -627,6 +627,8 @@ def test_a_job_folder_nested_a_thousand_deep_is_unsafe_not_a_crash(place) -> Non
     assert "nests folders more than" in spool.unsafe_inputs(claim)["deep"]
     folder = outbox.fail_claim(spool, claim, JobError("job_unsafe", "deep"), root / "failed", 1.0)
     assert sorted(os.listdir(folder)) == ["d", "error.json", "image.png", "mask.png"]
+    # pytest's own clean-up of old temp folders recurses: remove the tree here (rm is iterative).
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
 
 
 def test_an_input_named_error_json_is_kept_beside_the_record(place) -> None:
@@ -685,3 +687,39 @@ def test_live_read_only_folders_never_hold_anything_and_are_recorded(unprivilege
     assert archived and (archived[0] / "sub" / "notes.txt").read_text() == "kept"
     held = read_status(dirs.state).get("held") or []
     assert held == [] and daemon.alive()
+
+
+def inotify_watches(pid: int) -> int:
+    """How many inotify watches a process holds (the `inotify wd:` lines of its fds' fdinfo)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        count += text.count("inotify wd:")
+    return count
+
+
+def test_live_watches_of_job_folders_that_left_the_inbox_are_released(tiny_model: Path, tmp_path: Path) -> None:
+    dirs = Dirs.make(tmp_path / "w", tiny_model, SETTINGS)
+    daemon = Daemon(dirs).start()
+    try:
+        staging = dirs.root / "up"
+        staging.mkdir()
+        (staging / "image.png").write_bytes(png())
+        (staging / "mask.png").write_bytes(mask_bytes())
+        (staging / "prompt.txt").write_text("x")
+        for index in range(300):
+            (staging / f"sub{index}").mkdir()
+        os.rename(staging, dirs.inbox / "many")
+        found = wait_for(dirs, ["many"], 60)
+        assert [o.kind for o in found["many"]] == ["done"]
+        deadline = time.monotonic() + 20
+        while inotify_watches(daemon.pid) > 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert inotify_watches(daemon.pid) <= 20  # not the 300 subfolders now in archive/
+        drop_job(dirs.inbox, "after")
+        assert [o.kind for o in wait_for(dirs, ["after"], 60)["after"]] == ["done"]
+    finally:
+        daemon.stop()

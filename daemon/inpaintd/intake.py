@@ -86,6 +86,7 @@ class Intake(threading.Thread):
         self._backoff: dict[str, tuple[float, int]] = {}  # job name -> (retry at, failures in a row)
         self._waiting_count: int | None = None
         self._recorded_unmovable: set[str] = set()
+        self._folders_left = False  # a job folder left the inbox since the watch was (re)started
         self.watcher: Watcher | None = None
         self._restart_watcher = True
         self._wall_offset: float | None = None
@@ -200,6 +201,17 @@ class Intake(threading.Thread):
             self._waiting_count = len(plan.waiting)
             self.status.update(waiting_in_inbox=len(plan.waiting))
         pending = plan.waiting or plan.probe or left_ready
+        if self._folders_left and not pending and not plan.ready and not plan.rejected and self.watcher is not None:
+            # The recursive inotify watch keeps watches on the subfolders of job folders that
+            # left the inbox (they follow the inode); a drop of thousands of them would exhaust
+            # max_user_watches for everyone. A fresh watch holds only what the inbox holds; done
+            # while nothing is waiting, so no writer's open/close state is lost.
+            self._folders_left = False
+            log.info("watch.renewed", reason="release the watches of job folders that left the inbox")
+            self.watcher.stop()
+            self.watcher.start()
+            with self._lock:
+                self._rescan = True  # a file that came during the gap is found by the next look
         if pending:
             return max(0.05, min(0.25, config.watch.settle_seconds / 4))
         return config.watch.rescan_interval
@@ -298,6 +310,7 @@ class Intake(threading.Thread):
         if claim is None:
             return
         self._forget(group.entries)
+        self._folders_left = self._folders_left or group.folder is not None
         log.info("job.ready", job=group.name, job_id=claim.job_id, files=list(group.entries))
         self.jobs.put(claim)
 
@@ -315,6 +328,7 @@ class Intake(threading.Thread):
         if claim is None:
             return
         self._forget(rejected.entries)
+        self._folders_left = self._folders_left or folder is not None
         error = JobError(rejected.code, rejection["message"], rejection["details"])
         try:
             path = outbox.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time())
