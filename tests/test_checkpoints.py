@@ -116,6 +116,29 @@ def test_the_same_job_paints_the_same_pixels_from_the_folder_and_from_its_single
     assert np.array_equal(outputs[0], outputs[1])
 
 
+def test_a_model_index_without_a_diffusers_version_loads(
+    raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # The configs shipped for single files carry no "_diffusers_version"; diffusers'
+    # from_pretrained raises KeyError without it (found by scripts/verify_real_shapes.py).
+    from inpaintd.config import ModelConfig
+    from inpaintd.engine import Engine
+
+    assert all(
+        "_diffusers_version" not in json.loads((checkpoints.CONFIGS_DIR / kind / "model_index.json").read_text())
+        for kind in checkpoints.KINDS
+    )
+    configs = tmp_path / "configs"
+    shutil.copytree(raws["tiny"], configs)
+    index = json.loads((configs / "model_index.json").read_text())
+    del index["_diffusers_version"]
+    (configs / "model_index.json").write_text(json.dumps(index))
+    models.prepare_model(single_files["tiny"], tmp_path / "out", dtype="fp32", config_dir=configs)
+    assert "_diffusers_version" in json.loads((tmp_path / "out" / "model_index.json").read_text())
+    engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path))
+    assert engine.info.unet_in_channels == 9
+
+
 def test_an_fp16_file_converts_to_its_values_in_the_runtime_dtype(
     raws: dict[str, Path], tmp_path: Path
 ) -> None:
