@@ -9,7 +9,10 @@ own `from_single_file` makes of the same file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -410,6 +413,22 @@ def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
         generator=torch.Generator("cpu").manual_seed(params.seed),
     ).images[0]
     assert np.array_equal(ours, np.asarray(reference))
+
+
+@pytest.mark.skipif(
+    os.environ.get("INPAINTD_REAL_SHAPES") != "1",
+    reason="real SD shapes: ~15 min on 2 cores, ~11 GiB peak, ~25 GB of disk; set INPAINTD_REAL_SHAPES=1",
+)
+def test_at_the_real_shapes_sd2_inpainting_paints_what_diffusers_paints_and_the_sd15_merge_is_exact(
+    tmp_path: Path,
+) -> None:
+    # The two checks of scripts/verify_real_shapes.py (results in BENCHMARKS.md): a random
+    # SD-2-inpainting of the exact architecture, single file -> prepare-model with the shipped
+    # configs -> the same pixels as diffusers' pipeline; and the add-difference merge of three
+    # random SD-1.5-shape models checked tensor by tensor, then one 512x512 job on it.
+    script = Path(__file__).resolve().parent.parent / "scripts" / "verify_real_shapes.py"
+    run = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
 
 def test_the_shipped_sd2_inpainting_config_is_the_512_epsilon_model() -> None:
