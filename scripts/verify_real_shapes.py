@@ -279,6 +279,7 @@ def steps(work: Path) -> dict[str, Any]:
         "sd2-inpaintd": lambda: run_engine(sd2 / "prepared", sd2 / "inpaintd.png", work / "cache", channels_last=False),
         "sd2-inpaintd-cl": lambda: run_engine(sd2 / "prepared", sd2 / "inpaintd-cl.png", work / "cache", channels_last=True),
         "sd2-diffusers": lambda: run_diffusers(sd2 / "src", sd2 / "diffusers.png"),
+        "sd2-diffusers-again": lambda: run_diffusers(sd2 / "src", sd2 / "diffusers-again.png"),
         "merge-build": lambda: _build_merge_sources(m),
         "merge-prepare": cli("prepare-model", m / "custom.safetensors", m / "merged", "--dtype", "fp32", "--make-inpainting",
                              "--inpainting-base", m / "inpainting", "--base", m / "base", "--tokenizer", m / "custom" / "tokenizer"),
@@ -394,11 +395,13 @@ def table(results: dict[str, dict[str, Any]], command: str) -> str:
         if "sd2-diffusers" in results:
             row("diffusers StableDiffusionInpaintPipeline on the source folder, 512x512, DDIM 2 steps", "reference", "",
                 "sd2-diffusers")
-        for name, label in (("sd2-inpaintd", "channels_last off (as tests/test_checkpoints.py)"),
+        for name, label in (("sd2-diffusers-again", "diffusers again (fresh process, same folder): run-to-run floor"),
+                            ("sd2-inpaintd", "channels_last off (as tests/test_checkpoints.py)"),
                             ("sd2-inpaintd-cl", "channels_last on (inpaintd's default)")):
             d = results.get(name, {}).get("pixels")
             if d:
-                row(f"inpaintd Engine on the prepared folder, same job, {label}: pixels vs diffusers",
+                what = label if name == "sd2-diffusers-again" else f"inpaintd Engine on the prepared folder, same job, {label}"
+                row(f"{what}: pixels vs diffusers",
                     f"{d['differing_values']}/{d['values']} values differ; {d['unsaturated_fraction']:.0%} unsaturated",
                     d["max_abs_diff"], name)
     if "merge-build" in results:
@@ -439,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     names: list[str] = []
     if args.only in (None, "sd2"):
-        names += ["sd2-build", "sd2-single-file", "sd2-prepare", "sd2-weights", "sd2-diffusers", "sd2-inpaintd"]
+        names += ["sd2-build", "sd2-single-file", "sd2-prepare", "sd2-weights", "sd2-diffusers", "sd2-diffusers-again"]
+        names += ["sd2-inpaintd"]
         names += [] if args.skip_channels_last else ["sd2-inpaintd-cl"]
     if args.only in (None, "merge"):
         names += ["merge-build", "merge-prepare", "merge-verify", "merge-job"]
@@ -454,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if name == "sd2-weights" and results[name]["bit_identical"] != results[name]["tensors"]:
                 problems.append(f"{name}: prepared tensors differ from the source: {results[name]}")
+            if name == "sd2-diffusers-again":
+                # The floor: diffusers against itself, same folder, inputs and seed, a fresh process.
+                results[name]["pixels"] = pixel_diff(work / "sd2" / "diffusers-again.png", work / "sd2" / "diffusers.png")
+                print(f"    pixels: {results[name]['pixels']}", flush=True)
             if name in ("sd2-inpaintd", "sd2-inpaintd-cl"):
                 results[name]["pixels"] = pixel_diff(work / "sd2" / f"{name[4:]}.png", work / "sd2" / "diffusers.png")
                 print(f"    pixels: {results[name]['pixels']}", flush=True)
