@@ -417,7 +417,7 @@ def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
 
 @pytest.mark.skipif(
     os.environ.get("INPAINTD_REAL_SHAPES") != "1",
-    reason="real SD shapes: ~15 min on 2 cores, ~11 GiB peak, ~25 GB of disk; set INPAINTD_REAL_SHAPES=1",
+    reason="real SD shapes: ~11 min on 2 cores, 10.4 GiB peak, ~20 GB of disk; set INPAINTD_REAL_SHAPES=1",
 )
 def test_at_the_real_shapes_sd2_inpainting_paints_what_diffusers_paints_and_the_sd15_merge_is_exact(
     tmp_path: Path,
