@@ -9,7 +9,10 @@ own `from_single_file` makes of the same file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +117,29 @@ def test_the_same_job_paints_the_same_pixels_from_the_folder_and_from_its_single
         engine = Engine.load(ModelConfig(path=folder, dtype="fp32", threads=1, cache_dir=tmp_path))
         outputs.append(np.asarray(engine.inpaint(image, mask, params)))
     assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_a_model_index_without_a_diffusers_version_loads(
+    raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # The configs shipped for single files carry no "_diffusers_version"; diffusers'
+    # from_pretrained raises KeyError without it (found by scripts/verify_real_shapes.py).
+    from inpaintd.config import ModelConfig
+    from inpaintd.engine import Engine
+
+    assert all(
+        "_diffusers_version" not in json.loads((checkpoints.CONFIGS_DIR / kind / "model_index.json").read_text())
+        for kind in checkpoints.KINDS
+    )
+    configs = tmp_path / "configs"
+    shutil.copytree(raws["tiny"], configs)
+    index = json.loads((configs / "model_index.json").read_text())
+    del index["_diffusers_version"]
+    (configs / "model_index.json").write_text(json.dumps(index))
+    models.prepare_model(single_files["tiny"], tmp_path / "out", dtype="fp32", config_dir=configs)
+    assert "_diffusers_version" in json.loads((tmp_path / "out" / "model_index.json").read_text())
+    engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path))
+    assert engine.info.unet_in_channels == 9
 
 
 def test_an_fp16_file_converts_to_its_values_in_the_runtime_dtype(
@@ -387,6 +413,22 @@ def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
         generator=torch.Generator("cpu").manual_seed(params.seed),
     ).images[0]
     assert np.array_equal(ours, np.asarray(reference))
+
+
+@pytest.mark.skipif(
+    os.environ.get("INPAINTD_REAL_SHAPES") != "1",
+    reason="real SD shapes: ~11 min on 2 cores, 10.4 GiB peak, ~20 GB of disk; set INPAINTD_REAL_SHAPES=1",
+)
+def test_at_the_real_shapes_sd2_inpainting_paints_what_diffusers_paints_and_the_sd15_merge_is_exact(
+    tmp_path: Path,
+) -> None:
+    # The two checks of scripts/verify_real_shapes.py (results in BENCHMARKS.md): a random
+    # SD-2-inpainting of the exact architecture, single file -> prepare-model with the shipped
+    # configs -> the same pixels as diffusers' pipeline; and the add-difference merge of three
+    # random SD-1.5-shape models checked tensor by tensor, then one 512x512 job on it.
+    script = Path(__file__).resolve().parent.parent / "scripts" / "verify_real_shapes.py"
+    run = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
 
 def test_the_shipped_sd2_inpainting_config_is_the_512_epsilon_model() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -368,6 +369,9 @@ def _convert_folder(layout: ModelLayout, out: Path, dtype: str) -> None:
         if key in index:
             index[key] = [None, None]
     index["requires_safety_checker"] = False
+    # diffusers' from_pretrained reads this key (KeyError without it); the configs shipped for
+    # single files do not carry it.
+    index.setdefault("_diffusers_version", importlib.metadata.version("diffusers"))
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for name in (SOURCE_FILE, RANDOM_MARKER):
         if (src / name).is_file():
