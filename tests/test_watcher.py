@@ -146,3 +146,30 @@ def test_auto_polls_network_and_fuse_filesystems(tmp_path: Path):
     assert choose_observer("inotify", share, str(mounts)) == "inotify"
     assert choose_observer("polling", tmp_path, str(mounts)) == "polling"
     assert not is_network_fs(None) and is_network_fs("smb3")
+
+
+def test_a_folder_assembled_under_a_dot_name_in_the_inbox_and_renamed_ends_closed(tmp_path: Path) -> None:
+    """Writes made before the rename can be reported under the new name afterwards; the moved-in
+    files must not stay "being written" (the job would wait incomplete_timeout)."""
+    from inpaintd.grouping import merge_hint
+
+    rec = Recorder()
+    watcher = Watcher(tmp_path, rec.change, rec.rescan, observer="inotify")
+    watcher.start()
+    try:
+        for index in range(4):
+            staging = tmp_path / f".tmp-{index}"
+            staging.mkdir()
+            for name in ("image.png", "mask.png", "prompt.txt"):
+                (staging / name).write_bytes(b"x" * 1000)
+            os.rename(staging, tmp_path / f"job{index}")
+        wanted = [f"job{i}/{n}" for i in range(4) for n in ("image.png", "mask.png", "prompt.txt")]
+        assert rec.wait_for(lambda r: all(r.hints(p) for p in wanted))
+        time.sleep(0.5)  # let late events for the old writes arrive too
+        for path in wanted:
+            final = None
+            for hint in rec.hints(path):
+                final = merge_hint(final, hint)
+            assert final is not Hint.WRITE, (path, rec.hints(path))
+    finally:
+        watcher.stop()

@@ -201,7 +201,12 @@ class Watcher:
             if src is not None:
                 paths.append((src, Hint.CHANGE))
             if dest is not None:
-                paths.append((dest, Hint.CHANGE))
+                # The files of a folder renamed into place come as synthetic moves. Writes made
+                # before the rename can be reported after it under the new name (watchdog maps a
+                # watch to its folder's current path), so these moves count as closes: a writer
+                # still writing there afterwards reports new writes.
+                moved_in_file = event.is_synthetic and not event.is_directory
+                paths.append((dest, Hint.CLOSE if moved_in_file and self.reports_writes else Hint.CHANGE))
         elif kind in (EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED):
             if src is not None:
                 # Synthetic "created" events list what a folder renamed into the inbox holds:
