@@ -291,9 +291,9 @@ def convert_checkpoint(
     out.mkdir(parents=True)
     shutil.copy2(configs / "model_index.json", out / "model_index.json")
 
-    unet_cfg = _read(configs / "unet" / "config.json")
-    vae_cfg = _read(configs / "vae" / "config.json")
-    text_cfg = _read(configs / "text_encoder" / "config.json")
+    unet_cfg = read_config(configs / "unet" / "config.json")
+    vae_cfg = read_config(configs / "vae" / "config.json")
+    text_cfg = read_config(configs / "text_encoder" / "config.json")
     if info.vocab_size is not None:
         text_cfg["vocab_size"] = info.vocab_size  # a fine-tune may carry extra (embedding) tokens
     arch = f"the {info.kind} architecture of {configs}"
@@ -333,7 +333,7 @@ def convert_checkpoint(
     _save_component(out / "text_encoder", text_sd, text_cfg, "model.safetensors")
     del text_sd
 
-    scheduler = _read(configs / "scheduler" / "scheduler_config.json")
+    scheduler = read_config(configs / "scheduler" / "scheduler_config.json")
     scheduler["prediction_type"] = info.prediction_type
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n", encoding="utf-8")
@@ -347,7 +347,8 @@ def convert_checkpoint(
     return info
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """A JSON config file that must hold an object; ModelError otherwise."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -59,7 +59,7 @@ def apply_vae(model: Path, source: Path, dtype: str, *, allow_pickle: bool = Fal
     if source.is_dir() and (source / "model_index.json").is_file():
         source = source / "vae"  # a whole diffusers model: take its VAE
     if source.is_dir():
-        layout_config = _read_config(source / "config.json")
+        layout_config = checkpoints.read_config(source / "config.json")
         if layout_config.get("_class_name") not in (None, "AutoencoderKL"):
             raise ModelError(f"--vae {source}: a {layout_config.get('_class_name')}, not an AutoencoderKL")
         state = _folder_state(source, allow_pickle=allow_pickle)
@@ -237,16 +237,6 @@ def _text_weights_file(folder: Path) -> Path:
     if len(files) != 1:
         raise ModelError(f"{folder}: expected one text encoder weight file, found {len(files)}")
     return files[0]
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a JSON object")
-    return data
 
 
 def _folder_state(folder: Path, *, allow_pickle: bool) -> dict[str, Any]:
