@@ -34,8 +34,8 @@ def assert_exactly_once(found: dict, names: list[str], fleet: Fleet) -> None:
         d.log_tail(15) for d in fleet.daemons.values())
     twice = {n: [k for k, _ in found[n]] for n in names if len(found[n]) != 1}
     assert not twice, f"more than one outcome: {twice}"
-    failed = {n: found[n][0][0] for n in names if found[n][0][0] != "done"}
-    assert not failed, failed
+    failed = {n: found[n][0] for n in names if found[n][0][0] != "done"}
+    assert not failed, f"{failed}; logs:\n" + "\n".join(d.log_tail(15) for d in fleet.daemons.values())
     temps = [p.name for p in (fleet.nas.share / "outbox").iterdir() if p.name.startswith(".")]
     assert not temps, temps
 

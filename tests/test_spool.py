@@ -176,3 +176,35 @@ def test_state_on_another_filesystem_is_a_config_error_and_moves_across_filesyst
         assert stat.S_ISFIFO(os.lstat(Path(other) / "q.png").st_mode)
         assert (Path(other) / "f.png").read_bytes() == b"data" and list(inbox.iterdir()) == []
         assert not [n for n in os.listdir(other) if n.startswith(".")]  # no temp copy left
+
+
+def test_recovering_interrupted_claims_never_touches_a_claim_still_being_made(tmp_path: Path):
+    """The fleet keeper recovers half-made claims when the share comes back, in its own thread,
+    while intake may be making a claim. Found by the sshfs fleet test: recovery rolled a claim
+    in progress back to the inbox and the job failed as 'missing'. Here recovery runs at the
+    worst moment, from inside the claim: its record says `claiming` and no entry has moved."""
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    recovered: list = []
+
+    class Racing(Spool):
+        def save(self, claim) -> None:  # type: ignore[no-untyped-def]
+            super().save(claim)
+            if claim.record["state"] == "claiming":
+                recovered.extend(self.recover_claiming(inbox))
+
+    spool = Racing(state)
+    spool.open(inbox)
+    try:
+        for f in ("a.png", "a.mask.png", "a.txt"):
+            (inbox / f).write_bytes(f.encode())
+        claim = spool.claim(inbox, group("a", "a.png", "a.mask.png", "a.txt"), arrived=1.0)
+        assert claim is not None and recovered == []
+        assert sorted(os.listdir(claim.inputs)) == ["a.mask.png", "a.png", "a.txt"]
+        assert spool.unsafe_inputs(claim) == {} and os.listdir(inbox) == []
+        # An interrupted claim (its making over) is still recovered.
+        claim.record["state"] = "claiming"
+        Spool.save(spool, claim)
+        assert [c.job_id for c in spool.recover_claiming(inbox)] == [claim.job_id]
+    finally:
+        spool.close()

@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import stat as stat_mod
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,10 @@ class Spool:
         self.state_dir = Path(state_dir)
         self.claimed = self.state_dir / "claimed"
         self._lock_fd: int | None = None
+        # Claims this process is making right now (intake thread): recover_claiming (the fleet
+        # keeper's thread) must not "finish" a claim whose renames are still under way.
+        self._making: set[str] = set()
+        self._making_lock = threading.Lock()
 
     def open(self, inbox: Path) -> None:
         """Create the spool, check it shares a filesystem with the inbox, and lock it."""
@@ -218,6 +223,15 @@ class Spool:
                 "then": dict(final),
             },
         )
+        with self._making_lock:
+            self._making.add(job_id)
+        try:
+            return self._move_in(claim, inbox, name, entries)
+        finally:
+            with self._making_lock:
+                self._making.discard(job_id)
+
+    def _move_in(self, claim: Claim, inbox: Path, name: str, entries: tuple[str, ...]) -> Claim | None:
         try:
             claim.inputs.mkdir(parents=True)
             self.save(claim)
@@ -307,6 +321,10 @@ class Spool:
             paths = sorted(p for p in self.claimed.iterdir() if p.is_dir() and not p.name.startswith("."))
         except OSError:
             return []
+        # A claim listed here whose making is not under way now was left by an interrupted one:
+        # its making registered before its folder existed and never starts again.
+        with self._making_lock:
+            paths = [p for p in paths if p.name not in self._making]
         return [c for c in (self.adopt(p, inbox, only_claiming=True) for p in paths) if c is not None]
 
     def load(self, path: Path) -> Claim | None:
