@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=Path, help="with --make-inpainting: the model SOURCE was fine-tuned from (e.g. SD-1.5), file or folder")
     p.add_argument("--vae", type=Path, help="replace the model's VAE: a .safetensors file (original or diffusers names) or a diffusers VAE folder")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="bake a textual-inversion embedding (.safetensors, A1111 or diffusers format) in; prompts use TOKEN (default: the file name, or the token stored in a diffusers file). Repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) into the UNet and text encoder at SCALE (default 1.0). Repeatable")
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture), say what it is, and check a config file")
@@ -187,10 +188,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         make_inpainting=merge,
         vae=args.vae,
         embeddings=args.embedding,
+        loras=args.lora,
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     for record in manifest.get("extras", {}).get("embeddings", []):
         print(f"embedding {record['token']} ({record['vectors']} vector(s)) from {record['source']}")
+    from .modelsummary import lora_line
+
+    for record in manifest.get("loras", []):
+        print(f"LoRA fused: {lora_line(record)}")
     if "vae" in manifest.get("extras", {}):
         print(f"VAE from {manifest['extras']['vae']['source']}")
     if manifest.get("random_weights"):

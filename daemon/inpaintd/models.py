@@ -25,8 +25,9 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+from . import lora as _lora
 from .errors import ModelError
 
 _OFFLINE_ENV = {
@@ -242,6 +243,8 @@ def prepare_model(
     make_inpainting: tuple[Path, Path] | None = None,
     vae: Path | None = None,
     embeddings: Iterable[Any] = (),
+    loras: Iterable[Any] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Convert a model into a prepared folder at `dst` and return its manifest.
 
@@ -258,7 +261,10 @@ def prepare_model(
     add-difference merge (merge.py). `vae` (file or folder) replaces the VAE and
     `embeddings` (extras.EmbeddingSpec or "FILE[:TOKEN]" strings) add textual-inversion
     tokens, both baked into the folder's own weight files (extras.py) and listed in the
-    manifest's "extras".
+    manifest's "extras". `loras` (lora.LoraSpec or "FILE[:SCALE]" strings) are fused into the
+    UNet and text encoder in fp32 before the cast to `dtype` (lora.py), each listed in the
+    manifest's "loras"; `defaults` (checked by presets.check_defaults) become the manifest's
+    "defaults", the inference settings a job without its own uses.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -271,8 +277,10 @@ def prepare_model(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.preparing-", dir=dst.parent))
     try:
-        # A merge subtracts models: stage its inputs in fp32 so the difference loses nothing.
-        stage_dtype = "fp32" if make_inpainting else dtype
+        lora_specs = [s if isinstance(s, _lora.LoraSpec) else _lora.LoraSpec.parse(str(s)) for s in loras]
+        # A merge subtracts models and a LoRA adds a small update: stage their inputs in fp32
+        # so neither loses precision before the one cast to `dtype`.
+        stage_dtype = "fp32" if make_inpainting or lora_specs else dtype
         stage = functools.partial(_staged, dtype=stage_dtype, tokenizer_dir=tokenizer_dir, allow_pickle=allow_pickle)
         source_dir, checkpoint = stage(src, tmp / "_from_single_file", config_dir=config_dir, use_ema=use_ema)
         if make_inpainting is not None:
@@ -288,9 +296,12 @@ def prepare_model(
             )
             source_dir = merged
         layout = inspect_model(source_dir, allow_pickle=allow_pickle)
+        fusion = _plan_loras(layout, lora_specs)
         out = tmp / "model"
         out.mkdir()
-        _convert_folder(layout, out, dtype)
+        _convert_folder(layout, out, dtype, fusion)
+        if fusion is not None and fusion.missed():
+            raise ModelError(f"LoRA layers found no tensor to fuse into: {', '.join(fusion.missed()[:5])}")
         baked: dict[str, Any] = {}
         specs = list(embeddings)
         if vae is not None or specs:
@@ -302,7 +313,11 @@ def prepare_model(
                 parsed = [s if isinstance(s, extras.EmbeddingSpec) else extras.EmbeddingSpec.parse(str(s)) for s in specs]
                 baked["embeddings"] = extras.apply_embeddings(out, parsed, dtype, allow_pickle=allow_pickle)
         origin = _origin(checkpoint, use_ema=use_ema, custom_configs=config_dir is not None, merge=make_inpainting)
-        manifest = _write_manifest(out, src=src, layout=layout, dtype=dtype, origin=origin, extras=baked)
+        manifest = _write_manifest(
+            out, src=src, layout=layout, dtype=dtype, origin=origin, extras=baked,
+            loras=[p.record() for p in fusion.plans] if fusion is not None else [],
+            defaults=dict(defaults or {}),
+        )
         _publish_dir(out, dst, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -362,7 +377,17 @@ def _origin(checkpoint: Any, *, use_ema: bool, custom_configs: bool, merge: tupl
     return origin
 
 
-def _convert_folder(layout: ModelLayout, out: Path, dtype: str) -> None:
+def _plan_loras(layout: ModelLayout, specs: list[Any]) -> Any:
+    """A lora.Fusion for the specs against this model (None without any); refusals raise ModelError."""
+    if not specs:
+        return None
+    if layout.weight_format != "safetensors":
+        raise ModelError("--lora needs a model with safetensors weights (convert the pickle model first)")
+    shapes = _lora.model_shapes(layout.path)
+    return _lora.Fusion([_lora.plan(spec, shapes) for spec in specs])
+
+
+def _convert_folder(layout: ModelLayout, out: Path, dtype: str, fusion: Any = None) -> None:
     src = layout.path
     index = _read_json(src / "model_index.json", "model_index.json")
     for key in ("safety_checker", "feature_extractor", "image_encoder"):
@@ -383,14 +408,17 @@ def _convert_folder(layout: ModelLayout, out: Path, dtype: str) -> None:
         target = out / component
         target.mkdir()
         if component in WEIGHT_COMPONENTS:
-            _convert_component(folder, target, dtype, layout.variant, layout.weight_format)
+            _convert_component(folder, target, dtype, layout.variant, layout.weight_format, fusion)
         else:
             for item in sorted(folder.iterdir()):
                 if item.is_file() and not item.name.endswith(PICKLE_SUFFIXES):
                     shutil.copy2(item, target / item.name)
 
 
-def _convert_component(folder: Path, target: Path, dtype: str, variant: str | None, fmt: str) -> None:
+def _convert_component(folder: Path, target: Path, dtype: str, variant: str | None, fmt: str, fusion: Any = None) -> None:
+    transform = None
+    if fusion is not None and fusion.touches(folder.name):
+        transform = functools.partial(fusion.apply, folder.name)
     for item in sorted(folder.iterdir()):
         if not item.is_file():
             continue
@@ -400,7 +428,7 @@ def _convert_component(folder: Path, target: Path, dtype: str, variant: str | No
     if fmt == "safetensors":
         files = _weight_files(folder, variant)
         for f in files:
-            _convert_file(f, target / _plain_name(f.name), dtype)
+            _convert_file(f, target / _plain_name(f.name), dtype, transform)
         for idx in folder.glob("*.safetensors.index*.json"):
             if _is_variant(idx.name) != (variant is not None):
                 continue
@@ -428,8 +456,10 @@ def _torch_dtype(dtype: str) -> Any:
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _convert_file(src: Path, dst: Path, dtype: str) -> None:
+def _convert_file(src: Path, dst: Path, dtype: str, transform: Callable[[str, Any], Any] | None = None) -> None:
     """Cast every floating tensor of one safetensors file, streaming one tensor at a time.
+
+    `transform(name, tensor)` (a LoRA fusion) sees each tensor before the cast.
 
     The output is written by hand in the safetensors layout (8-byte header length, JSON
     header, packed data) so peak memory is one tensor, not the whole file: preparing the SD
@@ -465,6 +495,8 @@ def _convert_file(src: Path, dst: Path, dtype: str) -> None:
             out.write(blob)
             for name in names:
                 tensor = handle.get_tensor(name)
+                if transform is not None:
+                    tensor = transform(name, tensor)
                 if tensor.is_floating_point():
                     tensor = tensor.to(target)
                 data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -488,7 +520,8 @@ def _convert_pickle(src: Path, dst: Path, dtype: str) -> None:
 
 
 def _write_manifest(
-    out: Path, *, src: Path, layout: ModelLayout, dtype: str, origin: dict[str, Any], extras: dict[str, Any] | None = None
+    out: Path, *, src: Path, layout: ModelLayout, dtype: str, origin: dict[str, Any], extras: dict[str, Any] | None = None,
+    loras: list[dict[str, Any]] | None = None, defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     files = {rel: sha256_file(out / rel) for rel in _list_files(out)}
     params = {c: _count_params(out / c) for c in WEIGHT_COMPONENTS}
@@ -502,6 +535,8 @@ def _write_manifest(
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "origin": origin,
         "extras": extras or {},
+        "loras": loras or [],
+        "defaults": defaults or {},
         "architecture": {
             "name": architecture_name(unet),
             "pipeline": "StableDiffusionInpaintPipeline",

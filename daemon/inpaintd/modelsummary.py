@@ -39,6 +39,8 @@ class ModelSummary:
     component_bytes: dict[str, int] = field(default_factory=dict)
     job_512_bytes: int = 0
     prediction_type: str = "epsilon"
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def summarize(path: Path) -> ModelSummary:
@@ -73,6 +75,8 @@ def summarize(path: Path) -> ModelSummary:
         component_bytes=components,
         job_512_bytes=int(_PROCESS_BYTES + components["unet"] + components["vae"] + activations),
         prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+        loras=[r for r in manifest.get("loras") or [] if isinstance(r, dict)],
+        defaults=dict(manifest.get("defaults") or {}),
     )
 
 
@@ -90,10 +94,20 @@ def format_summary(s: ModelSummary) -> list[str]:
         f"made from     {_origin(s.origin)}",
         f"VAE           {'swapped in from ' + s.vae['source'] if s.vae else 'the model' + chr(39) + 's own'}",
         "embeddings    " + (", ".join(vectors) or "none"),
+        "LoRAs fused   " + ("; ".join(lora_line(r) for r in s.loras) or "none"),
+        "defaults      " + (", ".join(f"{k}={v}" for k, v in sorted(s.defaults.items())) or "none (the config's)"),
         "weights are   " + ("RANDOM: for tests and benchmarks, paints noise" if s.random_weights else "not marked random"),
         f"512x512 job   about {_gib(s.job_512_bytes)} of memory (estimate: process + UNet and VAE weights + activations)",
     ]
     return lines
+
+
+def lora_line(record: dict[str, Any]) -> str:
+    """One fused LoRA as `check` and prepare-model print it."""
+    layers = record.get("layers") or {}
+    where = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in layers.items() if n)
+    return (f"{record.get('file')} x{record.get('scale')} ({record.get('layout')}, rank "
+            f"{'/'.join(str(r) for r in record.get('ranks') or [])}, {where} layers; sha256 {str(record.get('sha256'))[:12]})")
 
 
 def _origin(origin: dict[str, Any]) -> str:

@@ -310,6 +310,11 @@ def _sidecar(
         "architecture": info.architecture,
         "random_weights": info.random_weights,
     }
+    manifest = info.manifest or {}
+    if manifest.get("loras"):
+        model["loras"] = [
+            {k: r.get(k) for k in ("file", "sha256", "scale", "layout", "ranks", "layers")} for r in manifest["loras"]
+        ]
     sidecar: dict[str, Any] = {
         "schema": SIDECAR_SCHEMA,
         "name": request.name,
