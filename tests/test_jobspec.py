@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd.config import Config, LimitsConfig
+from inpaintd.config import BUILTIN_INFERENCE, Config, LimitsConfig
 from inpaintd.errors import JobError
 from inpaintd.jobspec import build_request, load_job_options
 
@@ -29,7 +29,7 @@ def test_yaml_options_override_the_defaults_and_the_seed_is_kept(tmp_path: Path)
     assert request.params.prompt == "sky"
     assert request.params.steps == 7
     assert request.params.seed == 42
-    assert request.params.scheduler == Config().inference.scheduler
+    assert request.params.scheduler == BUILTIN_INFERENCE["scheduler"] and request.sources["scheduler"] == "builtin"
     assert request.roi_overrides == {"padding": 64}
 
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from . import __version__
 from .config import SCHEDULERS, Config, load_config
 from .errors import ConfigError, Interrupted, JobError, ModelError, TransientError
+from .presets import PRESETS, parse_defaults
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -77,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument("--guidance", type=float)
     p.add_argument("--strength", type=float)
+    p.add_argument("--cfg-cutoff", type=float, dest="cfg_cutoff", help="drop classifier-free guidance after this fraction of the steps (1.0: never)")
+    p.add_argument("--step-cache", type=int, dest="step_cache", help="DeepCache interval: deep UNet features reused for N-1 of every N steps (1: off)")
     p.add_argument("--debug-overlay", action="store_true", help="also write OUT.overlay.png with region boxes and mask outline")
     p.set_defaults(handler=_cmd_process)
 
@@ -94,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", type=Path, help="replace the model's VAE: a .safetensors file (original or diffusers names) or a diffusers VAE folder")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="bake a textual-inversion embedding (.safetensors, A1111 or diffusers format) in; prompts use TOKEN (default: the file name, or the token stored in a diffusers file). Repeatable")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) into the UNet and text encoder at SCALE (default 1.0). Repeatable")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the model's inference defaults for a published few-step LoRA (lcm: LCM scheduler, 4 steps, guidance 1.0)")
+    p.add_argument("--defaults", nargs="+", default=[], metavar="KEY=VALUE", help="the model's inference defaults (scheduler, steps, guidance, strength, negative_prompt, cfg_cutoff, step_cache); over --preset; config and job files still override")
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture), say what it is, and check a config file")
@@ -134,12 +139,16 @@ def _cmd_process(args: argparse.Namespace) -> int:
             "scheduler": args.scheduler,
             "guidance": args.guidance,
             "strength": args.strength,
+            "cfg_cutoff": args.cfg_cutoff,
+            "step_cache": args.step_cache,
         }.items()
         if value is not None
     }
-    request = jobspec.build_request(args.image.stem, args.image, args.mask, options, config)
+    jobspec.build_request(args.image.stem, args.image, args.mask, options, config)  # bad options fail before loading
     _say(f"loading model {config.model.path or '(embedded tiny random model)'} ...")
     engine = Engine.load(config.model)
+    request = jobspec.build_request(args.image.stem, args.image, args.mask, options, config,
+                                    model_defaults=engine.model_defaults)
     if engine.info.random_weights:
         _say("note: this model has RANDOM WEIGHTS: it exercises the pipeline but paints noise")
     result = process.run_job(engine, request, config, on_step=_progress_printer(), debug_overlay=args.debug_overlay)
@@ -189,6 +198,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         vae=args.vae,
         embeddings=args.embedding,
         loras=args.lora,
+        defaults=parse_defaults(args.preset, args.defaults),
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     for record in manifest.get("extras", {}).get("embeddings", []):
@@ -197,6 +207,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     for record in manifest.get("loras", []):
         print(f"LoRA fused: {lora_line(record)}")
+    if manifest.get("defaults"):
+        print("defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["defaults"].items())))
     if "vae" in manifest.get("extras", {}):
         print(f"VAE from {manifest['extras']['vae']['source']}")
     if manifest.get("random_weights"):

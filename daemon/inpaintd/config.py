@@ -26,6 +26,7 @@ SCHEDULERS = (
     "ddim",
     "unipc",
     "lcm",
+    "tcd",
     "pndm",
 )
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")
@@ -65,15 +66,35 @@ class ModelConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
 
 
+# What a job gets for a setting that neither its job file, the config nor the model's manifest
+# sets (presets.resolve). In InferenceConfig these keys are None until the config sets them.
+BUILTIN_INFERENCE: dict[str, Any] = {
+    "negative_prompt": "",
+    "scheduler": "dpmpp_2m_karras",
+    "steps": 20,
+    "guidance": 7.5,  # <= 1 runs without classifier-free guidance: the UNet at batch 1
+    "strength": 1.0,
+    # Drop classifier-free guidance after this fraction of the steps (1.0: never), as diffusers'
+    # SDCFGCutoffCallback does; the later steps run the UNet at batch 1.
+    "cfg_cutoff": 1.0,
+    # DeepCache: the deep UNet features computed in full every N steps, reused in between (1: off).
+    "step_cache": 1,
+}
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
+    """Defaults for jobs. None: not set here (the model's manifest default, else BUILTIN_INFERENCE)."""
+
     prompt: str = ""
-    negative_prompt: str = ""
-    scheduler: str = "dpmpp_2m_karras"
-    steps: int = 20
-    guidance: float = 7.5
-    strength: float = 1.0
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
     seed: int | None = None  # None: a fresh random seed per job, always reported
+    cfg_cutoff: float | None = None
+    step_cache: int | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "inference.guidance": (0.0, 30.0),
     "inference.strength": (0.01, 1.0),
     "inference.seed": (0, 2**32 - 1),
+    "inference.cfg_cutoff": (0.0, 1.0),
+    "inference.step_cache": (1, 10),
     "roi.mask_threshold": (0, 254),
     "roi.dilate": (0, 256),
     "roi.feather": (0, 256),
@@ -283,9 +306,12 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[name] = _check(key, value, hint)
     config = cls(**kwargs)
-    if cls is InferenceConfig and int(config.steps * config.strength) < 1:
-        raise ConfigError(f"{prefix}strength", f"steps x strength ({config.steps} x {config.strength:g}) must "
-                                               "make at least one denoising step")
+    if cls is InferenceConfig:
+        steps = BUILTIN_INFERENCE["steps"] if config.steps is None else config.steps
+        strength = BUILTIN_INFERENCE["strength"] if config.strength is None else config.strength
+        if int(steps * strength) < 1:
+            raise ConfigError(f"{prefix}strength", f"steps x strength ({steps} x {strength:g}) must "
+                                                   "make at least one denoising step")
     if cls is RoiConfig and config.min_size > config.max_size:
         raise ConfigError(f"{prefix}min_size", f"must be <= roi.max_size ({config.max_size})")
     if cls is FleetConfig and config.heartbeat_seconds * 3 > config.lease_seconds:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__, memory, models  # models sets the HF offline environment first
+from . import __version__, memory, models, presets  # models sets the HF offline environment first
 from .config import SCHEDULERS, ModelConfig
 from .errors import ModelError
 from .jobs import InpaintParams
@@ -161,6 +161,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         EulerDiscreteScheduler,
         LCMScheduler,
         PNDMScheduler,
+        TCDScheduler,
         UniPCMultistepScheduler,
     )
 
@@ -176,6 +177,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         "ddim": lambda: DDIMScheduler.from_config(base_config),
         "unipc": lambda: UniPCMultistepScheduler.from_config(base_config),
         "lcm": lambda: LCMScheduler.from_config(base_config),
+        "tcd": lambda: TCDScheduler.from_config(base_config),
         "pndm": lambda: PNDMScheduler.from_config(base_config, skip_prk_steps=True),
     }
     if name not in builders:
@@ -209,6 +211,8 @@ class Engine:
         self.text_encoder_released_bytes = 0
         self.memory_limit: int | None = None
         self.memory_tight = False  # memory_limit below model.unet_int8_below_gib
+        self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
+        self.last_run: dict[str, Any] = {}  # how the last inpaint ran: guidance batch, cut-off, caching
         if config.compile == "inductor":
             self._compile_unet()
 
@@ -240,6 +244,10 @@ class Engine:
                 runtime=dtype,
                 hint="loading converts every tensor; prepare-model with the runtime dtype loads by mmap",
             )
+        try:
+            model_defaults = presets.check_defaults((layout.manifest or {}).get("defaults") or {})
+        except ModelError as exc:
+            raise ModelError(f"{path}: the manifest's inference defaults are invalid: {exc}") from None
         pipeline = _load_pipeline(path, layout, dtype)
         unet_in = int(pipeline.unet.config.in_channels)
         if unet_in != layout.unet_in_channels:  # inspect_model read the config; the folder changed under us
@@ -256,6 +264,7 @@ class Engine:
             manifest=layout.manifest,
         )
         engine = cls(pipeline, model, info, layout, threads)
+        engine.model_defaults = model_defaults
         engine._apply_memory_policy()
         engine.load_seconds = time.monotonic() - start
         log.info(
@@ -282,12 +291,13 @@ class Engine:
         from PIL import Image
 
         sizes = list(dict.fromkeys((int(w), int(h)) for w, h in work_sizes))
+        # The model's own scheduler and guidance: a few-step model without CFG warms at batch 1.
         params = InpaintParams(
             prompt="",
             negative_prompt="",
-            scheduler="dpmpp_2m_karras",
+            scheduler=str(self.model_defaults.get("scheduler", "dpmpp_2m_karras")),
             steps=1,
-            guidance=7.5,
+            guidance=float(self.model_defaults.get("guidance", 7.5)),
             strength=1.0,
             seed=0,
         )
@@ -348,6 +358,7 @@ class Engine:
                 "hits": self.embedding_hits,
                 "misses": self.embedding_misses,
             },
+            **self.last_run,
         }
 
     # -- internals -------------------------------------------------------------------------
@@ -422,10 +433,20 @@ class Engine:
         self._set_vae_tiling(self._want_vae_tiling(image.size))
         prompt_embeds, negative_embeds = self.encode(params.prompt, params.negative_prompt)
         step_error: list[BaseException] = []
+        cache = self._step_cache(params.step_cache)
+        counts = {"cfg": 0, "full": 0}
 
         def callback(pipeline: Any, index: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            total = int(getattr(pipeline, "_num_timesteps", 0) or params.steps)
+            if cache is not None and cache.start_timestep is not None:
+                counts["full"] += (cache.cur_timestep - cache.start_timestep) % params.step_cache == 0
+            if pipeline.do_classifier_free_guidance:
+                counts["cfg"] += 1
+                if index == int(total * params.cfg_cutoff):
+                    kwargs = _cut_guidance(pipeline, kwargs)
+                    if cache is not None:
+                        cache.start_timestep = None  # cached features are batch 2: the next step runs in full
             if on_step is not None:
-                total = int(getattr(pipeline, "_num_timesteps", 0) or params.steps)
                 try:
                     on_step(index + 1, total)
                 except BaseException as exc:
@@ -435,6 +456,7 @@ class Engine:
 
         def call() -> Any:
             generator = torch.Generator("cpu").manual_seed(int(params.seed))
+            counts.update(cfg=0, full=0)
             with torch.inference_mode():
                 return pipe(
                     prompt_embeds=prompt_embeds,
@@ -449,21 +471,50 @@ class Engine:
                     generator=generator,
                     output_type="pil",
                     callback_on_step_end=callback,
+                    callback_on_step_end_tensor_inputs=list(_CUT_TENSORS),
                 ).images[0]
 
+        if cache is not None:
+            cache.enable()
         try:
-            result = call()
-        except Exception as exc:
-            if step_error or self._compile_state != "inductor-pending":
-                raise
-            # The first compiled run failed inside torch.compile: fall back to eager for good.
-            self._compile_failed(exc)
-            result = call()
+            try:
+                result = call()
+            except Exception as exc:
+                if step_error or self._compile_state != "inductor-pending":
+                    raise
+                # The first compiled run failed inside torch.compile: fall back to eager for good.
+                self._compile_failed(exc)
+                result = call()
+        finally:
+            if cache is not None:
+                cache.disable()
         if self._compile_state == "inductor-pending":
             self._compile_state = "inductor"
+        ran = int(getattr(pipe, "_num_timesteps", 0) or params.steps)
+        self.last_run = {
+            "guidance": {
+                "scale": float(params.guidance),
+                "classifier_free": counts["cfg"] > 0,
+                "unet_batch": 2 if counts["cfg"] else 1,
+                "cfg_steps": counts["cfg"],
+                "batch1_steps": ran - counts["cfg"],
+                "cfg_cutoff": float(params.cfg_cutoff),
+            },
+            "step_cache": (
+                {"method": "deepcache", "interval": params.step_cache, "full_steps": counts["full"],
+                 "cached_steps": ran - counts["full"]}
+                if cache is not None else {"method": "off" if params.step_cache <= 1 else "off (compiled UNet)"}
+            ),
+        }
         if self.config.malloc_trim:
             memory.malloc_trim()
         return result
+
+    def _step_cache(self, interval: int) -> Any:
+        """A DeepCache helper on the eager UNet for `interval` > 1 (None: off, or the UNet is compiled)."""
+        if interval <= 1 or self.pipeline.unet is not self._eager_unet:
+            return None
+        return deepcache_helper(self, interval)
 
     def _apply_memory_policy(self) -> None:
         """channels_last hooks, int8 UNet and malloc_trim hooks, as configured (see config.ModelConfig)."""
@@ -521,6 +572,34 @@ class Engine:
         log.warning("compile_failed_fallback_to_eager", error=f"{type(exc).__name__}: {exc}"[:500])
         self.pipeline.unet = self._eager_unet
         self._compile_state = "inductor-failed"
+
+
+def deepcache_helper(engine: Engine, interval: int) -> Any:
+    """DeepCache on `engine`'s eager UNet: the UNet's and its blocks' forward methods wrapped while
+    enabled, the shallowest branch (cache_branch_id 0) recomputed every step, the rest every
+    `interval` steps. It reads the scheduler only for the current timestep's index."""
+    from types import SimpleNamespace
+
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=engine._eager_unet, scheduler=engine.pipeline.scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    return helper
+
+
+# The pipeline's tensors that carry the CFG batch (negative half first) into the next step.
+_CUT_TENSORS = ("prompt_embeds", "mask", "masked_image_latents")
+
+
+def _cut_guidance(pipeline: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """From the next step on, no classifier-free guidance: the UNet runs at batch 1.
+
+    diffusers' SDCFGCutoffCallback trims only prompt_embeds, which breaks the inpainting UNet
+    (its mask and masked-image latents are batched for CFG too and are concatenated to the
+    latents): all three keep their conditional half.
+    """
+    pipeline._guidance_scale = 0.0
+    return {key: value[-1:] for key, value in kwargs.items() if key in _CUT_TENSORS}
 
 
 def inductor_cache_dir(current: str | None, cache_dir: Path) -> str:

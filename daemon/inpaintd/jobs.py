@@ -24,6 +24,8 @@ class InpaintParams:
     guidance: float
     strength: float
     seed: int  # always concrete here: a random one is drawn before the job starts
+    cfg_cutoff: float = 1.0  # fraction of the steps run with classifier-free guidance (1.0: all)
+    step_cache: int = 1  # DeepCache interval (1: every step in full)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class JobRequest:
     params: InpaintParams
     output_format: str = "same"  # same | png | jpg | webp
     roi_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"padding": 64}
+    sources: dict[str, str] = field(default_factory=dict)  # parameter -> job | config | model | builtin
 
 
 @dataclass(frozen=True)

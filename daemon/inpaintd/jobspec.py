@@ -13,11 +13,12 @@ import os
 import random
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from . import config as config_mod
+from . import presets
 from .config import Config, LimitsConfig, RoiConfig
 from .errors import ConfigError, JobError
 from .jobs import InpaintParams, JobRequest
@@ -36,6 +37,8 @@ _INFERENCE_KEYS: dict[str, tuple[str, Any]] = {
     "guidance": ("inference.guidance", float),
     "strength": ("inference.strength", float),
     "seed": ("inference.seed", int),
+    "cfg_cutoff": ("inference.cfg_cutoff", float),
+    "step_cache": ("inference.step_cache", int),
 }
 _ROI_KEYS: dict[str, tuple[str, Any]] = {
     "padding": ("roi.padding", int),
@@ -86,8 +89,9 @@ def build_request(
     options: dict[str, Any],
     config: Config,
     draw_seed: Callable[[], int] = lambda: random.SystemRandom().randrange(2**32),
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> JobRequest:
-    """Merge options over config defaults, validate them, and fix the seed."""
+    """Merge options over the config's and the model's defaults (presets.resolve), validate, fix the seed."""
     unknown = sorted(set(options) - set(JOB_OPTION_KEYS))
     if unknown:
         raise JobError(
@@ -99,14 +103,11 @@ def build_request(
 
     defaults = config.inference
     seed = checked.get("seed", defaults.seed)
+    values, sources = presets.resolve(checked, defaults, model_defaults or {})
     params = InpaintParams(
         prompt=checked.get("prompt", defaults.prompt),
-        negative_prompt=checked.get("negative_prompt", defaults.negative_prompt),
-        scheduler=checked.get("scheduler", defaults.scheduler),
-        steps=checked.get("steps", defaults.steps),
-        guidance=checked.get("guidance", defaults.guidance),
-        strength=checked.get("strength", defaults.strength),
         seed=draw_seed() if seed is None else seed,
+        **values,
     )
     if int(params.steps * params.strength) < 1:
         # diffusers runs int(steps * strength) steps and refuses 0 of them.
@@ -123,6 +124,7 @@ def build_request(
         params=params,
         output_format=checked.get("output_format", config.output.format),
         roi_overrides=roi_overrides,
+        sources=sources,
     )
 
 

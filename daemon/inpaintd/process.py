@@ -320,6 +320,7 @@ def _sidecar(
         "name": request.name,
         "inputs": inputs,
         "parameters": asdict(request.params),
+        "parameter_sources": dict(request.sources),
         "seed": request.params.seed,
         "roi": asdict(roi),
         "regions": [

@@ -507,7 +507,8 @@ class Service:
             options = jobspec.load_job_options(claim.input_path("prompt"), config.limits)
             image = claim.input_path("image")
             assert image is not None
-            request = jobspec.build_request(claim.name, image, claim.input_path("mask"), options, config)
+            request = jobspec.build_request(claim.name, image, claim.input_path("mask"), options, config,
+                                            model_defaults=self.engine.model_defaults)
             bound.info("job.started", attempt=claim.attempts, queue_wait_seconds=round(started - claim.arrived, 3),
                        steps=request.params.steps, seed=request.params.seed)
             result = run_job(self.engine, request, config, on_step=self._on_step)
