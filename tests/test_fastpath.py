@@ -221,3 +221,49 @@ def test_job_files_may_ask_for_a_cutoff_and_caching_and_bad_values_fail_the_job(
     for bad in ({"cfg_cutoff": 1.5}, {"step_cache": 0}, {"step_cache": "often"}):
         with pytest.raises(JobError):
             jobspec.build_request("a", tmp_path / "a.png", None, bad, config)
+
+
+# ----------------------------------------------------------------------------- draft decoder
+
+
+def test_the_draft_decoder_paints_what_diffusers_latents_through_autoencoder_tiny_give(
+    tiny_model_raw: Path, tmp_path: Path
+) -> None:
+    import torch
+    from diffusers import AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+
+    tiny_vae = testmodels.build_random_tiny_vae(tmp_path / "taesd")
+    manifest = models.prepare_model(tiny_model_raw, tmp_path / "m", dtype="fp32", draft_decoder=tiny_vae)
+    assert manifest["extras"]["draft_decoder"]["quality"].startswith("draft")
+    engine = Engine.load(ModelConfig(path=tmp_path / "m", dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False))
+    assert engine.has_draft_decoder
+    params = replace(PARAMS, decoder="draft", steps=3)
+    ours = _paint(engine, params)
+    assert engine.runtime_report((64, 64))["decoder"].startswith("draft")
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(tiny_model_raw), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = _inputs()
+    latents = pipe(prompt=params.prompt, negative_prompt=params.negative_prompt, image=image, mask_image=mask, height=64,
+                   width=64, num_inference_steps=params.steps, guidance_scale=params.guidance, output_type="latent",
+                   generator=torch.Generator("cpu").manual_seed(params.seed)).images
+    decoder = AutoencoderTiny.from_pretrained(str(tiny_vae))
+    with torch.inference_mode():
+        reference = pipe.image_processor.postprocess(decoder.decode(latents).sample, output_type="pil")[0]
+    assert np.abs(ours - np.asarray(reference).astype(int)).max() <= 1
+    assert not np.array_equal(ours, _paint(engine, replace(params, decoder="full")))
+
+
+def test_a_draft_job_on_a_model_without_a_draft_decoder_fails_with_a_reason(tiny_engine: Engine, tmp_path: Path) -> None:
+    from inpaintd import process
+    from inpaintd.errors import JobError
+
+    image, mask = _inputs()
+    image.save(tmp_path / "a.png")
+    mask.save(tmp_path / "a.mask.png")
+    config = config_from_dict({})
+    request = jobspec.build_request("a", tmp_path / "a.png", tmp_path / "a.mask.png", {"decoder": "draft"}, config)
+    with pytest.raises(JobError) as caught:
+        process.run_job(tiny_engine, request, config)
+    assert caught.value.code == "options_invalid" and "--draft-decoder" in str(caught.value)

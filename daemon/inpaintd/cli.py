@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float)
     p.add_argument("--cfg-cutoff", type=float, dest="cfg_cutoff", help="drop classifier-free guidance after this fraction of the steps (1.0: never)")
     p.add_argument("--step-cache", type=int, dest="step_cache", help="DeepCache interval: deep UNet features reused for N-1 of every N steps (1: off)")
+    p.add_argument("--decoder", choices=("full", "draft"), help="draft: the model's tiny decoder (prepare-model --draft-decoder), faster and lower quality")
     p.add_argument("--debug-overlay", action="store_true", help="also write OUT.overlay.png with region boxes and mask outline")
     p.set_defaults(handler=_cmd_process)
 
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", type=Path, help="replace the model's VAE: a .safetensors file (original or diffusers names) or a diffusers VAE folder")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="bake a textual-inversion embedding (.safetensors, A1111 or diffusers format) in; prompts use TOKEN (default: the file name, or the token stored in a diffusers file). Repeatable")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) into the UNet and text encoder at SCALE (default 1.0). Repeatable")
+    p.add_argument("--draft-decoder", type=Path, dest="draft_decoder", help="an AutoencoderTiny folder (e.g. TAESD) kept beside the VAE for jobs with decoder: draft (faster, lower quality)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the model's inference defaults for a published few-step LoRA (lcm: LCM scheduler, 4 steps, guidance 1.0)")
     p.add_argument("--defaults", nargs="+", default=[], metavar="KEY=VALUE", help="the model's inference defaults (scheduler, steps, guidance, strength, negative_prompt, cfg_cutoff, step_cache); over --preset; config and job files still override")
     p.set_defaults(handler=_cmd_prepare)
@@ -141,6 +143,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
             "strength": args.strength,
             "cfg_cutoff": args.cfg_cutoff,
             "step_cache": args.step_cache,
+            "decoder": args.decoder,
         }.items()
         if value is not None
     }
@@ -199,6 +202,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         embeddings=args.embedding,
         loras=args.lora,
         defaults=parse_defaults(args.preset, args.defaults),
+        draft_decoder=args.draft_decoder,
     )
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     for record in manifest.get("extras", {}).get("embeddings", []):

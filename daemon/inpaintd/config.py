@@ -79,6 +79,9 @@ BUILTIN_INFERENCE: dict[str, Any] = {
     "cfg_cutoff": 1.0,
     # DeepCache: the deep UNet features computed in full every N steps, reused in between (1: off).
     "step_cache": 1,
+    # "draft": decode with the model's AutoencoderTiny (prepare-model --draft-decoder): much
+    # faster, visibly lower fidelity than the model's own VAE.
+    "decoder": "full",
 }
 
 
@@ -95,6 +98,7 @@ class InferenceConfig:
     seed: int | None = None  # None: a fresh random seed per job, always reported
     cfg_cutoff: float | None = None
     step_cache: int | None = None
+    decoder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.compile": ("off", "inductor"),
     "model.unet_int8": ("auto", "on", "off"),
     "inference.scheduler": SCHEDULERS,
+    "inference.decoder": ("full", "draft"),
     "watch.observer": ("auto", "inotify", "polling"),
     "output.format": OUTPUT_FORMATS,
     "output.after_success": ("archive", "delete"),

@@ -213,6 +213,7 @@ class Engine:
         self.memory_tight = False  # memory_limit below model.unet_int8_below_gib
         self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
         self.last_run: dict[str, Any] = {}  # how the last inpaint ran: guidance batch, cut-off, caching
+        self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
         if config.compile == "inductor":
             self._compile_unet()
 
@@ -335,6 +336,24 @@ class Engine:
         with self._lock:
             return self._run(image, mask, params, on_step)
 
+    @property
+    def has_draft_decoder(self) -> bool:
+        from .extras import DRAFT_DECODER
+
+        return (Path(self.info.path) / DRAFT_DECODER / "config.json").is_file()
+
+    def draft_decoder(self) -> Any:
+        if self._draft_decoder is None:
+            from diffusers import AutoencoderTiny
+
+            from .extras import DRAFT_DECODER
+
+            self._draft_decoder = AutoencoderTiny.from_pretrained(
+                str(Path(self.info.path) / DRAFT_DECODER), torch_dtype=_TORCH_DTYPES[self.info.dtype],
+                local_files_only=True, use_safetensors=True,
+            ).eval().requires_grad_(False)
+        return self._draft_decoder
+
     def runtime_report(self, work_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """Which runtime policies apply (for the sidecar and `inpaintd status`)."""
         return {
@@ -435,6 +454,9 @@ class Engine:
         step_error: list[BaseException] = []
         cache = self._step_cache(params.step_cache)
         counts = {"cfg": 0, "full": 0}
+        draft = params.decoder == "draft"
+        if draft and not self.has_draft_decoder:
+            raise ValueError("decoder: draft needs a model prepared with --draft-decoder")
 
         def callback(pipeline: Any, index: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             total = int(getattr(pipeline, "_num_timesteps", 0) or params.steps)
@@ -469,10 +491,10 @@ class Engine:
                     guidance_scale=float(params.guidance),
                     strength=float(params.strength),
                     generator=generator,
-                    output_type="pil",
+                    output_type="latent" if draft else "pil",
                     callback_on_step_end=callback,
                     callback_on_step_end_tensor_inputs=list(_CUT_TENSORS),
-                ).images[0]
+                ).images
 
         if cache is not None:
             cache.enable()
@@ -490,6 +512,7 @@ class Engine:
                 cache.disable()
         if self._compile_state == "inductor-pending":
             self._compile_state = "inductor"
+        result = self._decode_draft(result) if draft else result[0]
         ran = int(getattr(pipe, "_num_timesteps", 0) or params.steps)
         self.last_run = {
             "guidance": {
@@ -505,10 +528,18 @@ class Engine:
                  "cached_steps": ran - counts["full"]}
                 if cache is not None else {"method": "off" if params.step_cache <= 1 else "off (compiled UNet)"}
             ),
+            "decoder": "draft (AutoencoderTiny, lower quality)" if draft else "full (the model's VAE)",
         }
         if self.config.malloc_trim:
             memory.malloc_trim()
         return result
+
+    def _decode_draft(self, latents: Any) -> Any:
+        """The pipeline's final latents through the tiny decoder, post-processed as diffusers does."""
+        tiny = self.draft_decoder()
+        with torch.inference_mode():
+            pixels = tiny.decode(latents.to(tiny.dtype) / tiny.config.scaling_factor, return_dict=False)[0]
+            return self.pipeline.image_processor.postprocess(pixels, output_type="pil")[0]
 
     def _step_cache(self, interval: int) -> Any:
         """A DeepCache helper on the eager UNet for `interval` > 1 (None: off, or the UNet is compiled)."""

@@ -26,6 +26,7 @@ class InpaintParams:
     seed: int  # always concrete here: a random one is drawn before the job starts
     cfg_cutoff: float = 1.0  # fraction of the steps run with classifier-free guidance (1.0: all)
     step_cache: int = 1  # DeepCache interval (1: every step in full)
+    decoder: str = "full"  # full | draft (the model's AutoencoderTiny)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ _INFERENCE_KEYS: dict[str, tuple[str, Any]] = {
     "seed": ("inference.seed", int),
     "cfg_cutoff": ("inference.cfg_cutoff", float),
     "step_cache": ("inference.step_cache", int),
+    "decoder": ("inference.decoder", str),
 }
 _ROI_KEYS: dict[str, tuple[str, Any]] = {
     "padding": ("roi.padding", int),

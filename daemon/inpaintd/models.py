@@ -245,6 +245,7 @@ def prepare_model(
     embeddings: Iterable[Any] = (),
     loras: Iterable[Any] = (),
     defaults: Mapping[str, Any] | None = None,
+    draft_decoder: Path | None = None,
 ) -> dict[str, Any]:
     """Convert a model into a prepared folder at `dst` and return its manifest.
 
@@ -264,7 +265,8 @@ def prepare_model(
     manifest's "extras". `loras` (lora.LoraSpec or "FILE[:SCALE]" strings) are fused into the
     UNet and text encoder in fp32 before the cast to `dtype` (lora.py), each listed in the
     manifest's "loras"; `defaults` (checked by presets.check_defaults) become the manifest's
-    "defaults", the inference settings a job without its own uses.
+    "defaults", the inference settings a job without its own uses. `draft_decoder` (an
+    AutoencoderTiny folder) becomes vae_tiny/, used by jobs with ``decoder: draft``.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -304,9 +306,11 @@ def prepare_model(
             raise ModelError(f"LoRA layers found no tensor to fuse into: {', '.join(fusion.missed()[:5])}")
         baked: dict[str, Any] = {}
         specs = list(embeddings)
-        if vae is not None or specs:
+        if vae is not None or specs or draft_decoder is not None:
             from . import extras
 
+            if draft_decoder is not None:
+                baked["draft_decoder"] = extras.apply_draft_decoder(out, Path(draft_decoder), dtype)
             if vae is not None:
                 baked["vae"] = extras.apply_vae(out, Path(vae), dtype, allow_pickle=allow_pickle)
             if specs:

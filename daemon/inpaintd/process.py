@@ -47,6 +47,9 @@ def run_job(
     """Paint one job; raises JobError for bad input and lets Interrupted from on_step through."""
     clock = time.monotonic
     started = clock()
+    if request.params.decoder == "draft" and not getattr(engine, "has_draft_decoder", False):
+        raise JobError("options_invalid", "decoder: draft needs a model prepared with --draft-decoder; this one has none",
+                       {"decoder": "draft"})
     roi = effective_roi(config.roi, request.roi_overrides)
     limits = config.limits
 

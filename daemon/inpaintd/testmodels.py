@@ -488,3 +488,15 @@ def build_random_lora(
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, out)
     return out
+
+
+def build_random_tiny_vae(out: Path, *, seed: int = _SEED) -> Path:
+    """A random-weight AutoencoderTiny with TAESD's default architecture (for --draft-decoder)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    AutoencoderTiny().save_pretrained(str(out), safe_serialization=True)
+    (out / RANDOM_MARKER).write_text("random weights: for tests and benchmarks only\n", encoding="utf-8")
+    return out
