@@ -25,10 +25,13 @@ A *variant* is ``label:kind[,key=value...]``:
 - ``roi.FIELD=VALUE``: a RoiConfig field.
 - ``env.NAME=VALUE``: environment variable for the child (OMP, oneDNN, glibc malloc tunables).
 - ``preload=jemalloc|tcmalloc|PATH``: LD_PRELOAD an allocator.
+- ``job.KEY=VALUE``: a job option (steps, guidance, scheduler, cfg_cutoff, step_cache, decoder);
+  the diffusers kinds take steps, guidance and scheduler. ``model.path=DIR`` picks another
+  prepared model for inpaintd; ``model.dtype=bf16`` loads plain diffusers in bf16.
 - ``patch.NAME=VALUE``: bench-side experiments on the loaded pipeline: channels_last=1 (module
   weights and inputs, for the diffusers kinds; inpaintd has model.channels_last), vae_tile=SIDE
   (VAE tiles of SIDE px even at 512), trim=1 (malloc_trim after each VAE/UNet call),
-  sdpa=math|flash|efficient.
+  sdpa=math|flash|efficient, tome=RATIO (tomesd.apply_patch, token merging).
 
 Inputs are synthetic and deterministic (a smooth "photo" with texture; masks are blobs), so a
 run is reproducible anywhere. Weights are random: these numbers say nothing about quality.
@@ -126,9 +129,11 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)
     patch: dict[str, str] = field(default_factory=dict)
     preload: str | None = None
+    job: dict[str, Any] = field(default_factory=dict)
 
     def spec(self) -> str:
         parts = [f"{self.label}:{self.kind}"]
+        parts += [f"job.{k}={v}" for k, v in self.job.items()]
         parts += [f"model.{k}={v}" for k, v in self.model.items()]
         parts += [f"roi.{k}={v}" for k, v in self.roi.items()]
         parts += [f"env.{k}={v}" for k, v in self.env.items()]
@@ -174,6 +179,8 @@ def parse_variant(text: str) -> Variant:
             v.env[key[4:]] = value
         elif key.startswith("patch."):
             v.patch[key[6:]] = value
+        elif key.startswith("job."):
+            v.job[key[4:]] = _coerce(value)
         elif key == "preload":
             v.preload = value
         else:
@@ -286,6 +293,39 @@ def _apply_patches(pipe: Any, patch: dict[str, str], report: dict[str, Any]) -> 
         ctx.__enter__()  # for the life of this child process
     if patch.get("vae_slicing") in ("1", "true"):
         pipe.vae.enable_slicing()
+    if patch.get("tome"):
+        import tomesd
+
+        tomesd.apply_patch(pipe, ratio=float(patch["tome"]))
+        report["tome_ratio"] = float(patch["tome"])
+
+
+class PhaseTimer:
+    """Wall seconds spent inside each model part (forward pre/post hooks), summed over the job."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+
+    def attach(self, name: str, module: Any) -> None:
+        def before(*_: Any) -> None:
+            self._started[name] = time.monotonic()
+
+        def after(*_: Any) -> None:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self._started.pop(name)
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+
+    def attach_pipeline(self, pipe: Any) -> None:
+        for name, module in (("text_encoder", pipe.text_encoder), ("vae_encode", pipe.vae.encoder),
+                             ("vae_decode", pipe.vae.decoder), ("unet", pipe.unet)):
+            self.attach(name, module)
+
+    def report(self) -> dict[str, Any]:
+        return {k: round(v, 3) for k, v in self.seconds.items()} | {f"{k}_calls": n for k, n in self.calls.items()}
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -324,7 +364,7 @@ def child_main(args: argparse.Namespace) -> int:
         dtype_key = "dtype" if hasattr(_d.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
         load_kwargs: dict[str, Any] = {"safety_checker": None}
         if variant.model.get("default_dtype") not in (True, "1", 1):
-            load_kwargs[dtype_key] = torch.float32
+            load_kwargs[dtype_key] = torch.bfloat16 if variant.model.get("dtype") == "bf16" else torch.float32
         pipe = StableDiffusionInpaintPipeline.from_pretrained(str(args.fp16_model), **load_kwargs)
         pipe.set_progress_bar_config(disable=True)
         threads = variant.model.get("threads")
@@ -332,8 +372,10 @@ def child_main(args: argparse.Namespace) -> int:
             torch.set_num_threads(int(threads))
         # Same scheduler as inpaintd's default so steps cost the same number of UNet calls
         # (diffusers' folder default, PNDM, adds one extra UNet call per job).
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(str(variant.job.get("scheduler", args.scheduler)), pipe.scheduler.config)
         _apply_patches(pipe, variant.patch, report)
+        phases = PhaseTimer()
+        phases.attach_pipeline(pipe)
         report["dtypes"] = {
             "unet": str(pipe.unet.dtype),
             "vae": str(pipe.vae.dtype),
@@ -365,8 +407,8 @@ def child_main(args: argparse.Namespace) -> int:
                 mask_image=mask,
                 height=512,
                 width=512,
-                num_inference_steps=args.steps,
-                guidance_scale=7.5,
+                num_inference_steps=int(variant.job.get("steps", args.steps)),
+                guidance_scale=float(variant.job.get("guidance", 7.5)),
                 strength=1.0,
                 generator=generator,
                 callback_on_step_end=on_step_end,
@@ -388,11 +430,16 @@ def child_main(args: argparse.Namespace) -> int:
         model_fields.pop("padding_mask_crop", None)
         model_fields.pop("default_dtype", None)
         model_fields.setdefault("cache_dir", OUT / "cache")  # int8 UNet cache stays in bench-out/
-        model_cfg = ModelConfig(path=Path(args.prepared_model), **model_fields)
+        model_path = Path(model_fields.pop("path", args.prepared_model))
+        model_cfg = ModelConfig(path=model_path, **model_fields)
         config = Config(model=model_cfg, roi=RoiConfig(**variant.roi) if variant.roi else RoiConfig())
         engine = Engine.load(model_cfg)
         report["model_id"] = engine.info.model_id
         _apply_patches(engine.pipeline, variant.patch, report)
+        phases = PhaseTimer()
+        phases.attach_pipeline(engine.pipeline)
+        if engine.has_draft_decoder:
+            phases.attach("draft_decode", engine.draft_decoder().decoder)
         report["load_s"] = round(time.monotonic() - t_load, 3)
         report["threads"] = engine.threads
         if args.warm:
@@ -402,12 +449,18 @@ def child_main(args: argparse.Namespace) -> int:
             report["warm_s"] = round(time.monotonic() - t_warm, 3)
         sampler.set_phase("job")
         t_job = time.monotonic()
-        options = {"prompt": PROMPT, "steps": args.steps, "seed": SEED, "scheduler": args.scheduler}
+        options: dict[str, Any] = {"prompt": PROMPT, "seed": SEED}
+        if "path" not in variant.model:  # another model (model.path=) paints with its manifest's defaults
+            options.update(steps=args.steps, scheduler=args.scheduler)
+        options.update(variant.job)
         if variant.kind == "inpaintd":
             from inpaintd import process
 
-            request = jobspec.build_request(image_path.stem, image_path, mask_path, options, config)
+            request = jobspec.build_request(image_path.stem, image_path, mask_path, options, config,
+                                            model_defaults=engine.model_defaults)
             result = process.run_job(engine, request, config, on_step=clock.tick)
+            report["job_timings"] = result.sidecar.get("timings")
+            report["parameters"] = result.sidecar.get("parameters")
             out_path = Path(args.out_dir) / f"{variant.label}-{image_path.stem}.{result.extension}"
             out_path.write_bytes(result.image_bytes)
             report["regions"] = len(result.regions)
@@ -428,6 +481,7 @@ def child_main(args: argparse.Namespace) -> int:
         t_end = time.monotonic()
         report["runtime"] = engine.runtime_report((512, 512))
 
+    report["phases"] = phases.report()
     sampler.stop()
     ticks = clock.times
     report["steps_seen"] = len(ticks)
@@ -655,12 +709,16 @@ def summary_line(r: dict[str, Any]) -> str:
     )
 
 
+def _num(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _mib(n: Any) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
 def markdown_tables(payload: dict[str, Any]) -> str:
-    """One table per input: every configuration with ratios to the first (plain diffusers)."""
+    """One table per input: every configuration with ratios to diffusers_bf16 (else the first row)."""
     results = [r for r in payload["results"]]
     lines: list[str] = []
     by_input: dict[str, list[dict[str, Any]]] = {}
@@ -702,8 +760,11 @@ def markdown_tables(payload: dict[str, Any]) -> str:
                     "load": ok[0].get("loadavg_before", "").split(" ")[0],
                 }
             )
-        base = next((m for m in merged if m["status"] == "ok"), None)
-        lines.append(f"\n#### {input_name} ({rows[0].get('steps', '?')} steps)\n")
+        # Ratios against plain diffusers in bf16 where the run has it (the fair baseline on a CPU
+        # with native bf16), else against the first row.
+        base = next((m for m in merged if m["status"] == "ok" and m["label"] == "diffusers_bf16"), None)
+        base = base or next((m for m in merged if m["status"] == "ok"), None)
+        lines.append(f"\n#### {input_name} ({rows[0].get('steps', '?')} steps; x = against {base['label'] if base else '-'})\n")
         lines.append(
             "| config | load s | first step s | s/step (min) | CPU s/step | job s | total s | peak RSS MiB "
             "| job peak anon / file MiB | regions | x s/step | x job | x RSS | loadavg |"
@@ -722,8 +783,8 @@ def markdown_tables(payload: dict[str, Any]) -> str:
                 return f"{m[key] / base[key]:.2f}"
 
             lines.append(
-                f"| {m['label']} | {m['load_s']:.1f} | {m['first_step_s']:.1f} | {m['s_per_step']:.2f} ({smin}) | {cpu} | "
-                f"{m['job_s']:.1f} | {m['total_s']:.1f} | {_mib(m['peak_rss'])} | {_mib(m['anon'])} / {_mib(m['file'])} | "
+                f"| {m['label']} | {_num(m['load_s'], 1)} | {_num(m['first_step_s'], 1)} | {_num(m['s_per_step'], 2)} ({smin}) | {cpu} | "
+                f"{_num(m['job_s'], 1)} | {_num(m['total_s'], 1)} | {_mib(m['peak_rss'])} | {_mib(m['anon'])} / {_mib(m['file'])} | "
                 f"{m['regions']} | {ratio('s_per_step')} | {ratio('job_s')} | {ratio('peak_rss')} | {m['load']} |"
             )
     return "\n".join(lines) + "\n"
@@ -744,6 +805,67 @@ def cmd_levers(args: argparse.Namespace) -> int:
     variants = [parse_variant(v) for v in args.variants]
     _run_matrix(args, variants, args.inputs.split(","), "levers")
     return 0
+
+
+FASTPATH_FUSED = MODELS / "sd15-inpaint-lcm-bf16"
+FASTPATH_DEFAULT = [
+    "diffusers_fp32:diffusers",
+    "diffusers_bf16:diffusers,model.dtype=bf16",
+    "inpaintd_20:inpaintd",
+    "cutoff_0.4:inpaintd,job.cfg_cutoff=0.4",
+    "cache_3:inpaintd,job.step_cache=3",
+    "cutoff_0.4+cache_3:inpaintd,job.cfg_cutoff=0.4,job.step_cache=3",
+    "tome_0.5:inpaintd,patch.tome=0.5",
+] + [
+    f"lcm_{steps}_g{g}:inpaintd,model.path={FASTPATH_FUSED},job.steps={steps},job.guidance={g}"
+    for steps in (4, 6, 8) for g in (1.0, 1.5)
+] + [f"lcm_4_g1.0_draft:inpaintd,model.path={FASTPATH_FUSED},job.steps=4,job.guidance=1.0,job.decoder=draft"]
+
+
+def cmd_fastpath(args: argparse.Namespace) -> int:
+    """Issue 14's table: baselines, the 20-step options and the LCM-fused model, one process each."""
+    variants = [parse_variant(v) for v in (args.variants or FASTPATH_DEFAULT)]
+    path = _run_matrix(args, variants, args.inputs.split(","), "fastpath")
+    print(fastpath_table(json.loads(path.read_text())))
+    return 0
+
+
+def fastpath_table(payload: dict[str, Any]) -> str:
+    """Per input: end-to-end job, s/step, each phase, peak RSS; ratios against diffusers_bf16."""
+    lines: list[str] = []
+    by_input: dict[str, list[dict[str, Any]]] = {}
+    for r in payload["results"]:
+        by_input.setdefault(r["input"], []).append(r)
+    for input_name, rows in by_input.items():
+        base = next((r for r in rows if r["label"] == "diffusers_bf16" and r.get("status") == "ok"), None)
+        lines.append(f"\n#### {input_name}\n")
+        lines.append("| config | steps | guidance | job s | s/step | text enc s | VAE enc s | UNet s (calls) | VAE dec s "
+                     "| rest s | peak RSS MiB | x job | x s/step | x RSS |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r.get("status") != "ok":
+                lines.append(f"| {r['label']} | {r.get('status')} ({r.get('exit')}) |" + " |" * 12)
+                continue
+            ph = r.get("phases", {})
+            params = r.get("parameters") or {}
+            steps = params.get("steps") or r.get("steps_seen")
+            guidance = params.get("guidance", 7.5)
+            decode = ph.get("vae_decode", 0.0) + ph.get("draft_decode", 0.0)
+            inside = ph.get("text_encoder", 0.0) + ph.get("vae_encode", 0.0) + ph.get("unet", 0.0) + decode
+            rest = r["job_s"] - inside
+
+            def x(key: str) -> str:
+                if base is None or not base.get(key) or r.get(key) is None:
+                    return "-"
+                return f"{r[key] / base[key]:.2f}"
+
+            lines.append(
+                f"| {r['label']} | {steps} | {guidance:g} | {r['job_s']:.1f} | {r.get('s_per_step') or 0:.2f} | "
+                f"{ph.get('text_encoder', 0):.2f} | {ph.get('vae_encode', 0):.2f} | {ph.get('unet', 0):.1f} "
+                f"({ph.get('unet_calls', 0)}) | {decode:.2f} | {rest:.2f} | {_mib(r['peak_rss'])} | "
+                f"{x('job_s')} | {x('s_per_step')} | {x('peak_rss')} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 class Cgroup:
@@ -1059,6 +1181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", default="square")
     p.add_argument("--variants", nargs="+", required=True)
     p.set_defaults(handler=cmd_levers)
+
+    p = sub.add_parser("fastpath", help="issue 14: baselines, CFG cut-off, step caching, ToMe, the LCM-fused model")
+    common(p, 20)
+    p.add_argument("--inputs", default="square,photo1")
+    p.add_argument("--variants", nargs="*", help="default: FASTPATH_DEFAULT in this file")
+    p.set_defaults(handler=cmd_fastpath)
 
     p = sub.add_parser("memcap", help="inpaintd under cgroup memory limits")
     common(p, 20)

@@ -267,3 +267,32 @@ def test_a_draft_job_on_a_model_without_a_draft_decoder_fails_with_a_reason(tiny
     with pytest.raises(JobError) as caught:
         process.run_job(tiny_engine, request, config)
     assert caught.value.code == "options_invalid" and "--draft-decoder" in str(caught.value)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_karras", "dpmpp_2m", "euler_a", "euler", "ddim", "unipc", "lcm", "tcd", "pndm"])
+def test_every_scheduler_runs_with_a_cutoff_and_step_caching(tiny_engine: Engine, scheduler: str) -> None:
+    params = replace(PARAMS, scheduler=scheduler, steps=5, cfg_cutoff=0.5, step_cache=2, strength=0.8)
+    with UnetBatches(tiny_engine) as batches:
+        out = _paint(tiny_engine, params)
+    assert out.shape == (64, 64, 3)
+    report = tiny_engine.runtime_report((64, 64))
+    assert report["step_cache"]["method"] == "deepcache"
+    guided = report["guidance"]["cfg_steps"]
+    assert batches.sizes == [2] * guided + [1] * report["guidance"]["batch1_steps"] and 0 < guided < len(batches.sizes)
+
+
+def test_channels_last_weights_keep_the_pixels_and_step_aside_when_memory_is_tight(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+
+    plain = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last_weights="off"))
+    laid = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last_weights="on"))
+    conv = laid._eager_unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain._eager_unet.conv_in.weight.is_contiguous()
+    assert laid.runtime_report()["channels_last_weights"] is True
+    # The same convolutions in another memory order: equal up to float rounding.
+    assert np.abs(_paint(laid, PARAMS) - _paint(plain, PARAMS)).max() <= 1
+    # auto under a tight memory limit keeps the weights mapped (int8 decides there).
+    tight = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path,
+                                    unet_int8_below_gib=1024.0, unet_int8="off"))
+    assert tight.memory_tight and tight.runtime_report()["channels_last_weights"] is False

@@ -56,18 +56,33 @@ def _diffusers(raw: Path, params, lora_file: Path | None, scale: float) -> np.nd
     return np.asarray(out).astype(int)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+@pytest.mark.parametrize("layout", ["kohya", "peft", "kohya-mixed-alphas"])
 def test_a_model_prepared_with_a_lora_paints_what_diffusers_fuse_lora_paints(
     tiny_model_raw: Path, tmp_path: Path, layout: str
 ) -> None:
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (the test extra installs it)")
+    from safetensors.torch import load_file, save_file
+
     from inpaintd.jobs import InpaintParams
 
     # alpha != rank and a scale != 1, on UNet and text encoder layers (linear, 1x1 and 3x3 convs).
     lora_file = testmodels.build_random_lora(
-        tiny_model_raw, tmp_path / f"{layout}.safetensors", rank=4, alpha=2.0, layout=layout,
+        tiny_model_raw, tmp_path / f"{layout}.safetensors", rank=4, alpha=2.0, layout=layout.split("-")[0],
         text_encoder_targets=testmodels.TEXT_ENCODER_LORA_TARGETS, strength=1.0, dtype="fp32",
     )
+    if layout == "kohya-mixed-alphas":
+        # Some layers with another alpha, some with none: diffusers gives those the most common
+        # one. (Not on the text encoder's attention projections: diffusers' alpha_pattern names
+        # for them drop the projection's name, so it applies the common alpha there; inpaintd
+        # follows the file.)
+        tensors = load_file(str(lora_file))
+        alphas = sorted(k for k in tensors if k.endswith(".alpha"))
+        other = [k for k in alphas if k.startswith("lora_unet_down")][:3] + [k for k in alphas if "mlp_fc1" in k][:1]
+        for k in other:
+            tensors[k] = torch.tensor(8.0)
+        for k in [k for k in alphas if k.startswith("lora_unet_up")][-4:]:
+            del tensors[k]
+        save_file(tensors, str(lora_file))
     scale = 0.7
     manifest = models.prepare_model(tiny_model_raw, tmp_path / "fused", dtype="fp32", loras=[f"{lora_file}:{scale}"])
     params = InpaintParams(prompt="a window", negative_prompt="dark", scheduler="ddim", steps=3, guidance=6.0, strength=1.0, seed=9)
@@ -77,7 +92,7 @@ def test_a_model_prepared_with_a_lora_paints_what_diffusers_fuse_lora_paints(
     assert np.abs(ours - plain).max() > 20, "the LoRA must change the picture, or equality proves nothing"
     assert np.abs(ours - reference).max() <= 1
     [record] = manifest["loras"]
-    assert record["file"] == lora_file.name and record["scale"] == scale and record["layout"] == layout
+    assert record["file"] == lora_file.name and record["scale"] == scale and record["layout"] == layout.split("-")[0]
     assert record["sha256"] == models.sha256_file(lora_file)
     assert record["layers"]["unet"] > 0 and record["layers"]["text_encoder"] > 0
     assert "down_blocks.0.resnets.0.conv1.weight" in record["keys"]["unet"]
@@ -203,3 +218,57 @@ def test_only_safetensors_loras_are_read_and_the_scale_is_a_number(tmp_path: Pat
     assert lora.LoraSpec.parse("x.safetensors") == lora.LoraSpec(Path("x.safetensors"), 1.0)
     with pytest.raises(ModelError, match="must be a number"):
         lora.LoraSpec.parse("x.safetensors:strong")
+
+
+def _lora_with(tmp_path: Path, model: Path, name: str, change, metadata: dict | None = None) -> Path:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    good = testmodels.build_random_lora(model, tmp_path / f"{name}-good.safetensors", rank=2, dtype="fp32",
+                                        unet_targets=("to_q", "conv1"))
+    tensors = change(load_file(str(good)))
+    out = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def _first(tensors: dict, suffix: str) -> str:
+    return sorted(k for k in tensors if k.endswith(suffix))[0]
+
+
+@pytest.mark.parametrize("case", ["nan-alpha", "alpha-vector", "empty-alpha", "rank-0", "metadata-list",
+                                  "metadata-alpha-text"])
+def test_malformed_loras_are_refused_with_a_model_error(tiny_model_raw: Path, tmp_path: Path, case: str) -> None:
+    def nan_alpha(t):  # type: ignore[no-untyped-def]
+        t[_first(t, ".alpha")] = torch.tensor(float("nan"))
+        return t
+
+    def alpha_vector(t):  # type: ignore[no-untyped-def]
+        t[_first(t, ".alpha")] = torch.ones(3)
+        return t
+
+    def empty_alpha(t):  # type: ignore[no-untyped-def]
+        t[_first(t, ".alpha")] = torch.ones(0)
+        return t
+
+    def rank_0(t):  # type: ignore[no-untyped-def]
+        down = _first(t, ".lora_down.weight")
+        up = down.replace("lora_down", "lora_up")
+        t[down] = t[down][:0].contiguous()
+        t[up] = t[up][:, :0].contiguous()
+        return t
+
+    changes = {"nan-alpha": (nan_alpha, None), "alpha-vector": (alpha_vector, None), "empty-alpha": (empty_alpha, None),
+               "rank-0": (rank_0, None),
+               "metadata-list": (lambda t: t, {"lora_adapter_metadata": "[1, 2]"}),
+               "metadata-alpha-text": (lambda t: t, {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": "strong"})})}
+    change, metadata = changes[case]
+    bad = _lora_with(tmp_path, tiny_model_raw, case, change, metadata)
+    with pytest.raises(ModelError, match=bad.name):
+        models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", loras=[str(bad)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_cannot_default_to_a_draft_decoder_it_does_not_have(tiny_model_raw: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="draft decoder"):
+        models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", defaults={"decoder": "draft"})
+    assert not (tmp_path / "out").exists()

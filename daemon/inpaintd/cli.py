@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument("--guidance", type=float)
     p.add_argument("--strength", type=float)
-    p.add_argument("--cfg-cutoff", type=float, dest="cfg_cutoff", help="drop classifier-free guidance after this fraction of the steps (1.0: never)")
+    p.add_argument("--cfg-cutoff", type=float, dest="cfg_cutoff", help="guidance for steps 0..int(steps x this) only, batch 1 after (1.0: all steps guided; diffusers' SDCFGCutoffCallback rule)")
     p.add_argument("--step-cache", type=int, dest="step_cache", help="DeepCache interval: deep UNet features reused for N-1 of every N steps (1: off)")
     p.add_argument("--decoder", choices=("full", "draft"), help="draft: the model's tiny decoder (prepare-model --draft-decoder), faster and lower quality")
     p.add_argument("--debug-overlay", action="store_true", help="also write OUT.overlay.png with region boxes and mask outline")
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) into the UNet and text encoder at SCALE (default 1.0). Repeatable")
     p.add_argument("--draft-decoder", type=Path, dest="draft_decoder", help="an AutoencoderTiny folder (e.g. TAESD) kept beside the VAE for jobs with decoder: draft (faster, lower quality)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the model's inference defaults for a published few-step LoRA (lcm: LCM scheduler, 4 steps, guidance 1.0)")
-    p.add_argument("--defaults", nargs="+", default=[], metavar="KEY=VALUE", help="the model's inference defaults (scheduler, steps, guidance, strength, negative_prompt, cfg_cutoff, step_cache); over --preset; config and job files still override")
+    p.add_argument("--defaults", nargs="+", default=[], metavar="KEY=VALUE", help="the model's inference defaults (scheduler, steps, guidance, strength, negative_prompt, cfg_cutoff, step_cache, decoder); over --preset; config and job files still override")
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("check", help="verify a prepared model (hashes, dtype, architecture), say what it is, and check a config file")

@@ -30,6 +30,13 @@ Runtime policy, each switch a ModelConfig field (the sidecar's "runtime" reports
 - determinism: ``torch.Generator("cpu").manual_seed(seed)``; the same seed and parameters give
   the same pixels on the same machine and thread count.
 
+Per job (InpaintParams; the sidecar's runtime says what ran):
+
+- guidance <= 1: no classifier-free guidance, the UNet at batch 1 (diffusers decides this).
+- cfg_cutoff: guidance dropped after step int(steps x cfg_cutoff) (`_cut_guidance`).
+- step_cache > 1: DeepCache around the eager UNet for this job (`deepcache_helper`).
+- decoder "draft": the final latents through the model's AutoencoderTiny (vae_tiny/).
+
 An Engine is used by one worker thread at a time; a lock makes concurrent calls queue.
 """
 
@@ -211,6 +218,7 @@ class Engine:
         self.text_encoder_released_bytes = 0
         self.memory_limit: int | None = None
         self.memory_tight = False  # memory_limit below model.unet_int8_below_gib
+        self.channels_last_weighted = False
         self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
         self.last_run: dict[str, Any] = {}  # how the last inpaint ran: guidance batch, cut-off, caching
         self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
@@ -246,7 +254,10 @@ class Engine:
                 hint="loading converts every tensor; prepare-model with the runtime dtype loads by mmap",
             )
         try:
-            model_defaults = presets.check_defaults((layout.manifest or {}).get("defaults") or {})
+            from .extras import DRAFT_DECODER
+
+            model_defaults = presets.check_defaults((layout.manifest or {}).get("defaults") or {},
+                                                    has_draft_decoder=(path / DRAFT_DECODER / "config.json").is_file())
         except ModelError as exc:
             raise ModelError(f"{path}: the manifest's inference defaults are invalid: {exc}") from None
         pipeline = _load_pipeline(path, layout, dtype)
@@ -301,6 +312,7 @@ class Engine:
             guidance=float(self.model_defaults.get("guidance", 7.5)),
             strength=1.0,
             seed=0,
+            decoder="draft" if self.model_defaults.get("decoder") == "draft" and self.has_draft_decoder else "full",
         )
         for done, (width, height) in enumerate(sizes, start=1):
             start = time.monotonic()
@@ -365,6 +377,7 @@ class Engine:
             "vae_tiling": self._want_vae_tiling(work_size) if work_size else self.config.vae_tiling == "on",
             "compile": self._compile_state,
             "channels_last": self.config.channels_last,
+            "channels_last_weights": self.channels_last_weighted,
             "unet_weights": self.unet_weights,
             "memory_limit_bytes": self.memory_limit,
             "memory_tight": self.memory_tight,
@@ -564,6 +577,23 @@ class Engine:
         self.memory_tight = self.memory_limit is not None and self.memory_limit < below
         if setting == "on" or (setting == "auto" and self.memory_tight):
             self._quantize_unet()
+        weights = self.config.channels_last_weights
+        if self.config.channels_last and (weights == "on" or (weights == "auto" and not self.memory_tight)):
+            self._channels_last_weights()
+
+    def _channels_last_weights(self) -> None:
+        """Conv weights in channels-last order, as the activations are: oneDNN then uses them as
+        they are instead of reordering each one at every call. Costs an anonymous copy of the
+        conv weights (the mapped file pages are dropped); int8 layers are left as they are."""
+        start = time.monotonic()
+        modules = [self.pipeline.vae.encoder, self.pipeline.vae.decoder]
+        if self.unet_weights == "native":
+            modules.insert(0, self._eager_unet)
+        for module in modules:
+            module.to(memory_format=torch.channels_last)
+        self.channels_last_weighted = True
+        memory.malloc_trim()
+        log.info("channels_last_weights", seconds=round(time.monotonic() - start, 3))
 
 
     def _quantize_unet(self) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,12 @@ def plan(spec: LoraSpec, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) ->
             raise ModelError(f"LoRA {path.name}: {key} does not fit {component} {weight} {list(target)}: {problem}")
         ranks.append(down_shape[0])
         layers.append(LoraLayer(component, weight, key, up, alpha))
+    # diffusers (peft_utils.get_peft_kwargs) gives a layer without an alpha key the file's most
+    # common alpha, not alpha = rank.
+    keyed = [layer.alpha for layer in layers if layer.alpha is not None]
+    if keyed and len(keyed) < len(layers):
+        common = max(sorted(set(keyed)), key=keyed.count)
+        layers = [layer if layer.alpha is not None else replace(layer, alpha=common) for layer in layers]
     if unmatched:
         raise ModelError(
             f"LoRA {path.name} does not match this model: {len(unmatched)} of its layers name modules the model "
@@ -231,6 +237,8 @@ def _shape_problem(target: tuple[int, ...], down: tuple[int, ...], up: tuple[int
     if len(down) < 2 or len(up) < 2:
         return f"lora_down {list(down)} / lora_up {list(up)} are not matrices"
     rank = down[0]
+    if rank < 1:
+        return "rank 0"
     if up[1] != rank or math.prod(up[2:]) != 1:
         return f"lora_up {list(up)} does not pair with lora_down {list(down)} (rank {rank})"
     if up[0] != target[0] or up[0] * math.prod(down[1:]) != math.prod(target):
@@ -247,6 +255,8 @@ def _metadata_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, float
         data = json.loads(raw)
     except ValueError:
         raise ModelError(f"LoRA {path.name}: unreadable lora_adapter_metadata") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"LoRA {path.name}: lora_adapter_metadata is not a JSON object")
     alphas: dict[str, float] = {}
     for component in COMPONENTS:
         if data.get(f"{component}.alpha_pattern") or data.get(f"{component}.rank_pattern"):
@@ -255,15 +265,38 @@ def _metadata_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, float
             raise ModelError(f"LoRA {path.name}: rsLoRA/DoRA adapters are not supported")
         value = data.get(f"{component}.lora_alpha")
         if value is not None:
-            alphas[component] = float(value)
+            alphas[component] = _finite_alpha(value, f"{component}.lora_alpha", path)
     return alphas
 
 
+def _finite_alpha(value: Any, what: str, path: Path) -> float:
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ModelError(f"LoRA {path.name}: {what} is not a number") from None
+    if not math.isfinite(alpha):
+        raise ModelError(f"LoRA {path.name}: {what} is {alpha}")
+    return alpha
+
+
 def _read_scalar(path: Path, key: str) -> float:
+    tensor = _read_tensor(path, key)
+    if tensor.numel() != 1:
+        raise ModelError(f"LoRA {path.name}: {key} holds {tensor.numel()} values, not one")
+    return _finite_alpha(tensor.float().reshape(-1)[0].item(), key, path)
+
+
+def _read_tensor(path: Path, key: str, handle: Any = None) -> Any:
+    """One tensor of a LoRA file; a file safetensors cannot read is a ModelError."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return float(handle.get_tensor(key).float().reshape(-1)[0])
+    try:
+        if handle is not None:
+            return handle.get_tensor(key)
+        with safe_open(str(path), framework="pt") as opened:
+            return opened.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise ModelError(f"LoRA {path.name}: cannot read {key}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- fusing
@@ -310,8 +343,11 @@ class Fusion:
         if handle is None:
             from safetensors import safe_open
 
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(key)
+            try:
+                handle = self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error type for corrupt files
+                raise ModelError(f"LoRA {path.name} is not a readable safetensors file: {exc}") from exc
+        return _read_tensor(path, key, handle)
 
 
 def delta(down: Any, up: Any, alpha: float | None, scale: float, shape: tuple[int, ...]) -> Any:

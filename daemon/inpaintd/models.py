@@ -316,11 +316,14 @@ def prepare_model(
             if specs:
                 parsed = [s if isinstance(s, extras.EmbeddingSpec) else extras.EmbeddingSpec.parse(str(s)) for s in specs]
                 baked["embeddings"] = extras.apply_embeddings(out, parsed, dtype, allow_pickle=allow_pickle)
+        from .presets import check_defaults
+
+        checked_defaults = check_defaults(defaults or {}, has_draft_decoder="draft_decoder" in baked)
         origin = _origin(checkpoint, use_ema=use_ema, custom_configs=config_dir is not None, merge=make_inpainting)
         manifest = _write_manifest(
             out, src=src, layout=layout, dtype=dtype, origin=origin, extras=baked,
             loras=[p.record() for p in fusion.plans] if fusion is not None else [],
-            defaults=dict(defaults or {}),
+            defaults=checked_defaults,
         )
         _publish_dir(out, dst, overwrite=overwrite)
     finally:

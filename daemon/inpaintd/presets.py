@@ -19,7 +19,8 @@ from .errors import ConfigError, ModelError
 # The published few-step LoRAs' own recommendations (their model cards; see README "Fast path"):
 # - lcm: latent-consistency/lcm-lora-sdv1-5, "2 - 8 steps ... either disable guidance_scale or
 #   use values between 1.0 and 2.0", with diffusers' LCMScheduler.
-# - tcd: h1t/TCD-SD15, 2-8 steps with diffusers' TCDScheduler, guidance disabled.
+# - tcd: h1t/TCD-SD15, 2-8 steps with diffusers' TCDScheduler, guidance disabled (the inpainting
+#   pipeline passes eta 0, so TCD's gamma is 0: its deterministic setting, not the card's 0.3).
 PRESETS: dict[str, dict[str, Any]] = {
     "lcm": {"scheduler": "lcm", "steps": 4, "guidance": 1.0},
     "tcd": {"scheduler": "tcd", "steps": 4, "guidance": 1.0},
@@ -27,8 +28,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 MODEL_DEFAULT_KEYS = tuple(BUILTIN_INFERENCE)
 
 
-def check_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated defaults (each value checked as its inference.KEY is); ModelError names a bad one."""
+def check_defaults(defaults: Mapping[str, Any], *, has_draft_decoder: bool = True) -> dict[str, Any]:
+    """Validated defaults (each value checked as its inference.KEY is); ModelError names a bad one.
+
+    decoder=draft is refused for a model without a draft decoder: every job would fail.
+    """
     checked: dict[str, Any] = {}
     for key, value in defaults.items():
         if key not in MODEL_DEFAULT_KEYS:
@@ -37,6 +41,8 @@ def check_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
             checked[key] = check_field(f"inference.{key}", value, type(BUILTIN_INFERENCE[key]))
         except ConfigError as exc:
             raise ModelError(f"--defaults {key}={value!r}: {exc}") from None
+    if checked.get("decoder") == "draft" and not has_draft_decoder:
+        raise ModelError("--defaults decoder=draft needs a draft decoder (prepare-model --draft-decoder DIR)")
     steps = checked.get("steps", BUILTIN_INFERENCE["steps"])
     strength = checked.get("strength", BUILTIN_INFERENCE["strength"])
     if int(steps * strength) < 1:
@@ -45,7 +51,8 @@ def check_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_defaults(preset: str | None, pairs: Iterable[str]) -> dict[str, Any]:
-    """--preset NAME then --defaults KEY=VALUE ... (later wins), checked; values read as YAML scalars."""
+    """--preset NAME then --defaults KEY=VALUE ... (later wins), checked (prepare_model checks the
+    result again against the model); numbers and booleans read as YAML scalars."""
     merged: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -55,11 +62,15 @@ def parse_defaults(preset: str | None, pairs: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ModelError(f"--defaults {pair!r}: expected KEY=VALUE")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        merged[key.strip()] = value
+        key = key.strip()
+        if isinstance(BUILTIN_INFERENCE.get(key), str):
+            value: Any = raw  # text stays text: negative_prompt=no is the word "no"
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+        merged[key] = value
     return check_defaults(merged)
 
 
