@@ -432,8 +432,9 @@ def test_an_unexpected_error_fails_that_job_as_internal_error_and_the_loop_goes_
 
     svc.status = StatusFile(config.paths.state)
 
-    class Broken:
+    class Broken:  # the real engine's attributes, an inpaint that raises
         info = tiny_engine.info
+        model_defaults = tiny_engine.model_defaults
 
         def inpaint(self, *args, **kwargs):
             raise RuntimeError("boom")
