@@ -10,8 +10,9 @@ time, one call). Variants:
 - ``diffusers_bf16``: the UNet as `StableDiffusionInpaintPipeline.from_pretrained(fp16 folder,
   torch_dtype=torch.bfloat16)` loads it (weights converted into anonymous bf16 copies).
 - ``inpaintd``: the UNet as `Engine.load` maps it from the prepared bf16 folder, with the
-  engine's channels-last input hook.
-- ``inpaintd_cl_weights``: the same with the weights converted to channels-last (a copy).
+  engine's channels-last input hook and ``channels_last_weights: off`` (weights as mapped).
+- ``inpaintd_cl_weights``: the same with ``channels_last_weights: on`` (the conv weights
+  converted to channels-last: a copy).
 - ``inpaintd_frozen``: `torch.compile` with inductor's ``freezing`` (weights become constants,
   oneDNN prepacks them); the compile time is reported apart.
 
@@ -49,10 +50,10 @@ def load_unet(variant: str):  # type: ignore[no-untyped-def]
     from inpaintd.config import ModelConfig
     from inpaintd.engine import Engine
 
-    engine = Engine.load(ModelConfig(path=MODELS / "sd15-inpaint-fp16-bf16", cache_dir=OUT / "cache"))
+    weights = "on" if variant == "inpaintd_cl_weights" else "off"
+    engine = Engine.load(ModelConfig(path=MODELS / "sd15-inpaint-fp16-bf16", cache_dir=OUT / "cache",
+                                     channels_last_weights=weights))
     unet = engine._eager_unet
-    if variant == "inpaintd_cl_weights":
-        unet.to(memory_format=torch.channels_last)
     if variant == "inpaintd_frozen":
         import torch._inductor.config as inductor_config
 

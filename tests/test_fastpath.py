@@ -294,5 +294,8 @@ def test_channels_last_weights_keep_the_pixels_and_step_aside_when_memory_is_tig
     assert np.abs(_paint(laid, PARAMS) - _paint(plain, PARAMS)).max() <= 1
     # auto under a tight memory limit keeps the weights mapped (int8 decides there).
     tight = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path,
-                                    unet_int8_below_gib=1024.0, unet_int8="off"))
+                                    unet_int8_below_gib=1024.0, unet_int8="off", channels_last_weights="auto"))
+    roomy = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path,
+                                    unet_int8_below_gib=0.0, channels_last_weights="auto"))
+    assert roomy.runtime_report()["channels_last_weights"] is True
     assert tight.memory_tight and tight.runtime_report()["channels_last_weights"] is False
