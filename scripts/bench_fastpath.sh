@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's benchmarks (BENCHMARKS.md section 9), about 45 minutes on 2 cores, as root.
+# Issue 14's benchmarks (BENCHMARKS.md sections 1b and 9), about 60 minutes on 2 cores, as root.
 # Builds what it needs if missing (random weights, git-ignored under models/): the SD-1.5-inpainting
 # model, a LoRA with the published LCM-LoRA's layout and rank, a TAESD-shaped draft decoder, and
 # the fused model `prepare-model --lora ... --preset lcm --draft-decoder ...`.
@@ -21,9 +21,10 @@ FUSED="$PWD/models/sd15-inpaint-lcm-bf16"  # absolute: coldstart runs from a tem
 # 1. the table: baselines, 20-step options, ToMe, the fused model (cold process, no warm-up).
 step fastpath --inputs square,photo1
 # 2. the fused model as the daemon runs it: warmed before READY=1.
-step levers --warm --inputs square,photo1 --variants \
+step levers --warm --steps 20 --inputs square,photo1 --variants \
   "lcm_4_g1.0_warm:inpaintd,model.path=$FUSED" \
-  "lcm_4_g1.0_draft_warm:inpaintd,model.path=$FUSED,job.decoder=draft"
+  "lcm_4_g1.0_draft_warm:inpaintd,model.path=$FUSED,job.decoder=draft" \
+  "inpaintd_20_warm:inpaintd" "diffusers_bf16:diffusers,model.dtype=bf16"
 # 3. the fused model's int8 UNet (this also builds its int8 cache, as the service's first start
 #    under a small memory limit does), then the fused model under hard caps, and its cold start.
 step levers --variants "lcm_4_int8:inpaintd,model.path=$FUSED,model.unet_int8=on"
@@ -34,3 +35,4 @@ step compare --steps 5 --variants diffusers:diffusers diffusers_bf16:diffusers,m
   diffusers_crop:diffusers_crop inpaintd:inpaintd
 # 5. one UNet call, inpaintd's against diffusers-bf16's, and where the time goes (scripts/profile_step.py).
 "$PY" scripts/profile_step.py --variants diffusers_bf16 inpaintd inpaintd_cl_weights inpaintd_frozen
+"$PY" scripts/profile_step.py --calls 6 --variants inpaintd inpaintd_cl_weights diffusers_bf16 inpaintd inpaintd_cl_weights
