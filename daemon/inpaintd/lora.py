@@ -168,12 +168,13 @@ def plan(spec: LoraSpec, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) ->
             raise ModelError(f"LoRA {path.name}: {key} does not fit {component} {weight} {list(target)}: {problem}")
         ranks.append(down_shape[0])
         layers.append(LoraLayer(component, weight, key, up, alpha))
-    # diffusers (peft_utils.get_peft_kwargs) gives a layer without an alpha key the file's most
-    # common alpha, not alpha = rank.
-    keyed = [layer.alpha for layer in layers if layer.alpha is not None]
-    if keyed and len(keyed) < len(layers):
-        common = max(sorted(set(keyed)), key=keyed.count)
-        layers = [layer if layer.alpha is not None else replace(layer, alpha=common) for layer in layers]
+    # diffusers (peft_utils.get_peft_kwargs, one adapter config per component) gives a layer
+    # without an alpha key its component's most common alpha, not alpha = rank.
+    for component in COMPONENTS:
+        keyed = [l.alpha for l in layers if l.component == component and l.alpha is not None]
+        if keyed:
+            common = max(sorted(set(keyed)), key=keyed.count)
+            layers = [replace(l, alpha=common) if l.component == component and l.alpha is None else l for l in layers]
     if unmatched:
         raise ModelError(
             f"LoRA {path.name} does not match this model: {len(unmatched)} of its layers name modules the model "
