@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
+# tomesd (ToMe, measured in the table, not a dependency of inpaintd) is pure Python from PyPI.
+"$PY" -c 'import tomesd' 2>/dev/null || "$PY" -m pip install -q tomesd
 if [ ! -f models/sd15-inpaint-fp16-bf16/inpaintd-manifest.json ]; then
   "$PY" scripts/make_random_model.py --preset sd15-inpaint models/sd15-inpaint-fp16 --prepare bf16
 fi
