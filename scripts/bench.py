@@ -812,7 +812,7 @@ FASTPATH_DEFAULT = [
     "diffusers_fp32:diffusers",
     "diffusers_bf16:diffusers,model.dtype=bf16",
     "inpaintd_20:inpaintd",
-    "inpaintd_20_cl_off:inpaintd,model.channels_last_weights=off",
+    "inpaintd_20_nchw_weights:inpaintd,model.channels_last_weights=off",
     "cutoff_0.4:inpaintd,job.cfg_cutoff=0.4",
     "cache_3:inpaintd,job.step_cache=3",
     "cutoff_0.4+cache_3:inpaintd,job.cfg_cutoff=0.4,job.step_cache=3",

@@ -36,12 +36,12 @@ step coldstart --prepared-model "$FUSED" --repeat 2
 step compare --steps 5 --variants diffusers:diffusers diffusers_bf16:diffusers,model.dtype=bf16 \
   diffusers_crop:diffusers_crop inpaintd:inpaintd
 # 5. one UNet call, inpaintd's against diffusers-bf16's, and where the time goes (scripts/profile_step.py).
-"$PY" scripts/profile_step.py --variants diffusers_bf16 inpaintd inpaintd_cl_weights inpaintd_frozen
-"$PY" scripts/profile_step.py --calls 6 --variants inpaintd inpaintd_cl_weights diffusers_bf16 inpaintd inpaintd_cl_weights
+"$PY" scripts/profile_step.py --variants diffusers_bf16 inpaintd inpaintd_nchw_weights inpaintd_frozen
+"$PY" scripts/profile_step.py --paired 24 --variants diffusers_bf16 inpaintd inpaintd_nchw_weights
 # 6. section 6b: the levers with both diffusers baselines.
 step levers --steps 4 --variants diffusers_fp32:diffusers diffusers_bf16:diffusers,model.dtype=bf16 \
   bf16:engine fp32:engine,model.dtype=fp32 threads1:engine,model.threads=1 \
-  no_channels_last:engine,model.channels_last=false cl_weights_on:engine,model.channels_last_weights=on \
+  no_channels_last:engine,model.channels_last=false nchw_weights:engine,model.channels_last_weights=off \
   slicing_on:engine,model.attention_slicing=on vae_tiled:engine,model.vae_tiling=on \
   keep_text_encoder:engine,model.release_text_encoder=false int8:engine,model.unet_int8=on \
   tcmalloc:engine,preload=tcmalloc

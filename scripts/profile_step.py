@@ -2,6 +2,7 @@
 """One denoising step, inpaintd's UNet against plain diffusers' in bf16, each in a fresh process.
 
     scripts/profile_step.py [--variants diffusers_bf16 inpaintd ...] [--calls 4] [--batch 2]
+    scripts/profile_step.py --paired 12 [--variants ...]   # all in one process, calls alternating
 
 Times the UNet call itself (512x512: 64x64 latents, 9 channels, batch 2 = one guided step)
 after two warm-up calls, and lists the operators that take the time (torch.profiler, self CPU
@@ -9,10 +10,11 @@ time, one call). Variants:
 
 - ``diffusers_bf16``: the UNet as `StableDiffusionInpaintPipeline.from_pretrained(fp16 folder,
   torch_dtype=torch.bfloat16)` loads it (weights converted into anonymous bf16 copies).
-- ``inpaintd``: the UNet as `Engine.load` maps it from the prepared bf16 folder, with the
-  engine's channels-last input hook and ``channels_last_weights: off`` (weights as mapped).
-- ``inpaintd_cl_weights``: the same with ``channels_last_weights: on`` (the conv weights
-  converted to channels-last: a copy).
+- ``inpaintd``: the UNet as `Engine.load` maps it from the prepared bf16 folder, with its
+  defaults: channels-last activations (an input hook) and conv weights mapped channels-last
+  from the layout cache (layout.py; built on the first run).
+- ``inpaintd_nchw_weights``: the same with ``channels_last_weights: off`` (conv weights mapped
+  in the files' NCHW order).
 - ``inpaintd_frozen``: `torch.compile` with inductor's ``freezing`` (weights become constants,
   oneDNN prepacks them); the compile time is reported apart.
 
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
 MODELS = Path(os.environ.get("BENCH_MODELS", ROOT / "models"))
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench-out"))
-VARIANTS = ("diffusers_bf16", "inpaintd", "inpaintd_cl_weights", "inpaintd_frozen")
+VARIANTS = ("diffusers_bf16", "inpaintd", "inpaintd_nchw_weights", "inpaintd_frozen")
 
 
 def load_unet(variant: str):  # type: ignore[no-untyped-def]
@@ -50,7 +52,7 @@ def load_unet(variant: str):  # type: ignore[no-untyped-def]
     from inpaintd.config import ModelConfig
     from inpaintd.engine import Engine
 
-    weights = "on" if variant == "inpaintd_cl_weights" else "off"
+    weights = "off" if variant == "inpaintd_nchw_weights" else "auto"
     engine = Engine.load(ModelConfig(path=MODELS / "sd15-inpaint-fp16-bf16", cache_dir=OUT / "cache",
                                      channels_last_weights=weights))
     unet = engine._eager_unet
@@ -95,13 +97,62 @@ def child(variant: str, calls: int, batch: int) -> dict:
             "threads": torch.get_num_threads(), "top_ops": top}
 
 
+def paired(variants: list[str], rounds: int, batch: int) -> dict:
+    """Every variant's UNet in this one process, called in turn for `rounds` rounds (the order
+    rotating each round): host noise then falls on all of them alike, and each round gives
+    one ratio per variant against diffusers_bf16's call of the same round."""
+    import torch
+
+    torch.manual_seed(0)
+    unets = {variant: load_unet(variant) for variant in variants}
+    sample = torch.randn(batch, 9, 64, 64, dtype=torch.bfloat16)
+    text = torch.randn(batch, 77, 768, dtype=torch.bfloat16)
+    t = torch.tensor(500)
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
+    with torch.inference_mode():
+        for unet in unets.values():  # two warm-up calls each
+            unet(sample, t, encoder_hidden_states=text, return_dict=False)
+            unet(sample, t, encoder_hidden_states=text, return_dict=False)
+        for round_ in range(rounds):
+            order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
+            for variant in order:
+                start = time.monotonic()
+                unets[variant](sample, t, encoder_hidden_states=text, return_dict=False)
+                times[variant].append(time.monotonic() - start)
+    base = times.get("diffusers_bf16")
+    results = []
+    for variant in variants:
+        row = {"variant": variant, "call_s": round(statistics.median(times[variant]), 3),
+               "call_s_all": [round(x, 3) for x in times[variant]], "threads": torch.get_num_threads()}
+        if base:
+            ratios = [a / b for a, b in zip(times[variant], base)]
+            row["ratio_median"] = round(statistics.median(ratios), 3)
+            row["ratio_all"] = [round(r, 3) for r in ratios]
+        results.append(row)
+    return {"mode": "paired", "rounds": rounds, "results": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:3]), choices=VARIANTS)
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--child")
+    parser.add_argument("--paired", type=int, metavar="ROUNDS",
+                        help="all variants in one process, calls alternating for ROUNDS rounds")
     args = parser.parse_args(argv)
+    if args.paired:
+        report = paired(args.variants, args.paired, args.batch)
+        OUT.mkdir(exist_ok=True)
+        path = OUT / f"profile_step-paired-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps({"command": " ".join(sys.argv), "batch": args.batch, **report}, indent=2))
+        print(f"| variant | UNet call s (batch {args.batch}), median of {args.paired} | x diffusers-bf16, median of the rounds' ratios | range of the ratios |")
+        print("|---|---|---|---|")
+        for r in report["results"]:
+            spread = f"{min(r['ratio_all']):.2f}-{max(r['ratio_all']):.2f}" if "ratio_all" in r else "-"
+            print(f"| {r['variant']} | {r['call_s']:.2f} | {r.get('ratio_median', '-')} | {spread} |")
+        print(f"raw: {path}", file=sys.stderr)
+        return 0
     if args.child:
         print("PROFILE " + json.dumps(child(args.child, args.calls, args.batch)), flush=True)
         return 0

@@ -279,23 +279,3 @@ def test_every_scheduler_runs_with_a_cutoff_and_step_caching(tiny_engine: Engine
     assert report["step_cache"]["method"] == "deepcache"
     guided = report["guidance"]["cfg_steps"]
     assert batches.sizes == [2] * guided + [1] * report["guidance"]["batch1_steps"] and 0 < guided < len(batches.sizes)
-
-
-def test_channels_last_weights_keep_the_pixels_and_step_aside_when_memory_is_tight(tiny_model: Path, tmp_path: Path) -> None:
-    import torch
-
-    plain = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last_weights="off"))
-    laid = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last_weights="on"))
-    conv = laid._eager_unet.conv_in.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert plain._eager_unet.conv_in.weight.is_contiguous()
-    assert laid.runtime_report()["channels_last_weights"] is True
-    # The same convolutions in another memory order: equal up to float rounding.
-    assert np.abs(_paint(laid, PARAMS) - _paint(plain, PARAMS)).max() <= 1
-    # auto under a tight memory limit keeps the weights mapped (int8 decides there).
-    tight = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path,
-                                    unet_int8_below_gib=1024.0, unet_int8="off", channels_last_weights="auto"))
-    roomy = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path,
-                                    unet_int8_below_gib=0.0, channels_last_weights="auto"))
-    assert roomy.runtime_report()["channels_last_weights"] is True
-    assert tight.memory_tight and tight.runtime_report()["channels_last_weights"] is False

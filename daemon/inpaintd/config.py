@@ -52,11 +52,11 @@ class ModelConfig:
     # Activations in channels-last layout (a pre-hook on the UNet and VAE; weights untouched, so
     # they stay memory-mapped). Measured: VAE decode 5.1 s -> 1.9 s at 512x512 in bf16.
     channels_last: bool = True
-    # The UNet's and VAE's conv weights converted to channels-last too: an anonymous copy of
-    # them (~1 GiB for SD-1.5 in bf16) instead of the mapped file pages. Measured (AMX, UNet call
-    # interleaved in fresh processes): 1-6% faster, within the host's noise, so off by default.
-    # auto: on unless memory is tight (below unet_int8_below_gib) or the UNet is int8.
-    channels_last_weights: str = "off"  # auto | on | off
+    # The UNet's and VAE's conv weights in channels-last order too, as views of a cache file
+    # written once under cache_dir (layout.py): no copy, still file-backed. Measured (AMX, UNet
+    # call, BENCHMARKS.md 9.4): the fastest of the three layouts. auto and on: from the cache
+    # (auto is the older name); off: in the files' order.
+    channels_last_weights: str = "auto"  # auto | on | off
     # Weight-only int8 UNet (half the bytes of bf16, cached on disk and mmapped). auto: on when
     # the memory this process may use (cgroup MemoryMax/MemoryHigh, else RAM) is below
     # unet_int8_below_gib; a bf16 SD-1.5 UNet alone is 1.6 GiB. See BENCHMARKS.md.

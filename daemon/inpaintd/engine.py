@@ -218,7 +218,7 @@ class Engine:
         self.text_encoder_released_bytes = 0
         self.memory_limit: int | None = None
         self.memory_tight = False  # memory_limit below model.unet_int8_below_gib
-        self.channels_last_weighted = False
+        self.channels_last_weights: dict[str, str] = {}  # component -> "mapped" | why not
         self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
         self.last_run: dict[str, Any] = {}  # how the last inpaint ran: guidance batch, cut-off, caching
         self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
@@ -377,7 +377,7 @@ class Engine:
             "vae_tiling": self._want_vae_tiling(work_size) if work_size else self.config.vae_tiling == "on",
             "compile": self._compile_state,
             "channels_last": self.config.channels_last,
-            "channels_last_weights": self.channels_last_weighted,
+            "channels_last_weights": self.channels_last_weights or "off",
             "unet_weights": self.unet_weights,
             "memory_limit_bytes": self.memory_limit,
             "memory_tight": self.memory_tight,
@@ -577,28 +577,35 @@ class Engine:
         self.memory_tight = self.memory_limit is not None and self.memory_limit < below
         if setting == "on" or (setting == "auto" and self.memory_tight):
             self._quantize_unet()
-        weights = self.config.channels_last_weights
-        if self.config.channels_last and (weights == "on" or (weights == "auto" and not self.memory_tight)):
+        if self.config.channels_last and self.config.channels_last_weights != "off":
             self._channels_last_weights()
 
     def _channels_last_weights(self) -> None:
-        """Conv weights in channels-last order, as the activations are: oneDNN then uses them as
-        they are instead of reordering each one at every call. Costs an anonymous copy of the
-        conv weights (the mapped file pages are dropped); int8 layers are left as they are."""
-        start = time.monotonic()
-        modules = [self.pipeline.vae.encoder, self.pipeline.vae.decoder]
-        if self.unet_weights == "native":
-            modules.insert(0, self._eager_unet)
-        # The mapped pages the old layout leaves unused: dropped afterwards, or they would go on
-        # counting in RSS beside their copies (the file mapping stays for the other weights).
-        old = [(p.data_ptr(), p.untyped_storage().nbytes()) for m in modules for p in m.parameters() if p.dim() == 4]
-        for module in modules:
-            module.to(memory_format=torch.channels_last)
-        released = memory.release_file_pages(old)
-        self.channels_last_weighted = True
-        memory.malloc_trim()
-        log.info("channels_last_weights", seconds=round(time.monotonic() - start, 3), released_mib=released // 2**20)
+        """Conv weights as channels-last views of a cache file (layout.py): oneDNN then takes them
+        as they are instead of re-laying each one out at every call, and they stay file-backed.
+        Without a writable cache the weights stay as loaded; the job runs either way."""
+        from . import layout
 
+        start = time.monotonic()
+        report: dict[str, Any] = {}
+        for component, module in (("unet", self._eager_unet), ("vae", self.pipeline.vae)):
+            convs = layout.conv_weights(module)
+            # The file pages of the old order, unused from here on: dropped, or the weights the
+            # cache was built from would go on counting in RSS beside the mapped cache.
+            old = [(c.weight.data_ptr(), c.weight.untyped_storage().nbytes()) for c in convs.values()]
+            cache = layout.cache_path(Path(self.config.cache_dir), self.info.model_id, component)
+            try:
+                stats = layout.apply_channels_last(module, cache, model_id=self.info.model_id, component=component)
+            except OSError as exc:
+                log.warning("channels_last_weights_unavailable", component=component, cache=str(cache), error=str(exc))
+                report[component] = "as loaded (cache unwritable)"
+                continue
+            memory.release_file_pages(old)
+            report[component] = "mapped"
+            log.info("channels_last_weights", component=component, layers=stats.layers,
+                     mib=round(stats.bytes / 2**20), built_cache=stats.built, cache=stats.cache)
+        self.channels_last_weights = report
+        log.info("channels_last_weights_ready", seconds=round(time.monotonic() - start, 3))
 
     def _quantize_unet(self) -> None:
         from . import quant

@@ -26,15 +26,14 @@ under a tight memory limit), not something the benchmarks here can vouch for on 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .weightfiles import Entry, write_streamed
 
 FORMAT = "inpaintd.unet-int8/1"
 MIN_PARAMS = 16384  # smaller layers are not worth the bookkeeping (and keep their float weights)
@@ -134,11 +133,17 @@ class Int8Conv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, int8"
 
 
+def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The per-output-channel scale of symmetric int8: max|w| / 127, float32 [out]."""
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    return flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (qweight int8, scale float32 [out])."""
     w = weight.detach().float()
     flat = w.reshape(w.shape[0], -1)
-    scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = weight_scale(weight)
     q = torch.round(flat / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8).reshape(w.shape)
     return q.contiguous(), scale
 
@@ -198,59 +203,21 @@ def cache_path(cache_dir: Path, model_id: str) -> Path:
     return Path(cache_dir) / "int8" / f"unet-int8-v2-{model_id}.safetensors"
 
 
-_ST_DTYPES = {torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
 def write_quantized(unet: nn.Module, path: Path, *, model_id: str = "", min_params: int = MIN_PARAMS) -> int:
-    """Stream the int8 state of `unet` into a safetensors file at `path`; returns the layer count.
-
-    The header is computed from the shapes first, then each layer is quantized and written in
-    turn, so only one layer's tensors are in memory at a time (a 1.25 GiB cap survives it).
-    Written to a temp file beside `path` and renamed into place.
-    """
+    """Write the int8 state of `unet` to `path`, one layer at a time; returns the layer count."""
     layers = [(name, m) for name, m in unet.named_modules() if _eligible(m, min_params)]
-    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "model_id": model_id, "layers": str(len(layers))}}
-    # Wider dtypes first (all scales, then biases, then the int8 weights): every tensor then
-    # starts on a multiple of its element size, as safetensors' own writer guarantees; an
-    # unaligned float tensor crashes vectorised kernels. The buffer may have no holes.
-    entries: list[tuple[str, nn.Module, str, torch.dtype, list[int]]] = []
+    entries: list[Entry] = []
     for name, module in layers:
-        entries.append((name, module, "scale", torch.float32, [module.weight.shape[0]]))
+        # The scales are written before any weight (wider dtype first), so each is computed
+        # on its own; nothing outlives its own write.
+        entries.append(Entry(f"{name}.scale", torch.float32, (module.weight.shape[0],),
+                             lambda m=module: weight_scale(m.weight)))
         if module.bias is not None:
-            entries.append((name, module, "bias", module.bias.dtype, list(module.bias.shape)))
-        entries.append((name, module, "qweight", torch.int8, list(module.weight.shape)))
-    entries.sort(key=lambda e: -torch.tensor([], dtype=e[3]).element_size())
-    offset = 0
-    for name, _, part, dtype, shape in entries:
-        nbytes = torch.tensor([], dtype=dtype).element_size()
-        for dim in shape:
-            nbytes *= int(dim)
-        header[f"{name}.{part}"] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(len(raw).to_bytes(8, "little"))
-            handle.write(raw)
-            for _, module, part, _, _ in entries:
-                if part == "bias":
-                    tensor = module.bias.detach()
-                else:
-                    q, scale = quantize_weight(module.weight)  # one layer at a time
-                    tensor = scale if part == "scale" else q
-                tensor = tensor.contiguous()
-                if tensor.dtype == torch.bfloat16:
-                    tensor = tensor.view(torch.int16)  # numpy has no bf16; the bytes are what count
-                handle.write(tensor.numpy().tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            entries.append(Entry(f"{name}.bias", module.bias.dtype, tuple(module.bias.shape),
+                                 lambda m=module: m.bias))
+        entries.append(Entry(f"{name}.qweight", torch.int8, tuple(module.weight.shape),
+                             lambda m=module: quantize_weight(m.weight)[0]))
+    write_streamed(path, entries, {"format": FORMAT, "model_id": model_id, "layers": str(len(layers))})
     return len(layers)
 
 
