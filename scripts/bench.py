@@ -56,7 +56,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
@@ -1054,7 +1054,68 @@ def cmd_coldstart(args: argparse.Namespace) -> int:
             results.append(report)
             _log(f"[coldstart] cold={cold} dropped={dropped}: READY=1 after {report['ready_s']} s (load {load_before})")
             path = _save("coldstart", payload)
+            for dtype in [d for d in (args.diffusers or "").split(",") if d]:
+                dropped = drop_caches() if cold else False
+                report = _diffusers_ready(dtype, args.fp16_model, args.timeout)
+                report.update(cold_cache=cold, caches_dropped=dropped, runner=f"diffusers {dtype}")
+                results.append(report)
+                _log(f"[coldstart] diffusers {dtype} cold={cold}: ready after {report['ready_s']} s")
+                path = _save("coldstart", payload)
     _log(f"raw results: {path}")
+    return 0
+
+
+def _diffusers_ready(dtype: str, fp16_model: Path, timeout: float) -> dict[str, Any]:
+    """The baseline of a cold start: plain diffusers from process start to the pipeline loaded,
+    and to one 256x256 step done (what inpaintd's warm-up does before READY=1)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "daemon"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "diffusers-ready", "--dtype", dtype,
+           "--fp16-model", str(fp16_model)]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    marks: dict[str, float] = {}
+    rss = None
+    assert proc.stdout is not None and proc.stdin is not None
+    while time.monotonic() - started < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        marks[line.strip()] = round(time.monotonic() - started, 3)
+        if line.strip() == "READY":
+            rss = _proc_status(proc.pid)
+            break
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return {"loaded_s": marks.get("LOADED"), "ready_s": marks.get("READY"), "status_at_ready": rss}
+
+
+def diffusers_ready_child(args: argparse.Namespace) -> int:
+    from inpaintd import models  # noqa: F401  (offline switches, before diffusers loads)
+
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import logging as dlogging
+    from PIL import Image
+
+    from inpaintd.engine import make_scheduler
+
+    dlogging.disable_progress_bar()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(args.fp16_model), torch_dtype=dtype, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
+    print("LOADED", flush=True)
+    image = Image.new("RGB", (256, 256), (120, 110, 100))
+    mask = Image.new("L", (256, 256), 255)
+    with torch.inference_mode():
+        pipe(prompt=PROMPT, image=image, mask_image=mask, height=256, width=256, num_inference_steps=1, strength=1.0)
+    print("READY", flush=True)
+    sys.stdin.read()  # held until the parent has read the RSS
     return 0
 
 
@@ -1078,6 +1139,8 @@ def cmd_longrun(args: argparse.Namespace) -> int:
     cmd = [sys.executable, str(Path(__file__).resolve()), "longrun-child", "--jobs", str(args.jobs)]
     if args.model:
         cmd += ["--model", str(args.model)]
+    if args.diffusers:
+        cmd += ["--diffusers", args.diffusers]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     report: dict[str, Any] = {}
     for line in out.stdout.splitlines():
@@ -1086,7 +1149,9 @@ def cmd_longrun(args: argparse.Namespace) -> int:
     if not report:
         _log(out.stderr[-3000:])
         return 1
-    payload = {"command": " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(), "result": report}
+    payload = {"command": " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(), "result": report,
+               "runner": f"diffusers {args.diffusers}" if args.diffusers else "inpaintd",
+               "preload": args.preload}
     path = _save("longrun", payload)
     rss = report["rss"]
     _log(
@@ -1109,7 +1174,15 @@ def longrun_child(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="inpaintd-longrun-"))
     model = ModelConfig(path=Path(args.model) if args.model else None, cache_dir=work / "cache")
     config = Config(model=model)
-    engine = Engine.load(model)
+    if args.diffusers:
+        paint = _diffusers_longrun_painter(args, work)
+    else:
+        engine = Engine.load(model)
+
+        def paint(n: int, img: Path, mpath: Path, options: dict[str, Any]) -> None:
+            request = jobspec.build_request(f"job{n}", img, mpath, options, config)
+            process.run_job(engine, request, config)
+
     rng = np.random.default_rng(3)
     sizes = [(640, 480), (1024, 768), (300, 900), (2000, 1500)]
     inputs = []
@@ -1132,8 +1205,7 @@ def longrun_child(args: argparse.Namespace) -> int:
     for n in range(1, args.jobs + 1):
         img, mpath = inputs[n % len(inputs)]
         options = {"prompt": f"prompt {n % 23}", "steps": 2 + n % 3, "seed": n, "scheduler": ("dpmpp_2m_karras", "euler_a", "ddim")[n % 3]}
-        request = jobspec.build_request(f"job{n}", img, mpath, options, config)
-        process.run_job(engine, request, config)
+        paint(n, img, mpath, options)
         if n in (1, 10, 50, 100, 150, 200) or n == args.jobs or n % 50 == 0:
             status = MemorySampler.read()
             rss[str(n)] = status["VmRSS"]
@@ -1141,6 +1213,37 @@ def longrun_child(args: argparse.Namespace) -> int:
     report = {"jobs": args.jobs, "rss": rss, "anon": anon, "seconds": round(time.monotonic() - t0, 1)}
     print("BENCH_RESULT " + json.dumps(report), flush=True)
     return 0
+
+
+def _diffusers_longrun_painter(args: argparse.Namespace, work: Path) -> Callable[..., None]:
+    """The same jobs as a diffusers user runs them: StableDiffusionInpaintPipeline on the whole
+    image (sides rounded down to multiples of 8 by the pipeline), the same tiny model."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import logging as dlogging
+    from PIL import Image
+
+    from inpaintd.engine import make_scheduler
+    from inpaintd.testmodels import ensure_embedded_model
+
+    dlogging.disable_progress_bar()
+    folder = Path(args.model) if args.model else ensure_embedded_model(work / "cache", dtype="fp32")
+    dtype = torch.bfloat16 if args.diffusers == "bf16" else torch.float32
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+
+    def paint(n: int, img: Path, mpath: Path, options: dict[str, Any]) -> None:
+        image = Image.open(img).convert("RGB")
+        mask = Image.open(mpath).convert("L")
+        pipe.scheduler = make_scheduler(options["scheduler"], base_config)
+        with torch.inference_mode():
+            out = pipe(prompt=options["prompt"], image=image, mask_image=mask, height=image.height // 8 * 8,
+                       width=image.width // 8 * 8, num_inference_steps=options["steps"], strength=1.0,
+                       generator=torch.Generator("cpu").manual_seed(options["seed"])).images[0]
+        out.save(work / "out.png")
+
+    return paint
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1205,18 +1308,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-config", nargs="*", help="model.KEY=VALUE overrides (e.g. compile=inductor)")
     p.add_argument("--roi-config", nargs="*", help="roi.KEY=VALUE overrides (e.g. bucket_sides=[512])")
     p.add_argument("--preload", help="jemalloc|tcmalloc|PATH")
+    p.add_argument("--diffusers", help="baselines after each inpaintd row: fp32,bf16 (plain diffusers to loaded and one 256x256 step)")
+    p.add_argument("--fp16-model", type=Path, default=DEFAULT_FP16)
     p.set_defaults(handler=cmd_coldstart)
+
+    p = sub.add_parser("diffusers-ready")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), required=True)
+    p.add_argument("--fp16-model", type=Path, default=DEFAULT_FP16)
+    p.set_defaults(handler=diffusers_ready_child)
 
     p = sub.add_parser("longrun", help="RSS over many jobs (tiny model by default)")
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--model", type=Path, help="prepared model (default: embedded tiny model)")
     p.add_argument("--env", nargs="*", help="NAME=VALUE for the child")
+    p.add_argument("--diffusers", choices=("fp32", "bf16"), help="the baseline: the same jobs through plain diffusers")
     p.add_argument("--preload", help="jemalloc|tcmalloc|PATH")
     p.set_defaults(handler=cmd_longrun)
 
     p = sub.add_parser("longrun-child")
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--model", type=Path)
+    p.add_argument("--diffusers", choices=("fp32", "bf16"))
     p.set_defaults(handler=longrun_child)
 
     p = sub.add_parser("report", help="markdown from raw JSON results")
