@@ -220,6 +220,7 @@ class Engine:
         self.memory_tight = False  # memory_limit below model.unet_int8_below_gib
         self.channels_last_weights: dict[str, str] = {}  # component -> "mapped" | why not
         self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
+        self.has_draft_decoder = False  # the folder holds an AutoencoderTiny for decoder: draft
         self.last_run: dict[str, Any] = {}  # how the last inpaint ran: guidance batch, cut-off, caching
         self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
         if config.compile == "inductor":
@@ -253,11 +254,12 @@ class Engine:
                 runtime=dtype,
                 hint="loading converts every tensor; prepare-model with the runtime dtype loads by mmap",
             )
-        try:
-            from .extras import DRAFT_DECODER
+        from .extras import DRAFT_DECODER
 
+        has_draft_decoder = (path / DRAFT_DECODER / "config.json").is_file()  # what the folder held when loaded
+        try:
             model_defaults = presets.check_defaults((layout.manifest or {}).get("defaults") or {},
-                                                    has_draft_decoder=(path / DRAFT_DECODER / "config.json").is_file())
+                                                    has_draft_decoder=has_draft_decoder)
         except ModelError as exc:
             raise ModelError(f"{path}: the manifest's inference defaults are invalid: {exc}") from None
         pipeline = _load_pipeline(path, layout, dtype)
@@ -277,6 +279,7 @@ class Engine:
         )
         engine = cls(pipeline, model, info, layout, threads)
         engine.model_defaults = model_defaults
+        engine.has_draft_decoder = has_draft_decoder
         engine._apply_memory_policy()
         engine.load_seconds = time.monotonic() - start
         log.info(
@@ -347,12 +350,6 @@ class Engine:
             mask = mask.convert("L")
         with self._lock:
             return self._run(image, mask, params, on_step)
-
-    @property
-    def has_draft_decoder(self) -> bool:
-        from .extras import DRAFT_DECODER
-
-        return (Path(self.info.path) / DRAFT_DECODER / "config.json").is_file()
 
     def draft_decoder(self) -> Any:
         if self._draft_decoder is None:
