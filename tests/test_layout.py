@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,19 +16,10 @@ from inpaintd import layout, memory
 from inpaintd.config import ModelConfig
 from inpaintd.engine import Engine
 from inpaintd.jobs import InpaintParams
+from test_fastpath import _inputs  # the same small random image and rectangular mask
 
 PARAMS = InpaintParams(prompt="a door", negative_prompt="blurry", scheduler="euler", steps=4, guidance=6.0,
                        strength=1.0, seed=5)
-
-
-def _inputs(size: int = 64):
-    from PIL import Image
-
-    rng = np.random.default_rng(8)
-    image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB")
-    mask = np.zeros((size, size), dtype=np.uint8)
-    mask[size // 5: 4 * size // 5, size // 4: 3 * size // 4] = 255
-    return image, Image.fromarray(mask, "L")
 
 
 def _paint(engine: Engine) -> np.ndarray:
