@@ -1054,7 +1054,11 @@ def cmd_coldstart(args: argparse.Namespace) -> int:
             results.append(report)
             _log(f"[coldstart] cold={cold} dropped={dropped}: READY=1 after {report['ready_s']} s (load {load_before})")
             path = _save("coldstart", payload)
-            for dtype in [d for d in (args.diffusers or "").split(",") if d]:
+    # Each baseline after all of inpaintd's rows, its warm rows right after its own cold ones
+    # (a warm row after another runner's cold row would find the page cache dropped).
+    for dtype in [d for d in (args.diffusers or "").split(",") if d]:
+        for repeat in range(args.repeat):
+            for cold in ([True, False] if args.drop_caches else [False]):
                 dropped = drop_caches() if cold else False
                 report = _diffusers_ready(dtype, args.fp16_model, args.timeout)
                 report.update(cold_cache=cold, caches_dropped=dropped, runner=f"diffusers {dtype}")
