@@ -118,3 +118,21 @@ def test_a_cache_holding_other_weights_or_damaged_is_rebuilt(tmp_path: Path) -> 
     for name, conv in layout.conv_weights(last).items():
         assert torch.equal(conv.weight, expected[name])
     assert not [p for p in os.listdir(cache.parent) if p.startswith(".")], "a temp file was left behind"
+
+
+def test_a_cache_built_from_other_source_files_is_rebuilt(tmp_path: Path) -> None:
+    """A raw folder's model id covers names and sizes only: a fine-tune copied over another of the
+    same size has the same id, and the source identity (names, sizes, mtimes) tells them apart."""
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    cache = layout.cache_path(tmp_path / "cache", "raw-id", "unet")
+    first = layout.folder_identity(folder)
+    assert layout.apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=first).built
+    assert not layout.apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=first).built
+    weights.write_bytes(b"b" * 64)  # same name, same size, rewritten
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    second = layout.folder_identity(folder)
+    assert second != first
+    assert layout.apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=second).built

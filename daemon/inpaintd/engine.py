@@ -592,7 +592,8 @@ class Engine:
             old = [(c.weight.data_ptr(), c.weight.untyped_storage().nbytes()) for c in convs.values()]
             cache = layout.cache_path(Path(self.config.cache_dir), self.info.model_id, component)
             try:
-                stats = layout.apply_channels_last(module, cache, model_id=self.info.model_id, component=component)
+                stats = layout.apply_channels_last(module, cache, model_id=self.info.model_id, component=component,
+                                                   source=layout.folder_identity(Path(self.info.path) / component))
             except OSError as exc:
                 log.warning("channels_last_weights_unavailable", component=component, cache=str(cache), error=str(exc))
                 report[component] = "as loaded (cache unwritable)"

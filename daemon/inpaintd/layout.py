@@ -12,9 +12,12 @@ drop and re-read under pressure, exactly as the model's own files are. Measured 
 channels-last copy.
 
 The file is keyed by the model id (a prepared model's id covers its weight files' sha256) and
-is checked against the loaded weights before use: names, shapes and dtype must match and a
-sample of every tensor must equal the loaded weight, so a stale or damaged cache is rebuilt,
-never trusted. The values are the model's own; only their order in memory changes.
+is checked before use: it must name the same source files (name, size, mtime of the
+component's folder: a raw folder's id only covers names and sizes, so a fine-tune copied over
+another of the same size is caught here), and the same tensor names, shapes and dtype, and the
+first and last value of every tensor must equal the loaded weight's (two page reads a tensor,
+not the 1.3 GiB). Anything else is rebuilt, never trusted. The values are the model's own; only
+their order in memory changes.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import hashlib
+import json
+
 import torch
 from torch import nn
 
 from .weightfiles import Entry, write_streamed
 
 FORMAT = "inpaintd.conv-nhwc/1"
-SAMPLES = 8  # values compared per tensor when a cache file is checked (each costs a page fault)
+SAMPLES = 2  # values compared per tensor (first and last): each may cost a page read from disk
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,16 @@ class LayoutStats:
 
 def cache_path(cache_dir: Path, model_id: str, component: str) -> Path:
     return Path(cache_dir) / "layout" / f"{component}-nhwc-v1-{model_id}.safetensors"
+
+
+def folder_identity(folder: Path) -> str:
+    """A digest of the names, sizes and mtimes of the files in a component's folder."""
+    entries = []
+    for f in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if f.is_file():
+            st = f.stat()
+            entries.append([f.name, st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def conv_weights(module: nn.Module) -> dict[str, nn.Conv2d]:
@@ -62,18 +78,21 @@ def from_file_order(stored: torch.Tensor) -> torch.Tensor:
     return stored.permute(0, 3, 1, 2)
 
 
-def apply_channels_last(module: nn.Module, cache_file: Path, *, model_id: str, component: str) -> LayoutStats:
+def apply_channels_last(module: nn.Module, cache_file: Path, *, model_id: str, component: str,
+                        source: str = "") -> LayoutStats:
     """Point every Conv2d weight of `module` at a channels-last view of `cache_file`, building it first
-    when it is missing, stale or damaged. Raises OSError when it cannot be written (the caller keeps
-    the weights as loaded)."""
+    when it is missing, stale or damaged. `source` identifies the files the weights were loaded
+    from (folder_identity). Raises OSError when it cannot be written (the caller keeps the weights
+    as loaded)."""
     convs = conv_weights(module)
-    stored = _read_checked(cache_file, convs)
+    stored = _read_checked(cache_file, convs, source)
     built = stored is None
     if stored is None:
         entries = [Entry(name, conv.weight.dtype, tuple(to_file_order(conv.weight).shape),
                          lambda c=conv: to_file_order(c.weight)) for name, conv in convs.items()]
-        write_streamed(cache_file, entries, {"format": FORMAT, "model_id": model_id, "component": component})
-        stored = _read_checked(cache_file, convs)
+        write_streamed(cache_file, entries,
+                       {"format": FORMAT, "model_id": model_id, "component": component, "source": source})
+        stored = _read_checked(cache_file, convs, source)
         if stored is None:  # written and read back different: the disk is not keeping what it was given
             raise OSError(f"{cache_file}: the written cache does not read back as the model's weights")
     total = 0
@@ -84,13 +103,18 @@ def apply_channels_last(module: nn.Module, cache_file: Path, *, model_id: str, c
     return LayoutStats(component=component, cache=str(cache_file), layers=len(convs), bytes=total, built=built)
 
 
-def _read_checked(cache_file: Path, convs: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor] | None:
+def _read_checked(cache_file: Path, convs: dict[str, nn.Conv2d], source: str) -> dict[str, torch.Tensor] | None:
     """The cache's tensors (mapped, not read), or None when it is missing or does not hold these weights."""
     if not cache_file.is_file():
         return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
+        with safe_open(str(cache_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT or metadata.get("source", "") != source:
+            return None
         stored = load_file(str(cache_file))
     except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
         return None
@@ -107,8 +131,7 @@ def _read_checked(cache_file: Path, convs: dict[str, nn.Conv2d]) -> dict[str, to
 
 
 def _sample_equal(candidate: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Equal at SAMPLES positions spread over the whole tensor (first and last included); reads a
-    few pages of each, not the whole weight."""
+    """Equal at SAMPLES positions spread over the whole tensor (first and last included)."""
     count = weight.numel()
     positions = torch.linspace(0, count - 1, steps=min(SAMPLES, count)).long().unique()
     # unravel into 4-d indices: both tensors are indexed logically, whatever their strides
