@@ -1220,8 +1220,8 @@ def longrun_child(args: argparse.Namespace) -> int:
 
 
 def _diffusers_longrun_painter(args: argparse.Namespace, work: Path) -> Callable[..., None]:
-    """The same jobs as a diffusers user runs them: StableDiffusionInpaintPipeline on the whole
-    image (sides rounded down to multiples of 8 by the pipeline), the same tiny model."""
+    """The same jobs as the diffusers baseline of section 1 runs them: image and mask resized to
+    512x512, StableDiffusionInpaintPipeline, the result resized back; the same tiny model."""
     import torch
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import logging as dlogging
@@ -1239,13 +1239,15 @@ def _diffusers_longrun_painter(args: argparse.Namespace, work: Path) -> Callable
 
     def paint(n: int, img: Path, mpath: Path, options: dict[str, Any]) -> None:
         image = Image.open(img).convert("RGB")
-        mask = Image.open(mpath).convert("L")
+        size = image.size
+        image = image.resize((512, 512), Image.Resampling.LANCZOS)
+        mask = Image.open(mpath).convert("L").resize((512, 512), Image.Resampling.NEAREST)
         pipe.scheduler = make_scheduler(options["scheduler"], base_config)
         with torch.inference_mode():
-            out = pipe(prompt=options["prompt"], image=image, mask_image=mask, height=image.height // 8 * 8,
-                       width=image.width // 8 * 8, num_inference_steps=options["steps"], strength=1.0,
+            out = pipe(prompt=options["prompt"], image=image, mask_image=mask, height=512, width=512,
+                       num_inference_steps=options["steps"], strength=1.0,
                        generator=torch.Generator("cpu").manual_seed(options["seed"])).images[0]
-        out.save(work / "out.png")
+        out.resize(size, Image.Resampling.LANCZOS).save(work / "out.png")
 
     return paint
 
