@@ -22,11 +22,10 @@ their order in memory changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import hashlib
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
