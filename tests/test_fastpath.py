@@ -279,3 +279,28 @@ def test_every_scheduler_runs_with_a_cutoff_and_step_caching(tiny_engine: Engine
     assert report["step_cache"]["method"] == "deepcache"
     guided = report["guidance"]["cfg_steps"]
     assert batches.sizes == [2] * guided + [1] * report["guidance"]["batch1_steps"] and 0 < guided < len(batches.sizes)
+
+
+def test_tcd_paints_what_diffusers_paints_with_the_tcd_authors_eta(tiny_model_raw: Path, tmp_path: Path) -> None:
+    """The inpainting pipeline passes its own eta=0.0 to the scheduler; TCD is meant to run at 0.3."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, TCDScheduler
+
+    engine = Engine.load(ModelConfig(path=tiny_model_raw, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False))
+    params = replace(PARAMS, scheduler="tcd", steps=4, guidance=1.5, strength=1.0)
+    ours = _paint(engine, params)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(tiny_model_raw), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = _inputs()
+
+    def reference(eta: float) -> np.ndarray:
+        out = pipe(prompt=params.prompt, negative_prompt=params.negative_prompt, image=image, mask_image=mask, height=64,
+                   width=64, num_inference_steps=params.steps, guidance_scale=params.guidance, strength=params.strength,
+                   eta=eta, generator=torch.Generator("cpu").manual_seed(params.seed)).images[0]
+        return np.asarray(out).astype(int)
+
+    assert engine.runtime_report((64, 64))["eta"] == engine_mod.TCD_ETA == 0.3
+    assert np.abs(ours - reference(engine_mod.TCD_ETA)).max() <= 1
+    assert np.abs(ours - reference(0.0)).max() > 1, "eta makes no difference here: the test proves nothing"

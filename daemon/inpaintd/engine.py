@@ -500,6 +500,7 @@ class Engine:
                     num_inference_steps=int(params.steps),
                     guidance_scale=float(params.guidance),
                     strength=float(params.strength),
+                    eta=TCD_ETA if params.scheduler == "tcd" else 0.0,
                     generator=generator,
                     output_type="latent" if draft else "pil",
                     callback_on_step_end=callback,
@@ -539,6 +540,7 @@ class Engine:
                 if cache is not None else {"method": "off" if params.step_cache <= 1 else "off (compiled UNet)"}
             ),
             "decoder": "draft (AutoencoderTiny, lower quality)" if draft else "full (the model's VAE)",
+            "eta": TCD_ETA if params.scheduler == "tcd" else 0.0,
         }
         if self.config.malloc_trim:
             memory.malloc_trim()
@@ -656,6 +658,11 @@ def deepcache_helper(engine: Engine, interval: int) -> Any:
     helper.set_params(cache_interval=interval, cache_branch_id=0)
     return helper
 
+
+# TCD's stochasticity ("gamma" in the paper). TCDScheduler.step defaults to it and the TCD
+# authors' examples pass it, but the inpainting pipeline's own eta=0.0 overrides the scheduler's
+# default; "a value of 0.3 often yields good results" (diffusers' TCD docs).
+TCD_ETA = 0.3
 
 # The pipeline's tensors that carry the CFG batch (negative half first) into the next step.
 _CUT_TENSORS = ("prompt_embeds", "mask", "masked_image_latents")
