@@ -11,7 +11,7 @@ PY=.venv/bin/python
 step() { echo "== $(date -u +%H:%M:%S) $*" >&2; "$PY" scripts/bench.py "$@"; }
 BASE=(diffusers_fp32:diffusers diffusers_bf16:diffusers,model.dtype=bf16)
 # 1. one UNet call: the three in one process, calls alternating (host noise falls on all alike).
-"$PY" scripts/profile_step.py --paired 24 --variants diffusers_bf16 inpaintd inpaintd_nchw_weights
+"$PY" scripts/profile_step.py --paired 24 --variants diffusers_bf16 diffusers_fp32 inpaintd inpaintd_nchw_weights
 # 2. the job's s/step, warmed as the daemon runs it, each a fresh process, twice.
 step levers --warm --steps 20 --repeat 2 --variants "${BASE[@]}" inpaintd:inpaintd \
   inpaintd_nchw_weights:inpaintd,model.channels_last_weights=off

@@ -37,7 +37,7 @@ step compare --steps 5 --variants diffusers:diffusers diffusers_bf16:diffusers,m
   diffusers_crop:diffusers_crop inpaintd:inpaintd
 # 5. one UNet call, inpaintd's against diffusers-bf16's, and where the time goes (scripts/profile_step.py).
 "$PY" scripts/profile_step.py --variants diffusers_bf16 inpaintd inpaintd_nchw_weights inpaintd_frozen
-"$PY" scripts/profile_step.py --paired 24 --variants diffusers_bf16 inpaintd inpaintd_nchw_weights
+"$PY" scripts/profile_step.py --paired 24 --variants diffusers_bf16 diffusers_fp32 inpaintd inpaintd_nchw_weights
 # 6. section 6b: the levers with both diffusers baselines.
 step levers --steps 4 --variants diffusers_fp32:diffusers diffusers_bf16:diffusers,model.dtype=bf16 \
   bf16:engine fp32:engine,model.dtype=fp32 threads1:engine,model.threads=1 \

@@ -8,7 +8,7 @@ Times the UNet call itself (512x512: 64x64 latents, 9 channels, batch 2 = one gu
 after two warm-up calls, and lists the operators that take the time (torch.profiler, self CPU
 time, one call). Variants:
 
-- ``diffusers_bf16``: the UNet as `StableDiffusionInpaintPipeline.from_pretrained(fp16 folder,
+- ``diffusers_bf16`` (``diffusers_fp32``): the UNet as `StableDiffusionInpaintPipeline.from_pretrained(fp16 folder,
   torch_dtype=torch.bfloat16)` loads it (weights converted into anonymous bf16 copies).
 - ``inpaintd``: the UNet as `Engine.load` maps it from the prepared bf16 folder, with its
   defaults: channels-last activations (an input hook) and conv weights mapped channels-last
@@ -37,17 +37,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
 MODELS = Path(os.environ.get("BENCH_MODELS", ROOT / "models"))
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench-out"))
-VARIANTS = ("diffusers_bf16", "inpaintd", "inpaintd_nchw_weights", "inpaintd_frozen")
+VARIANTS = ("diffusers_bf16", "diffusers_fp32", "inpaintd", "inpaintd_nchw_weights", "inpaintd_frozen")
 
 
 def load_unet(variant: str):  # type: ignore[no-untyped-def]
     import torch
 
-    if variant == "diffusers_bf16":
+    if variant in ("diffusers_bf16", "diffusers_fp32"):
         from diffusers import StableDiffusionInpaintPipeline
 
+        dtype = torch.bfloat16 if variant == "diffusers_bf16" else torch.float32
         pipe = StableDiffusionInpaintPipeline.from_pretrained(
-            str(MODELS / "sd15-inpaint-fp16"), torch_dtype=torch.bfloat16, safety_checker=None)
+            str(MODELS / "sd15-inpaint-fp16"), torch_dtype=dtype, safety_checker=None)
         return pipe.unet
     from inpaintd.config import ModelConfig
     from inpaintd.engine import Engine
@@ -72,7 +73,7 @@ def child(variant: str, calls: int, batch: int) -> dict:
     started = time.monotonic()
     unet = load_unet(variant)
     loaded = time.monotonic() - started
-    dtype = torch.bfloat16
+    dtype = next(unet.parameters()).dtype
     sample = torch.randn(batch, 9, 64, 64, dtype=dtype)
     text = torch.randn(batch, 77, 768, dtype=dtype)
     t = torch.tensor(500)
@@ -105,19 +106,22 @@ def paired(variants: list[str], rounds: int, batch: int) -> dict:
 
     torch.manual_seed(0)
     unets = {variant: load_unet(variant) for variant in variants}
-    sample = torch.randn(batch, 9, 64, 64, dtype=torch.bfloat16)
-    text = torch.randn(batch, 77, 768, dtype=torch.bfloat16)
+    sample = torch.randn(batch, 9, 64, 64)
+    text = torch.randn(batch, 77, 768)
+    inputs = {v: (sample.to(next(u.parameters()).dtype), text.to(next(u.parameters()).dtype)) for v, u in unets.items()}
     t = torch.tensor(500)
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     with torch.inference_mode():
-        for unet in unets.values():  # two warm-up calls each
-            unet(sample, t, encoder_hidden_states=text, return_dict=False)
-            unet(sample, t, encoder_hidden_states=text, return_dict=False)
+        for variant, unet in unets.items():  # two warm-up calls each
+            x, emb = inputs[variant]
+            unet(x, t, encoder_hidden_states=emb, return_dict=False)
+            unet(x, t, encoder_hidden_states=emb, return_dict=False)
         for round_ in range(rounds):
             order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
             for variant in order:
+                x, emb = inputs[variant]
                 start = time.monotonic()
-                unets[variant](sample, t, encoder_hidden_states=text, return_dict=False)
+                unets[variant](x, t, encoder_hidden_states=emb, return_dict=False)
                 times[variant].append(time.monotonic() - start)
     base = times.get("diffusers_bf16")
     results = []
