@@ -19,7 +19,7 @@ A *variant* is ``label:kind[,key=value...]``:
 - kind: ``diffusers`` (StableDiffusionInpaintPipeline.from_pretrained on the fp16 folder, as a user
   calls it: default dtype, the whole image resized to 512x512 and the result resized back),
   ``diffusers_crop`` (the same, with ``padding_mask_crop``), ``inpaintd`` (Engine.load on the
-  prepared model + process.run_job: ROI slicing and the engine's runtime policy),
+  prepared model + run_job: ROI slicing and the engine's runtime policy),
   ``engine`` (Engine.inpaint on the input as is; isolates the engine for lever studies).
 - ``model.FIELD=VALUE``: a ModelConfig field (dtype, threads, attention_slicing, vae_tiling, ...).
 - ``roi.FIELD=VALUE``: a RoiConfig field.
@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import signal
 import socket
@@ -338,7 +337,8 @@ def child_main(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"variant": variant.spec(), "label": variant.label, "kind": variant.kind}
     report["interpreter_start_s"] = round(startup, 3)
 
-    from inpaintd import models  # noqa: F401  (offline switches, before diffusers loads)
+    from inpaintd.paint.job import run_job
+    from inpaintd.paint.jobspec import build_request
 
     import diffusers  # noqa: F401
     import torch  # noqa: F401
@@ -353,7 +353,7 @@ def child_main(args: argparse.Namespace) -> int:
         from diffusers import StableDiffusionInpaintPipeline
         from diffusers.utils import logging as dlogging
 
-        from inpaintd.engine import make_scheduler
+        from inpaintd.engine.schedulers import make_scheduler
 
         dlogging.disable_progress_bar()
         # Without a dtype, diffusers loads the UNet and VAE in fp32 but transformers keeps the
@@ -422,9 +422,10 @@ def child_main(args: argparse.Namespace) -> int:
         report["regions"] = 1
         report["threads"] = torch.get_num_threads()
     else:
-        from inpaintd import jobspec
-        from inpaintd.config import Config, ModelConfig, RoiConfig
-        from inpaintd.engine import Engine
+        from inpaintd.paint.job import run_job
+        from inpaintd.paint.jobspec import build_request
+        from inpaintd.core.config import Config, ModelConfig, RoiConfig
+        from inpaintd.engine.engine import Engine
 
         model_fields = dict(variant.model)
         model_fields.pop("padding_mask_crop", None)
@@ -454,11 +455,12 @@ def child_main(args: argparse.Namespace) -> int:
             options.update(steps=args.steps, scheduler=args.scheduler)
         options.update(variant.job)
         if variant.kind == "inpaintd":
-            from inpaintd import process
+            from inpaintd.paint.job import run_job
+            from inpaintd.paint.jobspec import build_request
 
-            request = jobspec.build_request(image_path.stem, image_path, mask_path, options, config,
+            request = build_request(image_path.stem, image_path, mask_path, options, config,
                                             model_defaults=engine.model_defaults)
-            result = process.run_job(engine, request, config, on_step=clock.tick)
+            result = run_job(engine, request, config, on_step=clock.tick)
             report["job_timings"] = result.sidecar.get("timings")
             report["parameters"] = result.sidecar.get("parameters")
             out_path = Path(args.out_dir) / f"{variant.label}-{image_path.stem}.{result.extension}"
@@ -466,7 +468,7 @@ def child_main(args: argparse.Namespace) -> int:
             report["regions"] = len(result.regions)
             report["work_sizes"] = [list(r.work_size) for r in result.regions]
         else:  # engine: the input as is, no ROI logic
-            from inpaintd.jobs import InpaintParams
+            from inpaintd.core.jobs import InpaintParams
 
             params = InpaintParams(
                 prompt=PROMPT, negative_prompt="", scheduler=args.scheduler, steps=args.steps,
@@ -474,7 +476,7 @@ def child_main(args: argparse.Namespace) -> int:
             )
             image = Image.open(image_path).convert("RGB")
             mask = Image.open(mask_path).convert("L")
-            out = engine.inpaint(image, mask, params, on_step=clock.tick)
+            out = engine.inpaint(image, mask, params, on_step=clock.tick).image
             out_path = Path(args.out_dir) / f"{variant.label}-{image_path.stem}.png"
             out.save(out_path)
             report["regions"] = 1
@@ -1099,14 +1101,13 @@ def _diffusers_ready(dtype: str, fp16_model: Path, timeout: float) -> dict[str, 
 
 
 def diffusers_ready_child(args: argparse.Namespace) -> int:
-    from inpaintd import models  # noqa: F401  (offline switches, before diffusers loads)
 
     import torch
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import logging as dlogging
     from PIL import Image
 
-    from inpaintd.engine import make_scheduler
+    from inpaintd.engine.schedulers import make_scheduler
 
     dlogging.disable_progress_bar()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -1167,13 +1168,14 @@ def cmd_longrun(args: argparse.Namespace) -> int:
 
 
 def longrun_child(args: argparse.Namespace) -> int:
-    """Many jobs through process.run_job with varied prompts, sizes, masks and seeds."""
+    """Many jobs through run_job with varied prompts, sizes, masks and seeds."""
     import numpy as np
     from PIL import Image
 
-    from inpaintd import jobspec, process
-    from inpaintd.config import Config, ModelConfig
-    from inpaintd.engine import Engine
+    from inpaintd.paint.job import run_job
+    from inpaintd.paint.jobspec import build_request
+    from inpaintd.core.config import Config, ModelConfig
+    from inpaintd.engine.engine import Engine
 
     work = Path(tempfile.mkdtemp(prefix="inpaintd-longrun-"))
     model = ModelConfig(path=Path(args.model) if args.model else None, cache_dir=work / "cache")
@@ -1184,8 +1186,8 @@ def longrun_child(args: argparse.Namespace) -> int:
         engine = Engine.load(model)
 
         def paint(n: int, img: Path, mpath: Path, options: dict[str, Any]) -> None:
-            request = jobspec.build_request(f"job{n}", img, mpath, options, config)
-            process.run_job(engine, request, config)
+            request = build_request(f"job{n}", img, mpath, options, config)
+            run_job(engine, request, config)
 
     rng = np.random.default_rng(3)
     sizes = [(640, 480), (1024, 768), (300, 900), (2000, 1500)]
@@ -1227,8 +1229,8 @@ def _diffusers_longrun_painter(args: argparse.Namespace, work: Path) -> Callable
     from diffusers.utils import logging as dlogging
     from PIL import Image
 
-    from inpaintd.engine import make_scheduler
-    from inpaintd.testmodels import ensure_embedded_model
+    from inpaintd.engine.schedulers import make_scheduler
+    from inpaintd.demo.model import ensure_embedded_model
 
     dlogging.disable_progress_bar()
     folder = Path(args.model) if args.model else ensure_embedded_model(work / "cache", dtype="fp32")

@@ -12,7 +12,7 @@ if [ ! -f models/sd15-inpaint-fp16-bf16/inpaintd-manifest.json ]; then
   "$PY" scripts/make_random_model.py --preset sd15-inpaint models/sd15-inpaint-fp16 --prepare bf16
 fi
 [ -f models/lcm-lora-random.safetensors ] || "$PY" scripts/make_random_lora.py models/sd15-inpaint-fp16 models/lcm-lora-random.safetensors
-[ -f models/taesd-random/config.json ] || "$PY" -c 'from inpaintd import testmodels; testmodels.build_random_tiny_vae("models/taesd-random")'
+[ -f models/taesd-random/config.json ] || "$PY" -c 'from inpaintd.testing.vae import build_random_tiny_vae; build_random_tiny_vae("models/taesd-random")'
 if [ ! -f models/sd15-inpaint-lcm-bf16/inpaintd-manifest.json ]; then
   /usr/bin/time -f "prepare-model with the LoRA: %e s, peak RSS %M KiB" "$PY" -m inpaintd prepare-model \
     models/sd15-inpaint-fp16 models/sd15-inpaint-lcm-bf16 --dtype bf16 \

@@ -154,7 +154,7 @@ install -m 0644 "$src/systemd/inpaintd.service" "$R/etc/systemd/system/inpaintd.
 say "installed /etc/systemd/system/inpaintd.service (local changes: systemctl edit inpaintd)"
 
 # --- jpegtran -----------------------------------------------------------------------------------
-# The daemon runs /usr/bin/jpegtran as a subprocess for lossless JPEG outputs (jpeg_lossless.py).
+# The daemon runs /usr/bin/jpegtran as a subprocess for lossless JPEG outputs (paint/jpeg_lossless.py).
 if ! [ -x "$R/usr/bin/jpegtran" ] && [ "$root" = / ] && command -v apt-get >/dev/null 2>&1; then
   say "installing libjpeg-turbo-progs (jpegtran)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libjpeg-turbo-progs >/dev/null || true

@@ -4,7 +4,7 @@
     scripts/make_random_lora.py MODEL OUT.safetensors [--rank 64] [--layout kohya|peft]
 
 MODEL is a diffusers folder (e.g. models/sd15-inpaint-fp16 from make_random_model.py). The layers
-are those diffusers' LCM-LoRA distillation script adapts (testmodels.LCM_LORA_UNET_TARGETS) at
+are those diffusers' LCM-LoRA distillation script adapts (LCM_LORA_UNET_TARGETS) at
 rank 64 with kohya names (``lora_unet_...lora_down/lora_up/.alpha``), fp16, like
 latent-consistency/lcm-lora-sdv1-5 (67.5 M parameters by its model card; this script prints its
 own count to compare). For benchmarks only: random weights say nothing about quality. Never commit
@@ -20,22 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
-from inpaintd import testmodels  # noqa: E402
+from inpaintd.testing.lora import LCM_LORA_RANK, build_random_lora
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--rank", type=int, default=testmodels.LCM_LORA_RANK)
+    parser.add_argument("--rank", type=int, default=LCM_LORA_RANK)
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--layout", choices=("kohya", "peft"), default="kohya")
     args = parser.parse_args(argv)
     start = time.monotonic()
-    out = testmodels.build_random_lora(args.model, args.out, rank=args.rank, alpha=args.alpha, layout=args.layout)
-    from inpaintd import checkpoints
+    out = build_random_lora(args.model, args.out, rank=args.rank, alpha=args.alpha, layout=args.layout)
+    from inpaintd.weights.safetensors import read_header
 
-    header = checkpoints.read_header(out)
+    header = read_header(out)
     params = sum(
         int(__import__("math").prod(info["shape"])) for key, info in header.items() if not key.endswith(".alpha")
     )

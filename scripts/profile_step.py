@@ -50,8 +50,8 @@ def load_unet(variant: str):  # type: ignore[no-untyped-def]
         pipe = StableDiffusionInpaintPipeline.from_pretrained(
             str(MODELS / "sd15-inpaint-fp16"), torch_dtype=dtype, safety_checker=None)
         return pipe.unet
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
 
     weights = "off" if variant == "inpaintd_nchw_weights" else "auto"
     engine = Engine.load(ModelConfig(path=MODELS / "sd15-inpaint-fp16-bf16", cache_dir=OUT / "cache",

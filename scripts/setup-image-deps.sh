@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the JPEG splice needs (daemon/inpaintd/jpeg_lossless.py) and tests/test_jpeg_lossless.py
+# What the JPEG splice needs (daemon/inpaintd/paint/jpeg_lossless.py) and tests/test_jpeg_lossless.py
 # drives for real: libjpeg-turbo's jpegtran (and cjpeg, to make odd-sampled test inputs), from
 # Debian's libjpeg-turbo-progs. Idempotent; root + apt only. Without it JPEG outputs are
 # re-encoded whole (the sidecar says so) and the splice tests skip with the reason.

@@ -83,12 +83,13 @@ def say(text: str) -> None:
 
 
 def tiny_model(cache: Path) -> Path:
-    from inpaintd import models, testmodels
+    from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+    from inpaintd.testing.models import build_random_model
 
     prepared = cache / "tiny-prepared"
     if not (prepared / "inpaintd-manifest.json").exists():
-        raw = testmodels.build_random_model("tiny", cache / "tiny-raw")
-        models.prepare_model(raw, prepared, dtype="fp32")
+        raw = build_random_model("tiny", cache / "tiny-raw")
+        prepare_model(raw, prepared, PrepareOptions(dtype="fp32"))
     return prepared
 
 

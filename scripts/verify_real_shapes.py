@@ -8,7 +8,7 @@ Two checks, each step in its own process (time and peak RSS per step, from wait4
 sd2    SD-2-inpainting (512 px, epsilon). A random-weight diffusers folder is built from the
        configs inpaintd ships (model_configs/sd2-inpaint: UNet, VAE, OpenCLIP-H text encoder;
        tokenizer = testmodels' byte-level vocabulary with SD-2's tokenizer configs), written as
-       one original-layout .safetensors (testmodels.write_single_file), `prepare-model`-ed
+       one original-layout .safetensors (write_single_file), `prepare-model`-ed
        offline with the shipped configs (no --config-dir; --tokenizer for the vocabulary), then
        compared tensor for tensor with the source folder and by pixels: one 512x512 job through
        inpaintd's Engine (fp32, channels_last off as in tests/test_checkpoints.py, and with the
@@ -57,9 +57,11 @@ def build_from_configs(kind: str, out: Path, *, seed: int, dtype: str) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from inpaintd import checkpoints, models, testmodels
+    from inpaintd.modelprep.checkpoints import CONFIGS_DIR
+    from inpaintd.modelprep.tokenizer import write_tokenizer
+    from inpaintd.weights.folder import RANDOM_MARKER, SOURCE_FILE
 
-    configs = checkpoints.CONFIGS_DIR / kind
+    configs = CONFIGS_DIR / kind
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,7 +85,7 @@ def build_from_configs(kind: str, out: Path, *, seed: int, dtype: str) -> Path:
         CLIPTextModel(CLIPTextConfig(**fields)).eval().save_pretrained(tmp / "text_encoder", safe_serialization=True)
     finally:
         torch.set_default_dtype(previous)
-    testmodels.write_tokenizer(tmp / "tokenizer")
+    write_tokenizer(tmp / "tokenizer")
     for item in (configs / "tokenizer").iterdir():  # the architecture's special tokens and padding
         shutil.copy2(item, tmp / "tokenizer" / item.name)
     (tmp / "scheduler").mkdir()
@@ -93,8 +95,8 @@ def build_from_configs(kind: str, out: Path, *, seed: int, dtype: str) -> Path:
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     label = {"random_weights": True, "configs": f"inpaintd:{kind}", "seed": seed, "dtype": dtype,
              "unet_params": unet_params, "generator": "scripts/verify_real_shapes.py"}
-    (tmp / models.SOURCE_FILE).write_text(json.dumps(label, indent=2) + "\n")
-    (tmp / testmodels.RANDOM_MARKER).write_text(f"RANDOM weights ({kind}, seed {seed}); for verification only.\n")
+    (tmp / SOURCE_FILE).write_text(json.dumps(label, indent=2) + "\n")
+    (tmp / RANDOM_MARKER).write_text(f"RANDOM weights ({kind}, seed {seed}); for verification only.\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -115,16 +117,16 @@ def job_inputs(size: int = 512) -> tuple[Any, Any]:
 
 
 def run_engine(model: Path, out_png: Path, cache: Path, *, channels_last: bool) -> dict[str, Any]:
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
-    from inpaintd.jobs import InpaintParams
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
+    from inpaintd.core.jobs import InpaintParams
 
     engine = Engine.load(
         ModelConfig(path=model, dtype="fp32", threads=2, cache_dir=cache, channels_last=channels_last, unet_int8="off")
     )
     image, mask = job_inputs()
     start = time.monotonic()
-    result = engine.inpaint(image, mask, InpaintParams(**JOB))
+    result = engine.inpaint(image, mask, InpaintParams(**JOB)).image
     seconds = time.monotonic() - start
     result.save(out_png)
     return {"job_seconds": round(seconds, 1), "size": list(result.size)}
@@ -190,11 +192,11 @@ def open_component(folder: Path, component: str) -> dict[str, Any]:
 def compare_folders(a: Path, b: Path) -> dict[str, Any]:
     import torch
 
-    from inpaintd import models
+    from inpaintd.weights.folder import WEIGHT_COMPONENTS
 
     tensors = equal = 0
     worst = 0.0
-    for component in models.WEIGHT_COMPONENTS:
+    for component in WEIGHT_COMPONENTS:
         left, right = open_component(a, component), open_component(b, component)
         assert left.keys() == right.keys(), (component, sorted(left.keys() ^ right.keys())[:3])
         for key, h in left.items():
@@ -210,13 +212,13 @@ def compare_folders(a: Path, b: Path) -> dict[str, Any]:
 def verify_merge(custom: Path, inpainting: Path, base: Path, merged: Path) -> dict[str, Any]:
     import torch
 
-    from inpaintd import models
-    from inpaintd.keymaps import text_canonical
+    from inpaintd.weights.folder import WEIGHT_COMPONENTS
+    from inpaintd.modelprep.keymaps import text_canonical
 
     tensors = exact = 0
     worst = worst_rel = 0.0
     extra_equal = None
-    for component in models.WEIGHT_COMPONENTS:
+    for component in WEIGHT_COMPONENTS:
         c, i, b, m = (open_component(f, component) for f in (custom, inpainting, base, merged))
         if component == "text_encoder":
             names = {text_canonical(k): k for k in i}
@@ -290,29 +292,31 @@ def steps(work: Path) -> dict[str, Any]:
 
 
 def _single_file(folder: Path, path: Path) -> dict[str, Any]:
-    from inpaintd import checkpoints, testmodels
+    from inpaintd.modelprep.checkpoints import inspect_checkpoint
+    from inpaintd.testing.single_file import write_single_file
 
-    testmodels.write_single_file(folder, path)
-    info = checkpoints.inspect_checkpoint(path)
+    write_single_file(folder, path)
+    info = inspect_checkpoint(path)
     return {"bytes": path.stat().st_size, "kind": info.kind, "text_encoder": info.text_encoder,
             "cross_attention_dim": info.cross_attention_dim, "files_dtype": info.files_dtype}
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
-    from inpaintd import models
+    from inpaintd.modelprep.check import check_model
+    from inpaintd.weights.folder import read_manifest
 
-    manifest = models.read_manifest(folder) or {}
-    return {"check_model": models.check_model(folder), "architecture": manifest.get("architecture"),
+    manifest = read_manifest(folder) or {}
+    return {"check_model": check_model(folder), "architecture": manifest.get("architecture"),
             "origin": manifest.get("origin"), "random_weights": manifest.get("random_weights")}
 
 
 def _build_merge_sources(m: Path) -> dict[str, Any]:
-    from inpaintd import testmodels
+    from inpaintd.testing.single_file import write_single_file
 
     build_from_configs("sd15", m / "custom", seed=SEEDS["custom"], dtype="fp16")
     build_from_configs("sd15", m / "base", seed=SEEDS["base"], dtype="fp16")
     build_from_configs("sd15-inpaint", m / "inpainting", seed=SEEDS["inpainting"], dtype="fp16")
-    testmodels.write_single_file(m / "custom", m / "custom.safetensors")  # what a user downloads: one fp16 file
+    write_single_file(m / "custom", m / "custom.safetensors")  # what a user downloads: one fp16 file
     image, mask = job_inputs()
     image.save(m / "photo.png")
     mask.save(m / "photo.mask.png")

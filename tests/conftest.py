@@ -13,38 +13,39 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd import models, testmodels
-from inpaintd.spool import Spool
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.testing.models import build_random_model
+from inpaintd.store.spool import Spool
 
 
 @pytest.fixture(scope="session")
 def tiny_model_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return testmodels.build_random_model("tiny", tmp_path_factory.mktemp("tiny-model") / "raw")
+    return build_random_model("tiny", tmp_path_factory.mktemp("tiny-model") / "raw")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a 4-channel (text-to-image) UNet, like an ordinary SD-1.5 checkpoint."""
-    return testmodels.build_random_model("tiny-sd15", tmp_path_factory.mktemp("tiny-sd15") / "raw")
+    return build_random_model("tiny-sd15", tmp_path_factory.mktemp("tiny-sd15") / "raw")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with SD-2-inpainting's structure."""
-    return testmodels.build_random_model("tiny-sd2-inpaint", tmp_path_factory.mktemp("tiny-sd2") / "raw")
+    return build_random_model("tiny-sd2-inpaint", tmp_path_factory.mktemp("tiny-sd2") / "raw")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_raw: Path) -> Path:
     dst = tiny_model_raw.parent / "prepared"
-    models.prepare_model(tiny_model_raw, dst, dtype="fp32")
+    prepare_model(tiny_model_raw, dst, PrepareOptions(dtype="fp32"))
     return dst
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
 
     config = ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path_factory.mktemp("cache"))
     return Engine.load(config)

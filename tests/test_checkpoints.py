@@ -1,7 +1,7 @@
 """Single-file checkpoints: files built the way users get them, converted back, refused when foreign.
 
 The files are written from random tiny diffusers models in the original (CompVis/A1111)
-layout (testmodels.write_single_file), then `prepare-model` turns them back into folders:
+layout (write_single_file), then `prepare-model` turns them back into folders:
 the tensors must come back bit for bit, paint the same pixels, and match what diffusers'
 own `from_single_file` makes of the same file.
 """
@@ -20,8 +20,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inpaintd import checkpoints, cli, keymaps, models, testmodels
-from inpaintd.errors import ModelError
+from inpaintd import cli
+from inpaintd.modelprep.check import check_model
+from inpaintd.modelprep.checkpoints import CONFIGS_DIR, KINDS, build_meta, inspect_checkpoint
+from inpaintd.modelprep.keymaps import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, text_canonical
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.modelprep.tokenizer import find_cached_tokenizer
+from inpaintd.testing.single_file import to_original, write_single_file
+from inpaintd.weights.folder import WEIGHT_COMPONENTS, architecture_name, read_manifest
+from inpaintd.testing import models as testmodels
+from inpaintd.core.errors import ModelError
 
 PRESETS = ("tiny", "tiny-sd15", "tiny-sd2-inpaint")
 KIND = {"tiny": "sd15-inpaint", "tiny-sd15": "sd15", "tiny-sd2-inpaint": "sd2-inpaint"}
@@ -35,7 +43,7 @@ def raws(tiny_model_raw: Path, tiny_sd15_raw: Path, tiny_sd2_raw: Path) -> dict[
 @pytest.fixture(scope="module")
 def single_files(raws: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("single-files")
-    return {name: testmodels.write_single_file(raw, root / f"{name}.safetensors") for name, raw in raws.items()}
+    return {name: write_single_file(raw, root / f"{name}.safetensors") for name, raw in raws.items()}
 
 
 def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
@@ -46,7 +54,7 @@ def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: Path, b: Path, cast=None) -> None:
-    for component in models.WEIGHT_COMPONENTS:
+    for component in WEIGHT_COMPONENTS:
         left, right = weights(a, component), weights(b, component)
         assert left.keys() == right.keys(), component
         for key, tensor in left.items():
@@ -63,12 +71,12 @@ def assert_nothing_left(parent: Path, name: str = "out") -> None:
 def test_a_single_file_converts_back_to_the_same_tensors(
     preset: str, raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    info = checkpoints.inspect_checkpoint(single_files[preset])
+    info = inspect_checkpoint(single_files[preset])
     assert info.kind == KIND[preset] and info.has_vae and not info.has_ema
     assert info.text_encoder == ("open_clip" if preset == "tiny-sd2-inpaint" else "clip")
-    manifest = models.prepare_model(single_files[preset], tmp_path / "out", dtype="fp32", config_dir=raws[preset])
+    manifest = prepare_model(single_files[preset], tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws[preset]))
     assert_same_weights(raws[preset], tmp_path / "out")
-    assert models.check_model(tmp_path / "out") == []
+    assert check_model(tmp_path / "out") == []
     assert manifest["origin"]["format"] == "single-file" and manifest["origin"]["kind"] == KIND[preset]
     assert manifest["architecture"]["unet_in_channels"] == (4 if preset == "tiny-sd15" else 9)
     scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
@@ -89,8 +97,8 @@ def test_our_conversion_equals_diffusers_from_single_file(
         safety_checker=None,
         requires_safety_checker=False,
     )
-    models.prepare_model(single_files[preset], tmp_path / "out", dtype="fp32", config_dir=raws[preset])
-    for component in models.WEIGHT_COMPONENTS:
+    prepare_model(single_files[preset], tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws[preset]))
+    for component in WEIGHT_COMPONENTS:
         ref = getattr(reference, component).state_dict()
         ours = weights(tmp_path / "out", component)
         assert ref.keys() == ours.keys(), component
@@ -103,11 +111,11 @@ def test_the_same_job_paints_the_same_pixels_from_the_folder_and_from_its_single
 ) -> None:
     from PIL import Image
 
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
-    from inpaintd.jobs import InpaintParams
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
+    from inpaintd.core.jobs import InpaintParams
 
-    models.prepare_model(single_files["tiny"], tmp_path / "from-file", dtype="fp32", config_dir=raws["tiny"])
+    prepare_model(single_files["tiny"], tmp_path / "from-file", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB")
     mask = Image.fromarray(np.pad(np.full((32, 32), 255, dtype=np.uint8), 16), "L")
@@ -115,7 +123,7 @@ def test_the_same_job_paints_the_same_pixels_from_the_folder_and_from_its_single
     outputs = []
     for folder in (tiny_model, tmp_path / "from-file"):
         engine = Engine.load(ModelConfig(path=folder, dtype="fp32", threads=1, cache_dir=tmp_path))
-        outputs.append(np.asarray(engine.inpaint(image, mask, params)))
+        outputs.append(np.asarray(engine.inpaint(image, mask, params).image))
     assert np.array_equal(outputs[0], outputs[1])
 
 
@@ -124,19 +132,19 @@ def test_a_model_index_without_a_diffusers_version_loads(
 ) -> None:
     # The configs shipped for single files carry no "_diffusers_version"; diffusers'
     # from_pretrained raises KeyError without it (found by scripts/verify_real_shapes.py).
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
 
     assert all(
-        "_diffusers_version" not in json.loads((checkpoints.CONFIGS_DIR / kind / "model_index.json").read_text())
-        for kind in checkpoints.KINDS
+        "_diffusers_version" not in json.loads((CONFIGS_DIR / kind / "model_index.json").read_text())
+        for kind in KINDS
     )
     configs = tmp_path / "configs"
     shutil.copytree(raws["tiny"], configs)
     index = json.loads((configs / "model_index.json").read_text())
     del index["_diffusers_version"]
     (configs / "model_index.json").write_text(json.dumps(index))
-    models.prepare_model(single_files["tiny"], tmp_path / "out", dtype="fp32", config_dir=configs)
+    prepare_model(single_files["tiny"], tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=configs))
     assert "_diffusers_version" in json.loads((tmp_path / "out" / "model_index.json").read_text())
     engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path))
     assert engine.info.unet_in_channels == 9
@@ -145,68 +153,67 @@ def test_a_model_index_without_a_diffusers_version_loads(
 def test_an_fp16_file_converts_to_its_values_in_the_runtime_dtype(
     raws: dict[str, Path], tmp_path: Path
 ) -> None:
-    f = testmodels.write_single_file(raws["tiny"], tmp_path / "half.safetensors", dtype=torch.float16)
-    assert checkpoints.inspect_checkpoint(f).files_dtype == "fp16"
-    models.prepare_model(f, tmp_path / "out", dtype="bf16", config_dir=raws["tiny"])
+    f = write_single_file(raws["tiny"], tmp_path / "half.safetensors", dtype=torch.float16)
+    assert inspect_checkpoint(f).files_dtype == "fp16"
+    prepare_model(f, tmp_path / "out", PrepareOptions(dtype="bf16", config_dir=raws["tiny"]))
     assert_same_weights(raws["tiny"], tmp_path / "out", cast=lambda t: t.half().to(torch.bfloat16))
 
 
 def test_ema_weights_are_used_only_when_asked(raws: dict[str, Path], tmp_path: Path) -> None:
-    f = testmodels.write_single_file(raws["tiny"], tmp_path / "ema.safetensors", ema=True)
+    f = write_single_file(raws["tiny"], tmp_path / "ema.safetensors", ema=True)
     state = load_file(str(f))
     state = {k: (v + 1 if k.startswith("model_ema.") else v) for k, v in state.items()}
     save_file(state, str(f))
-    assert checkpoints.inspect_checkpoint(f).has_ema
-    models.prepare_model(f, tmp_path / "plain", dtype="fp32", config_dir=raws["tiny"])
-    models.prepare_model(f, tmp_path / "ema", dtype="fp32", config_dir=raws["tiny"], use_ema=True)
+    assert inspect_checkpoint(f).has_ema
+    prepare_model(f, tmp_path / "plain", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
+    prepare_model(f, tmp_path / "ema", PrepareOptions(dtype="fp32", config_dir=raws["tiny"], use_ema=True))
     source = weights(raws["tiny"], "unet")
     plain, ema = weights(tmp_path / "plain", "unet"), weights(tmp_path / "ema", "unet")
     for key, tensor in source.items():
         assert torch.equal(plain[key], tensor)
         assert torch.equal(ema[key], tensor + 1)
-    assert models.read_manifest(tmp_path / "ema")["origin"]["ema"] is True
+    assert read_manifest(tmp_path / "ema")["origin"]["ema"] is True
     with pytest.raises(ModelError, match="no EMA weights"):
-        models.prepare_model(
-            testmodels.write_single_file(raws["tiny"], tmp_path / "no-ema.safetensors"),
+        prepare_model(
+            write_single_file(raws["tiny"], tmp_path / "no-ema.safetensors"),
             tmp_path / "out",
-            config_dir=raws["tiny"],
-            use_ema=True,
+            PrepareOptions(config_dir=raws["tiny"], use_ema=True),
         )
     assert_nothing_left(tmp_path)
 
 
 def test_a_v_prediction_marker_sets_the_scheduler(raws: dict[str, Path], tmp_path: Path) -> None:
-    f = testmodels.write_single_file(raws["tiny"], tmp_path / "v.safetensors")
+    f = write_single_file(raws["tiny"], tmp_path / "v.safetensors")
     state = load_file(str(f))
     state["v_pred"] = torch.zeros(())
     save_file(state, str(f))
-    models.prepare_model(f, tmp_path / "out", dtype="fp32", config_dir=raws["tiny"])
+    prepare_model(f, tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
-    assert models.read_manifest(tmp_path / "out")["origin"]["prediction_type"] == "v_prediction"
+    assert read_manifest(tmp_path / "out")["origin"]["prediction_type"] == "v_prediction"
 
 
 def test_a_pickle_checkpoint_needs_allow_pickle(raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path) -> None:
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(single_files["tiny"])), "global_step": 1}, str(ckpt))
     with pytest.raises(ModelError, match="pickle.*--allow-pickle"):
-        models.prepare_model(ckpt, tmp_path / "out", config_dir=raws["tiny"])
+        prepare_model(ckpt, tmp_path / "out", PrepareOptions(config_dir=raws["tiny"]))
     assert_nothing_left(tmp_path)
-    models.prepare_model(ckpt, tmp_path / "out", dtype="fp32", config_dir=raws["tiny"], allow_pickle=True)
+    prepare_model(ckpt, tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny"], allow_pickle=True))
     assert_same_weights(raws["tiny"], tmp_path / "out")
 
 
 def test_shipped_configs_name_the_published_architectures() -> None:
-    sd15 = json.loads((checkpoints.CONFIGS_DIR / "sd15-inpaint" / "unet" / "config.json").read_text())
-    preset = testmodels._preset_configs("sd15-inpaint")["unet"]
+    sd15 = json.loads((CONFIGS_DIR / "sd15-inpaint" / "unet" / "config.json").read_text())
+    preset = testmodels.preset_configs("sd15-inpaint")["unet"]
     for key, value in preset.items():
         assert sd15[key] == (list(value) if isinstance(value, tuple) else value), key
-    for kind in checkpoints.KINDS:
-        unet = json.loads((checkpoints.CONFIGS_DIR / kind / "unet" / "config.json").read_text())
-        assert models.architecture_name(unet) == kind
+    for kind in KINDS:
+        unet = json.loads((CONFIGS_DIR / kind / "unet" / "config.json").read_text())
+        assert architecture_name(unet) == kind
 
 
-@pytest.mark.parametrize("kind", checkpoints.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_names_at_the_real_shapes_are_the_ones_diffusers_converts(kind: str) -> None:
     # Meta tensors: the real SD shapes without the memory. diffusers' converter is the reference.
     from diffusers.loaders.single_file_utils import (
@@ -215,16 +222,16 @@ def test_names_at_the_real_shapes_are_the_ones_diffusers_converts(kind: str) -> 
         convert_open_clip_checkpoint,
     )
 
-    folder = checkpoints.CONFIGS_DIR / kind
+    folder = CONFIGS_DIR / kind
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
     text_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-    unet = checkpoints.build_meta("unet", unet_cfg).state_dict()
-    vae = checkpoints.build_meta("vae", vae_cfg).state_dict()
-    text_model = checkpoints.build_meta("text_encoder", text_cfg)
+    unet = build_meta("unet", unet_cfg).state_dict()
+    vae = build_meta("vae", vae_cfg).state_dict()
+    text_model = build_meta("text_encoder", text_cfg)
     text = text_model.state_dict()
     family = "open_clip" if kind.startswith("sd2") else "clip"
-    original = checkpoints.to_original(unet, vae, text, unet_config=unet_cfg, vae_config=vae_cfg, text_encoder=family)
+    original = to_original(unet, vae, text, unet_config=unet_cfg, vae_config=vae_cfg, text_encoder=family)
     converted_unet = convert_ldm_unet_checkpoint(original, unet_cfg)
     converted_vae = convert_ldm_vae_checkpoint(original, vae_cfg)
     assert {k: tuple(v.shape) for k, v in converted_unet.items()} == {k: tuple(v.shape) for k, v in unet.items()}
@@ -232,8 +239,8 @@ def test_names_at_the_real_shapes_are_the_ones_diffusers_converts(kind: str) -> 
     if family == "open_clip":
         converted_text = convert_open_clip_checkpoint(text_model, original)
         converted_text.pop("text_projection.weight", None)
-        ours = {keymaps.text_canonical(k): tuple(v.shape) for k, v in text.items()}
-        assert {keymaps.text_canonical(k): tuple(v.shape) for k, v in converted_text.items()} == ours
+        ours = {text_canonical(k): tuple(v.shape) for k, v in text.items()}
+        assert {text_canonical(k): tuple(v.shape) for k, v in converted_text.items()} == ours
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -244,7 +251,7 @@ def _file(path: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
     return path
 
 
-CONV_IN = keymaps.UNET_PREFIX + "input_blocks.0.0.weight"
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 FOREIGN = {
     "sdxl": ({"conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_proj.bias": (4,), CONV_IN: (8, 4, 3, 3)}, "SDXL"),
     "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (4,)}, "Stable Diffusion 3"),
@@ -255,7 +262,7 @@ FOREIGN = {
     "other": ({"fc.weight": (4, 4), "fc.bias": (4,)}, "not a Stable Diffusion checkpoint"),
     "empty": ({}, "holds no tensors"),
     "pix2pix": ({CONV_IN: (8, 8, 3, 3)}, "InstructPix2Pix"),
-    "sd2-t2i": ({CONV_IN: (8, 4, 3, 3), keymaps.OPEN_CLIP_PREFIX + "token_embedding.weight": (8, 4)}, "SD-2 text-to-image"),
+    "sd2-t2i": ({CONV_IN: (8, 4, 3, 3), OPEN_CLIP_PREFIX + "token_embedding.weight": (8, 4)}, "SD-2 text-to-image"),
     "controlnet": ({"control_model.input_hint_block.0.weight": (4, 3, 3, 3)}, "ControlNet"),
     "upscaler": ({CONV_IN: (8, 7, 3, 3)}, "upscaler"),
 }
@@ -270,7 +277,7 @@ def test_foreign_files_are_refused_naming_what_they_are_and_what_is_supported(na
         f = tmp_path / "empty.safetensors"
         save_file({}, str(f))
     with pytest.raises(ModelError) as info:
-        models.prepare_model(f, tmp_path / "out")
+        prepare_model(f, tmp_path / "out")
     assert what in str(info.value)
     assert "SD-1.5 inpainting" in str(info.value)
     assert_nothing_left(tmp_path)
@@ -281,7 +288,7 @@ def test_a_truncated_file_is_refused_before_reading_tensors(single_files: dict[s
     data = single_files["tiny"].read_bytes()
     f.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ModelError, match="truncated"):
-        models.prepare_model(f, tmp_path / "out")
+        prepare_model(f, tmp_path / "out")
     assert_nothing_left(tmp_path)
 
 
@@ -298,20 +305,20 @@ def test_corrupt_files_are_refused(content: bytes, message: str, tmp_path: Path)
     f = tmp_path / "bad.safetensors"
     f.write_bytes(content)
     with pytest.raises(ModelError, match=message):
-        models.prepare_model(f, tmp_path / "out")
+        prepare_model(f, tmp_path / "out")
     assert_nothing_left(tmp_path)
 
 
 def test_a_file_without_vae_or_text_encoder_is_refused(single_files: dict[str, Path], tmp_path: Path) -> None:
     state = load_file(str(single_files["tiny"]))
-    no_vae = {k: v for k, v in state.items() if not k.startswith(keymaps.VAE_PREFIX)}
+    no_vae = {k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)}
     save_file(no_vae, str(tmp_path / "no-vae.safetensors"))
     with pytest.raises(ModelError, match="no VAE"):
-        models.prepare_model(tmp_path / "no-vae.safetensors", tmp_path / "out")
+        prepare_model(tmp_path / "no-vae.safetensors", tmp_path / "out")
     no_text = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
     save_file(no_text, str(tmp_path / "no-text.safetensors"))
     with pytest.raises(ModelError, match="no text encoder"):
-        models.prepare_model(tmp_path / "no-text.safetensors", tmp_path / "out")
+        prepare_model(tmp_path / "no-text.safetensors", tmp_path / "out")
     assert_nothing_left(tmp_path)
 
 
@@ -319,16 +326,16 @@ def test_a_file_of_another_shape_is_refused_against_the_shipped_configs(
     single_files: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(ModelError, match=r"does not match the sd15-inpaint architecture.*expected \[320, 9, 3, 3\]"):
-        models.prepare_model(single_files["tiny"], tmp_path / "out")
+        prepare_model(single_files["tiny"], tmp_path / "out")
     assert_nothing_left(tmp_path)
 
 
 def test_a_unet_with_extra_tensors_is_refused(raws: dict[str, Path], single_files: dict[str, Path], tmp_path: Path) -> None:
     state = load_file(str(single_files["tiny"]))
-    state[keymaps.UNET_PREFIX + "input_blocks.9.0.in_layers.0.weight"] = torch.zeros(4)
+    state[UNET_PREFIX + "input_blocks.9.0.in_layers.0.weight"] = torch.zeros(4)
     save_file(state, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ModelError, match="tensors .* does not have"):
-        models.prepare_model(tmp_path / "extra.safetensors", tmp_path / "out", config_dir=raws["tiny"])
+        prepare_model(tmp_path / "extra.safetensors", tmp_path / "out", PrepareOptions(config_dir=raws["tiny"]))
     assert_nothing_left(tmp_path)
 
 
@@ -337,18 +344,16 @@ def test_a_real_vocabulary_size_needs_a_tokenizer_folder(
 ) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     state = load_file(str(single_files["tiny"]))
-    key = keymaps.CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+    key = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
     state[key] = torch.randn(49408, state[key].shape[1])
     save_file(state, str(tmp_path / "big-vocab.safetensors"))
     with pytest.raises(ModelError, match="--tokenizer DIR"):
-        models.prepare_model(tmp_path / "big-vocab.safetensors", tmp_path / "out", config_dir=raws["tiny"])
+        prepare_model(tmp_path / "big-vocab.safetensors", tmp_path / "out", PrepareOptions(config_dir=raws["tiny"]))
     assert_nothing_left(tmp_path)
-    models.prepare_model(
+    prepare_model(
         tmp_path / "big-vocab.safetensors",
         tmp_path / "out",
-        dtype="fp32",
-        config_dir=raws["tiny"],
-        tokenizer_dir=raws["tiny"] / "tokenizer",
+        PrepareOptions(dtype="fp32", config_dir=raws["tiny"], tokenizer_dir=raws["tiny"] / "tokenizer"),
     )
     config = json.loads((tmp_path / "out" / "text_encoder" / "config.json").read_text())
     assert config["vocab_size"] == 49408
@@ -356,12 +361,10 @@ def test_a_real_vocabulary_size_needs_a_tokenizer_folder(
     # Embedding ids come from the tokenizer: with fewer tokens than rows they would land on used rows.
     save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "emb.safetensors"))
     with pytest.raises(ModelError, match="tokenizer has 514 tokens but the text encoder 49408 rows"):
-        models.prepare_model(
+        prepare_model(
             tmp_path / "big-vocab.safetensors",
             tmp_path / "out2",
-            config_dir=raws["tiny"],
-            tokenizer_dir=raws["tiny"] / "tokenizer",
-            embeddings=[str(tmp_path / "emb.safetensors")],
+            PrepareOptions(config_dir=raws["tiny"], tokenizer_dir=raws["tiny"] / "tokenizer", embeddings=[str(tmp_path / "emb.safetensors")]),
         )
     assert not (tmp_path / "out2").exists()
 
@@ -373,7 +376,7 @@ def test_the_cli_converts_a_single_file_and_refuses_with_exit_3(
         ["prepare-model", str(single_files["tiny-sd15"]), str(tmp_path / "out"), "--dtype", "fp32", "--config-dir", str(raws["tiny-sd15"])]
     )
     assert code == 0
-    assert models.check_model(tmp_path / "out") == []
+    assert check_model(tmp_path / "out") == []
     flux = _file(tmp_path / "flux.safetensors", FOREIGN["flux"][0])
     assert cli.main(["prepare-model", str(flux), str(tmp_path / "flux-out")]) == cli.EXIT_MODEL
     assert "is a Flux checkpoint" in capsys.readouterr().err
@@ -389,11 +392,11 @@ def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
     from PIL import Image
 
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
-    from inpaintd.jobs import InpaintParams
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
+    from inpaintd.core.jobs import InpaintParams
 
-    models.prepare_model(single_files["tiny-sd2-inpaint"], tmp_path / "out", dtype="fp32", config_dir=raws["tiny-sd2-inpaint"])
+    prepare_model(single_files["tiny-sd2-inpaint"], tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny-sd2-inpaint"]))
     engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False))
     assert engine.pipeline.unet.config.use_linear_projection is True
     assert engine.pipeline.scheduler.config.prediction_type == "epsilon"
@@ -401,7 +404,7 @@ def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB")
     mask = Image.fromarray(np.pad(np.full((24, 40), 255, dtype=np.uint8), ((20, 20), (12, 12))), "L")
     params = InpaintParams(prompt="a window", negative_prompt="dark", scheduler="ddim", steps=3, guidance=6.0, strength=1.0, seed=9)
-    ours = np.asarray(engine.inpaint(image, mask, params))
+    ours = np.asarray(engine.inpaint(image, mask, params).image)
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         str(raws["tiny-sd2-inpaint"]), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
     )
@@ -432,7 +435,7 @@ def test_at_the_real_shapes_sd2_inpainting_paints_what_diffusers_paints_and_the_
 
 
 def test_the_shipped_sd2_inpainting_config_is_the_512_epsilon_model() -> None:
-    folder = checkpoints.CONFIGS_DIR / "sd2-inpaint"
+    folder = CONFIGS_DIR / "sd2-inpaint"
     unet = json.loads((folder / "unet" / "config.json").read_text())
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     text = json.loads((folder / "text_encoder" / "config.json").read_text())
@@ -440,16 +443,16 @@ def test_the_shipped_sd2_inpainting_config_is_the_512_epsilon_model() -> None:
     assert unet["use_linear_projection"] is True and unet["attention_head_dim"] == [5, 10, 20, 20]
     assert scheduler["prediction_type"] == "epsilon"
     assert (text["hidden_size"], text["num_hidden_layers"], text["hidden_act"]) == (1024, 23, "gelu")
-    meta = checkpoints.build_meta("unet", unet)
+    meta = build_meta("unet", unet)
     assert 865_000_000 < sum(p.numel() for p in meta.parameters()) < 867_000_000
 
 
 def test_random_weight_labels_survive_the_single_file(single_files: dict[str, Path], raws: dict[str, Path], tmp_path: Path) -> None:
-    manifest = models.prepare_model(single_files["tiny"], tmp_path / "out", dtype="fp32", config_dir=raws["tiny"])
+    manifest = prepare_model(single_files["tiny"], tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     assert manifest["random_weights"] is True
     state = load_file(str(single_files["tiny"]))
     save_file(state, str(tmp_path / "unlabelled.safetensors"))  # what a user's file looks like
-    manifest = models.prepare_model(tmp_path / "unlabelled.safetensors", tmp_path / "out2", dtype="fp32", config_dir=raws["tiny"])
+    manifest = prepare_model(tmp_path / "unlabelled.safetensors", tmp_path / "out2", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     assert manifest["random_weights"] is False
 
 
@@ -457,23 +460,29 @@ def test_random_weight_labels_survive_the_single_file(single_files: dict[str, Pa
 def test_a_real_size_sd15_inpainting_file_converts_with_the_shipped_configs(tmp_path: Path) -> None:
     # The one test at the real shapes: an fp16 single file of SD-1.5-inpainting's exact
     # architecture (random weights), converted without --config-dir.
-    from inpaintd import modelsummary
+    from inpaintd.modelprep.check import check_model
+    from inpaintd.modelprep.checkpoints import inspect_checkpoint
+    from inpaintd.modelprep.prepare import prepare_model
+    from inpaintd.modelprep.summary import summarize
+    from inpaintd.testing.models import build_random_model
+    from inpaintd.testing.single_file import write_single_file
+    from inpaintd.weights.folder import WEIGHT_COMPONENTS
 
-    raw = testmodels.build_random_model("sd15-inpaint", tmp_path / "raw")
-    f = testmodels.write_single_file(raw, tmp_path / "sd15-inpainting.safetensors")
-    info = checkpoints.inspect_checkpoint(f)
+    raw = build_random_model("sd15-inpaint", tmp_path / "raw")
+    f = write_single_file(raw, tmp_path / "sd15-inpainting.safetensors")
+    info = inspect_checkpoint(f)
     assert (info.kind, info.cross_attention_dim, info.files_dtype, info.vocab_size) == ("sd15-inpaint", 768, "fp16", 49408)
-    manifest = models.prepare_model(f, tmp_path / "out", dtype="bf16", tokenizer_dir=raw / "tokenizer")
+    manifest = prepare_model(f, tmp_path / "out", PrepareOptions(dtype="bf16", tokenizer_dir=raw / "tokenizer"))
     assert manifest["origin"]["configs"] == "inpaintd:sd15-inpaint" and manifest["random_weights"] is True
-    assert models.check_model(tmp_path / "out") == []
-    for component in models.WEIGHT_COMPONENTS:
+    assert check_model(tmp_path / "out") == []
+    for component in WEIGHT_COMPONENTS:
         source = weights(raw, component)
         converted = weights(tmp_path / "out", component)
         assert source.keys() == converted.keys(), component
         for key, tensor in source.items():
             assert torch.equal(tensor.to(torch.bfloat16), converted[key]), f"{component}/{key}"
         del source, converted
-    summary = modelsummary.summarize(tmp_path / "out")
+    summary = summarize(tmp_path / "out")
     assert summary.architecture == "sd15-inpaint"
     # BENCHMARKS.md measured a 2.9 GiB peak (anonymous + file-backed) for this model in bf16.
     assert 2.5 * 2**30 < summary.job_512_bytes < 3.2 * 2**30
@@ -485,7 +494,7 @@ def test_inpaintd_process_writes_the_same_image_with_the_folder_and_with_its_sin
     # The whole job path (read, regions, engine, blend, encode), not only the engine.
     from PIL import Image
 
-    models.prepare_model(single_files["tiny"], tmp_path / "from-file", dtype="fp32", config_dir=raws["tiny"])
+    prepare_model(single_files["tiny"], tmp_path / "from-file", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     rng = np.random.default_rng(12)
     Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8), "RGB").save(tmp_path / "photo.png")
     mask = np.zeros((96, 128), dtype=np.uint8)
@@ -510,12 +519,12 @@ def test_configs_and_tokenizer_folders_that_do_not_fit_are_refused(
     f = single_files["tiny"]
     (tmp_path / "not-configs").mkdir()
     with pytest.raises(ModelError, match="not a diffusers config folder"):
-        models.prepare_model(f, tmp_path / "out", config_dir=tmp_path / "not-configs")
+        prepare_model(f, tmp_path / "out", PrepareOptions(config_dir=tmp_path / "not-configs"))
     half = tmp_path / "half-tokenizer"
     half.mkdir()
     shutil.copy2(raws["tiny"] / "tokenizer" / "vocab.json", half / "vocab.json")
     with pytest.raises(ModelError, match="has no merges.txt"):
-        models.prepare_model(f, tmp_path / "out", config_dir=raws["tiny"], tokenizer_dir=half)
+        prepare_model(f, tmp_path / "out", PrepareOptions(config_dir=raws["tiny"], tokenizer_dir=half))
     big = tmp_path / "big-tokenizer"
     big.mkdir()
     vocab = json.loads((raws["tiny"] / "tokenizer" / "vocab.json").read_text())
@@ -523,7 +532,7 @@ def test_configs_and_tokenizer_folders_that_do_not_fit_are_refused(
     (big / "vocab.json").write_text(json.dumps(vocab))
     (big / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(ModelError, match="524 tokens but the checkpoint's text encoder only 514"):
-        models.prepare_model(f, tmp_path / "out", config_dir=raws["tiny"], tokenizer_dir=big)
+        prepare_model(f, tmp_path / "out", PrepareOptions(config_dir=raws["tiny"], tokenizer_dir=big))
     assert_nothing_left(tmp_path)
 
 
@@ -537,9 +546,9 @@ def test_a_clip_tokenizer_in_the_local_hugging_face_cache_is_found(
         shutil.copy2(raws["tiny"] / "tokenizer" / name, snapshot / name)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     state = load_file(str(single_files["tiny"]))
-    key = keymaps.CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+    key = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
     state[key] = torch.randn(49408, state[key].shape[1])
     save_file(state, str(tmp_path / "big-vocab.safetensors"))
-    assert checkpoints.find_cached_tokenizer(49408) == snapshot
-    models.prepare_model(tmp_path / "big-vocab.safetensors", tmp_path / "out", dtype="fp32", config_dir=raws["tiny"])
+    assert find_cached_tokenizer(49408) == snapshot
+    prepare_model(tmp_path / "big-vocab.safetensors", tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     assert (tmp_path / "out" / "tokenizer" / "merges.txt").read_bytes() == (snapshot / "merges.txt").read_bytes()

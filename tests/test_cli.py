@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SAMPLES = Path(__file__).resolve().parents[1] / "daemon" / "inpaintd" / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "daemon" / "inpaintd" / "demo" / "samples"
 INPAINTD = [sys.executable, "-m", "inpaintd"]
 
 

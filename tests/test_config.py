@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd.config import Config, config_from_dict, load_config, replace_section
-from inpaintd.errors import ConfigError
+from inpaintd.core.config import Config, config_from_dict, load_config, replace_section
+from inpaintd.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from inpaintd import engine as engine_mod
-from inpaintd.config import SCHEDULERS, ModelConfig
-from inpaintd.engine import Engine, detect_dtype, physical_cores, versions
-from inpaintd.errors import Interrupted, ModelError
-from inpaintd.jobs import InpaintParams
+from inpaintd.engine.host import versions
+from inpaintd.engine.speedups import inductor_cache_dir
+from inpaintd.core.config import SCHEDULERS, ModelConfig
+from inpaintd.engine.engine import Engine
+from inpaintd.engine.host import detect_dtype, physical_cores
+from inpaintd.core.errors import Interrupted, ModelError
+from inpaintd.core.jobs import InpaintParams
 
 SIZE = (64, 64)
 
@@ -52,15 +54,15 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 def test_inpaint_returns_rgb_of_the_working_size(tiny_engine: Engine) -> None:
     image, mask = _inputs((64, 48))
-    out = tiny_engine.inpaint(image, mask, _params())
+    out = tiny_engine.inpaint(image, mask, _params()).image
     assert out.mode == "RGB" and out.size == (64, 48)
 
 
 def test_same_seed_gives_identical_pixels_and_another_seed_differs(tiny_engine: Engine) -> None:
     image, mask = _inputs()
-    first = _pixels(tiny_engine.inpaint(image, mask, _params(seed=7)))
-    second = _pixels(tiny_engine.inpaint(image, mask, _params(seed=7)))
-    other = _pixels(tiny_engine.inpaint(image, mask, _params(seed=8)))
+    first = _pixels(tiny_engine.inpaint(image, mask, _params(seed=7)).image)
+    second = _pixels(tiny_engine.inpaint(image, mask, _params(seed=7)).image)
+    other = _pixels(tiny_engine.inpaint(image, mask, _params(seed=8)).image)
     assert np.array_equal(first, second)
     assert not np.array_equal(first, other)
 
@@ -78,7 +80,7 @@ def test_model_info_labels_random_weights(tiny_engine: Engine, tiny_model: Path)
 def test_every_scheduler_runs(tiny_engine: Engine, name: str) -> None:
     image, mask = _inputs()
     steps: list[tuple[int, int]] = []
-    out = tiny_engine.inpaint(image, mask, _params(scheduler=name, steps=2), on_step=lambda d, t: steps.append((d, t)))
+    out = tiny_engine.inpaint(image, mask, _params(scheduler=name, steps=2), on_step=lambda d, t: steps.append((d, t))).image
     assert out.size == SIZE
     assert steps and steps[-1][0] == steps[-1][1]
     assert type(tiny_engine.pipeline.scheduler).__name__ == type(tiny_engine.scheduler(name)).__name__
@@ -93,7 +95,7 @@ def test_karras_scheduler_uses_karras_sigmas(tiny_engine: Engine) -> None:
 def test_on_step_is_called_once_per_step(tiny_engine: Engine) -> None:
     image, mask = _inputs()
     calls: list[tuple[int, int]] = []
-    tiny_engine.inpaint(image, mask, _params(steps=5), on_step=lambda d, t: calls.append((d, t)))
+    tiny_engine.inpaint(image, mask, _params(steps=5), on_step=lambda d, t: calls.append((d, t))).image
     assert calls == [(i, 5) for i in range(1, 6)]
 
 
@@ -108,11 +110,11 @@ def test_an_exception_raised_in_on_step_propagates_unchanged(tiny_engine: Engine
             raise raised
 
     with pytest.raises(Interrupted) as info:
-        tiny_engine.inpaint(image, mask, _params(steps=5), on_step=on_step)
+        tiny_engine.inpaint(image, mask, _params(steps=5), on_step=on_step).image
     assert info.value is raised
     assert seen == [1, 2]
     # The engine is still usable afterwards.
-    assert tiny_engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+    assert tiny_engine.inpaint(image, mask, _params(steps=1)).image.size == SIZE
 
 
 def test_text_embeddings_are_cached_per_prompt_pair(tiny_engine: Engine) -> None:
@@ -121,12 +123,12 @@ def test_text_embeddings_are_cached_per_prompt_pair(tiny_engine: Engine) -> None
     try:
         image, mask = _inputs()
         params = _params(prompt="a prompt nobody used before", negative_prompt="and its negative")
-        tiny_engine.inpaint(image, mask, params)
+        tiny_engine.inpaint(image, mask, params).image
         after_first = len(calls)
         assert after_first == 2  # prompt and negative prompt, encoded once each
-        tiny_engine.inpaint(image, mask, dataclasses.replace(params, seed=99, steps=2))
+        tiny_engine.inpaint(image, mask, dataclasses.replace(params, seed=99, steps=2)).image
         assert len(calls) == after_first  # cache hit: the encoder did not run
-        tiny_engine.inpaint(image, mask, dataclasses.replace(params, negative_prompt="another negative"))
+        tiny_engine.inpaint(image, mask, dataclasses.replace(params, negative_prompt="another negative")).image
         assert len(calls) == after_first + 2
     finally:
         hook.remove()
@@ -159,10 +161,10 @@ def test_vae_tiling_auto_follows_the_minimum_side(tiny_model: Path, tmp_path: Pa
     assert engine.runtime_report((64, 64))["vae_tiling"] is False
     assert engine.runtime_report((128, 64))["vae_tiling"] is True
     image, mask = _inputs((128, 64))
-    engine.inpaint(image, mask, _params(steps=1))
+    engine.inpaint(image, mask, _params(steps=1)).image
     assert engine.pipeline.vae.use_tiling is True
     image, mask = _inputs((64, 64))
-    engine.inpaint(image, mask, _params(steps=1))
+    engine.inpaint(image, mask, _params(steps=1)).image
     assert engine.pipeline.vae.use_tiling is False
 
 
@@ -170,19 +172,19 @@ def test_attention_slicing_on_is_applied(tiny_model: Path, tmp_path: Path) -> No
     engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, attention_slicing="on", cache_dir=tmp_path))
     assert engine.runtime_report((64, 64))["attention"] == "sliced"
     image, mask = _inputs()
-    assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+    assert engine.inpaint(image, mask, _params(steps=1)).image.size == SIZE
 
 
 def test_bf16_engine_loads_prepared_bf16_files(tiny_model_raw: Path, tmp_path: Path) -> None:
-    from inpaintd import models
+    from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 
     dst = tmp_path / "bf16"
-    models.prepare_model(tiny_model_raw, dst, dtype="bf16")
+    prepare_model(tiny_model_raw, dst, PrepareOptions(dtype="bf16"))
     engine = Engine.load(ModelConfig(path=dst, dtype="bf16", threads=1, cache_dir=tmp_path))
     assert engine.pipeline.unet.dtype == torch.bfloat16
     assert engine.runtime_report((64, 64))["zero_copy_load"] is True
     image, mask = _inputs()
-    assert engine.inpaint(image, mask, _params(steps=2)).size == SIZE
+    assert engine.inpaint(image, mask, _params(steps=2)).image.size == SIZE
 
 
 def test_raw_diffusers_folder_loads_without_manifest(tiny_model_raw: Path, tmp_path: Path) -> None:
@@ -192,7 +194,12 @@ def test_raw_diffusers_folder_loads_without_manifest(tiny_model_raw: Path, tmp_p
 
 
 def test_embedded_model_is_used_when_no_path_is_configured(tmp_path: Path) -> None:
-    engine = Engine.load(ModelConfig(path=None, dtype="fp32", threads=1, cache_dir=tmp_path))
+    from inpaintd.demo.model import model_folder
+
+    config = ModelConfig(path=None, dtype="fp32", threads=1, cache_dir=tmp_path)
+    with pytest.raises(ModelError, match="model.path is not set"):
+        Engine.load(config)  # the engine loads what it is given; the caller resolves the default
+    engine = Engine.load(dataclasses.replace(config, path=model_folder(config)))
     assert engine.info.path == str(tmp_path / "models" / "tiny-random")
     assert engine.info.random_weights is True
 
@@ -208,7 +215,7 @@ def test_pickle_model_is_refused_unless_allowed(tiny_model_raw: Path, tmp_path: 
         Engine.load(ModelConfig(path=src, dtype="fp32", threads=1, cache_dir=tmp_path))
     engine = Engine.load(ModelConfig(path=src, dtype="fp32", threads=1, allow_pickle=True, cache_dir=tmp_path))
     image, mask = _inputs()
-    assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+    assert engine.inpaint(image, mask, _params(steps=1)).image.size == SIZE
 
 
 def _reference_pixels(folder: Path, image, mask, params: InpaintParams) -> np.ndarray:
@@ -240,10 +247,10 @@ def _reference_pixels(folder: Path, image, mask, params: InpaintParams) -> np.nd
 def test_a_four_channel_model_paints_what_diffusers_latent_blending_paints(
     tiny_sd15_raw: Path, tmp_path: Path, strength: float
 ) -> None:
-    from inpaintd import models
+    from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 
     prepared = tmp_path / "t2i"
-    models.prepare_model(tiny_sd15_raw, prepared, dtype="fp32")
+    prepare_model(tiny_sd15_raw, prepared, PrepareOptions(dtype="fp32"))
     # channels_last changes the convolutions' summation order (last-bit differences): the
     # reference comparison runs both sides in the same layout.
     config = ModelConfig(path=prepared, dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False)
@@ -251,7 +258,7 @@ def test_a_four_channel_model_paints_what_diffusers_latent_blending_paints(
     assert engine.info.unet_in_channels == 4 and engine.info.architecture.startswith("unet4-")
     image, mask = _inputs()
     params = _params(scheduler="ddim", steps=4, strength=strength)
-    ours = _pixels(engine.inpaint(image, mask, params))
+    ours = _pixels(engine.inpaint(image, mask, params).image)
     assert np.array_equal(ours, _reference_pixels(prepared, image, mask, params))
 
 
@@ -263,9 +270,9 @@ def test_missing_model_folder_is_a_model_error(tmp_path: Path) -> None:
 def test_inputs_must_match_and_be_multiples_of_eight(tiny_engine: Engine) -> None:
     image, mask = _inputs()
     with pytest.raises(ValueError, match="multiples of 8"):
-        tiny_engine.inpaint(image.resize((60, 64)), mask.resize((60, 64)), _params())
+        tiny_engine.inpaint(image.resize((60, 64)), mask.resize((60, 64)), _params()).image
     with pytest.raises(ValueError, match="differs"):
-        tiny_engine.inpaint(image, mask.resize((64, 56)), _params())
+        tiny_engine.inpaint(image, mask.resize((64, 56)), _params()).image
 
 
 def test_compile_failure_falls_back_to_eager(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
@@ -283,7 +290,7 @@ def test_compile_failure_falls_back_to_eager(tiny_model: Path, tmp_path: Path, m
     engine.pipeline.unet = Broken()
     engine._compile_state = "inductor-pending"
     image, mask = _inputs()
-    assert engine.inpaint(image, mask, _params(steps=1)).size == SIZE
+    assert engine.inpaint(image, mask, _params(steps=1)).image.size == SIZE
     assert engine.runtime_report((64, 64))["compile"] == "inductor-failed"
     assert engine.pipeline.unet is eager
 
@@ -294,9 +301,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torch._dynamo.utils import counters
-from inpaintd.config import ModelConfig
-from inpaintd.engine import Engine
-from inpaintd.jobs import InpaintParams
+from inpaintd.core.config import ModelConfig
+from inpaintd.core.jobs import InpaintParams
+from inpaintd.engine.engine import Engine
 
 engine = Engine.load(ModelConfig(path=Path(sys.argv[1]), dtype="fp32", threads=1,
                                  compile="inductor", cache_dir=Path(sys.argv[2])))
@@ -304,7 +311,7 @@ image = Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8))
 mask = Image.fromarray(np.pad(np.full((32, 32), 255, dtype=np.uint8), 16))
 params = InpaintParams(prompt="a red bicycle", negative_prompt="", scheduler="ddim", steps=1,
                        guidance=7.5, strength=1.0, seed=1)
-engine.inpaint(image, mask, params)
+engine.inpaint(image, mask, params).image
 print(json.dumps({"compile": engine.runtime_report((64, 64))["compile"],
                   "inductor": dict(counters["inductor"])}))
 """
@@ -314,10 +321,10 @@ def test_the_inductor_cache_goes_under_cache_dir_unless_the_operator_chose_one(t
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     ours = str(tmp_path / "torchinductor")
-    assert engine_mod.inductor_cache_dir(None, tmp_path) == ours
+    assert inductor_cache_dir(None, tmp_path) == ours
     # torch writes its /tmp default into the environment when torch._inductor is imported.
-    assert engine_mod.inductor_cache_dir(default_cache_dir(), tmp_path) == ours
-    assert engine_mod.inductor_cache_dir("/srv/inductor", tmp_path) == "/srv/inductor"
+    assert inductor_cache_dir(default_cache_dir(), tmp_path) == ours
+    assert inductor_cache_dir("/srv/inductor", tmp_path) == "/srv/inductor"
 
 
 @pytest.mark.slow
@@ -362,4 +369,4 @@ def test_cpu_facts_from_cpuinfo_text() -> None:
 def test_versions_names_the_libraries() -> None:
     v = versions()
     assert set(v) >= {"torch", "diffusers", "transformers", "python", "inpaintd"}
-    assert engine_mod.versions()["torch"] == torch.__version__
+    assert versions()["torch"] == torch.__version__

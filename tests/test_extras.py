@@ -12,11 +12,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from inpaintd import checkpoints, cli, extras, keymaps, models
-from inpaintd.config import ModelConfig
-from inpaintd.engine import Engine
-from inpaintd.errors import ModelError
-from inpaintd.jobs import InpaintParams
+from inpaintd import cli
+from inpaintd.core.digest import sha256_file
+from inpaintd.modelprep.check import check_model
+from inpaintd.modelprep.embeddings import EmbeddingSpec
+from inpaintd.modelprep.keymaps import UNET_PREFIX, VAE_PREFIX
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.testing.single_file import vae_to_original
+from inpaintd.core.config import ModelConfig
+from inpaintd.engine.engine import Engine
+from inpaintd.core.errors import ModelError
+from inpaintd.core.jobs import InpaintParams
 
 PARAMS = InpaintParams(prompt="a door", negative_prompt="", scheduler="ddim", steps=3, guidance=7.5, strength=1.0, seed=11)
 
@@ -38,9 +44,9 @@ def vae_file(folder: Path, path: Path, layout: str) -> Path:
     state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     config = json.loads((folder / "config.json").read_text())
     if layout == "original":
-        state = checkpoints.vae_to_original(state, config)
+        state = vae_to_original(state, config)
     elif layout == "prefixed":
-        state = checkpoints.vae_to_original(state, config, prefix=keymaps.VAE_PREFIX)
+        state = vae_to_original(state, config, prefix=VAE_PREFIX)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
@@ -72,7 +78,7 @@ def test_a_vae_comes_back_tensor_for_tensor(layout: str, tiny_model_raw: Path, o
         shutil.copytree(other_vae, source / "vae")
     else:
         source = other_vae if layout == "folder" else vae_file(other_vae, tmp_path / "vae.safetensors", layout)
-    manifest = models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", vae=source)
+    manifest = prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", vae=source))
     expected = load_file(str(other_vae / "diffusion_pytorch_model.safetensors"))
     got = load_file(str(tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert expected.keys() == got.keys()
@@ -80,7 +86,7 @@ def test_a_vae_comes_back_tensor_for_tensor(layout: str, tiny_model_raw: Path, o
     assert manifest["extras"]["vae"]["source"] == str((source / "vae" if layout == "model-folder" else source).resolve())
     expected_format = {"prefixed": "original", "folder": "diffusers-folder", "model-folder": "diffusers-folder"}
     assert manifest["extras"]["vae"]["format"] == expected_format.get(layout, layout)
-    assert models.check_model(tmp_path / "out") == []
+    assert check_model(tmp_path / "out") == []
 
 
 def test_a_vae_file_converts_like_diffusers_from_single_file(other_vae: Path, tiny_model_raw: Path, tmp_path: Path) -> None:
@@ -88,7 +94,7 @@ def test_a_vae_file_converts_like_diffusers_from_single_file(other_vae: Path, ti
 
     f = vae_file(other_vae, tmp_path / "vae.safetensors", "original")
     reference = AutoencoderKL.from_single_file(str(f), config=str(other_vae), local_files_only=True).state_dict()
-    models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", vae=f)
+    prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", vae=f))
     ours = load_file(str(tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert reference.keys() == ours.keys()
     assert all(torch.equal(reference[k], ours[k]) for k in ours)
@@ -99,9 +105,9 @@ def test_a_swapped_vae_paints_what_diffusers_paints_with_that_vae(
 ) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline
 
-    models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", vae=vae_file(other_vae, tmp_path / "v.safetensors", "original"))
+    prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", vae=vae_file(other_vae, tmp_path / "v.safetensors", "original")))
     image, mask = inputs()
-    ours = np.asarray(engine(tmp_path / "out", tmp_path).inpaint(image, mask, PARAMS))
+    ours = np.asarray(engine(tmp_path / "out", tmp_path).inpaint(image, mask, PARAMS).image)
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         str(tiny_model), vae=AutoencoderKL.from_pretrained(str(other_vae)), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False, local_files_only=True,
@@ -124,7 +130,7 @@ def test_vae_refusals_leave_nothing(tiny_model_raw: Path, other_vae: Path, tmp_p
     AutoencoderKL.from_config(config).save_pretrained(str(tmp_path / "wide"), safe_serialization=True)
     cases = [
         (tmp_path / "wide", "drop-in replacement"),
-        (_file(tmp_path / "unet.safetensors", {keymaps.UNET_PREFIX + "input_blocks.0.0.weight": (8, 9, 3, 3)}), "not a VAE file"),
+        (_file(tmp_path / "unet.safetensors", {UNET_PREFIX + "input_blocks.0.0.weight": (8, 9, 3, 3)}), "not a VAE file"),
         (tmp_path / "missing.safetensors", "does not exist"),
     ]
     pickled = tmp_path / "vae.pt"
@@ -136,7 +142,7 @@ def test_vae_refusals_leave_nothing(tiny_model_raw: Path, other_vae: Path, tmp_p
     cases.append((tmp_path / "partial.safetensors", "not a complete VAE"))
     for source, message in cases:
         with pytest.raises(ModelError, match=message):
-            models.prepare_model(tiny_model_raw, tmp_path / "out", vae=source)
+            prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(vae=source))
         assert not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
@@ -166,15 +172,15 @@ def test_embeddings_are_baked_into_tokenizer_and_text_encoder(tiny_model_raw: Pa
     one = torch.randn(32, generator=torch.Generator().manual_seed(2))
     bad = a1111_embedding(tmp_path / "badhands.safetensors", two)
     star = diffusers_embedding(tmp_path / "star.safetensors", "<star>", one)
-    manifest = models.prepare_model(
-        tiny_model_raw, tmp_path / "out", dtype="fp32", embeddings=[str(bad), extras.EmbeddingSpec(star, "<sky>")]
+    manifest = prepare_model(
+        tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", embeddings=[str(bad), EmbeddingSpec(star, "<sky>")])
     )
     records = manifest["extras"]["embeddings"]
     assert [(r["token"], r["tokens"], r["vectors"], r["format"]) for r in records] == [
         ("badhands", ["badhands", "badhands_1"], 2, "a1111"),
         ("<sky>", ["<sky>"], 1, "diffusers"),
     ]
-    assert records[0]["sha256"] == models.sha256_file(bad)
+    assert records[0]["sha256"] == sha256_file(bad).sha256
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
     rows = text_rows(tmp_path / "out")
     original = text_rows(tiny_model_raw)
@@ -183,7 +189,7 @@ def test_embeddings_are_baked_into_tokenizer_and_text_encoder(tiny_model_raw: Pa
     ids = tokenizer.convert_tokens_to_ids(["badhands", "badhands_1", "<sky>"])
     assert torch.equal(rows[ids[0]], two[0]) and torch.equal(rows[ids[1]], two[1]) and torch.equal(rows[ids[2]], one)
     assert json.loads((tmp_path / "out" / "text_encoder" / "config.json").read_text())["vocab_size"] == rows.shape[0]
-    assert models.check_model(tmp_path / "out") == []
+    assert check_model(tmp_path / "out") == []
 
 
 def test_prompts_with_the_tokens_encode_like_diffusers_load_textual_inversion(
@@ -193,7 +199,7 @@ def test_prompts_with_the_tokens_encode_like_diffusers_load_textual_inversion(
 
     vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
     f = a1111_embedding(tmp_path / "style.safetensors", vectors)
-    models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", embeddings=[f"{f}:mystyle"])
+    prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", embeddings=[f"{f}:mystyle"]))
     ours = engine(tmp_path / "out", tmp_path)
     reference = StableDiffusionInpaintPipeline.from_pretrained(
         str(tiny_model), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
@@ -207,7 +213,7 @@ def test_prompts_with_the_tokens_encode_like_diffusers_load_textual_inversion(
     plain, _ = ours.encode("a wall in , ", "")
     assert not torch.equal(plain, got)  # the tokens mean something
     image, mask = inputs()
-    assert ours.inpaint(image, mask, PARAMS.__class__(**{**PARAMS.__dict__, "prompt": prompt})).size == (64, 64)
+    assert ours.inpaint(image, mask, PARAMS.__class__(**{**PARAMS.__dict__, "prompt": prompt})).image.size == (64, 64)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +231,7 @@ def test_prompts_with_the_tokens_encode_like_diffusers_load_textual_inversion(
 def test_embedding_refusals_leave_nothing(make, message: str, tiny_model_raw: Path, tmp_path: Path) -> None:
     source = make(tmp_path)
     with pytest.raises(ModelError, match=message):
-        models.prepare_model(tiny_model_raw, tmp_path / "out", embeddings=[str(source)])
+        prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(embeddings=[str(source)]))
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
@@ -242,7 +248,7 @@ def _pickled(path: Path) -> Path:
 
 def test_a_pickled_a1111_embedding_loads_when_allowed(tiny_model_raw: Path, tmp_path: Path) -> None:
     f = _pickled(tmp_path / "emb.pt")
-    manifest = models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", embeddings=[str(f)], allow_pickle=True)
+    manifest = prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", embeddings=[str(f)], allow_pickle=True))
     assert manifest["extras"]["embeddings"][0]["tokens"] == ["emb", "emb_1"]
 
 
@@ -250,14 +256,14 @@ def test_a_pickled_a1111_embedding_loads_when_allowed(tiny_model_raw: Path, tmp_
 def test_bad_tokens_are_refused(suffix: str, message: str, tiny_model_raw: Path, tmp_path: Path) -> None:
     f = _embed(tmp_path / "x.safetensors", {"emb_params": (1, 32)})
     with pytest.raises(ModelError, match=message):
-        models.prepare_model(tiny_model_raw, tmp_path / "out", embeddings=[f"{f}{suffix}"])
+        prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(embeddings=[f"{f}{suffix}"]))
     assert not (tmp_path / "out").exists()
 
 
 def test_a_vae_folder_of_another_class_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_model_raw / "unet", tmp_path / "unet")
     with pytest.raises(ModelError, match="UNet2DConditionModel, not an AutoencoderKL"):
-        models.prepare_model(tiny_model_raw, tmp_path / "out", vae=tmp_path / "unet")
+        prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(vae=tmp_path / "unet"))
     assert not (tmp_path / "out").exists()
 
 
@@ -265,15 +271,16 @@ def test_the_same_token_twice_is_refused(tiny_model_raw: Path, tmp_path: Path) -
     f = _embed(tmp_path / "x.safetensors", {"emb_params": (1, 32)})
     g = _embed(tmp_path / "y.safetensors", {"emb_params": (1, 32)})
     with pytest.raises(ModelError, match="'tok' already exists"):
-        models.prepare_model(tiny_model_raw, tmp_path / "out", embeddings=[f"{f}:tok", f"{g}:tok"])
+        prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(embeddings=[f"{f}:tok", f"{g}:tok"]))
 
 
 def test_the_cli_bakes_vae_and_embeddings_into_a_single_file_conversion(
     tiny_model_raw: Path, other_vae: Path, tmp_path: Path, capsys
 ) -> None:
-    from inpaintd import testmodels
+    from inpaintd.modelprep.check import check_model
+    from inpaintd.testing.single_file import write_single_file
 
-    model = testmodels.write_single_file(tiny_model_raw, tmp_path / "model.safetensors")
+    model = write_single_file(tiny_model_raw, tmp_path / "model.safetensors")
     emb = _embed(tmp_path / "neg.safetensors", {"emb_params": (2, 32)})
     code = cli.main(
         ["prepare-model", str(model), str(tmp_path / "out"), "--dtype", "bf16", "--config-dir", str(tiny_model_raw),
@@ -282,7 +289,7 @@ def test_the_cli_bakes_vae_and_embeddings_into_a_single_file_conversion(
     assert code == 0
     out = capsys.readouterr().out
     assert "embedding neg (2 vector(s))" in out and "VAE from" in out
-    assert models.check_model(tmp_path / "out") == []
+    assert check_model(tmp_path / "out") == []
     assert load_file(str(tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.weight"].dtype == torch.bfloat16
     assert text_rows(tmp_path / "out").dtype == torch.bfloat16
     shutil.rmtree(tmp_path / "out")

@@ -3,6 +3,8 @@ and step caching (DeepCache), on the real tiny engine."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import random
 import subprocess
@@ -13,12 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inpaintd import engine as engine_mod
-from inpaintd import jobspec, models, presets, testmodels
-from inpaintd.config import BUILTIN_INFERENCE, InferenceConfig, ModelConfig, config_from_dict
-from inpaintd.engine import Engine
-from inpaintd.errors import ModelError
-from inpaintd.jobs import InpaintParams
+from inpaintd.core.presets import parse_defaults, resolve
+from inpaintd.engine.schedulers import TCD_ETA
+from inpaintd.engine.speedups import deepcache_helper
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.paint.jobspec import build_request
+from inpaintd.testing.lora import build_random_lora
+from inpaintd.testing.vae import build_random_tiny_vae
+from inpaintd.weights.folder import MANIFEST_NAME, read_manifest
+from inpaintd.core.config import BUILTIN_INFERENCE, InferenceConfig, ModelConfig, config_from_dict
+from inpaintd.engine.engine import Engine
+from inpaintd.core.errors import ModelError
+from inpaintd.core.jobs import InpaintParams
 
 
 def _inputs(size: int = 64):
@@ -49,9 +57,19 @@ class UnetBatches:
         self.handle.remove()
 
 
+_RAN: list[Any] = [{}]  # how the last _paint call ran (Painted.report)
+
+
 def _paint(engine: Engine, params: InpaintParams) -> np.ndarray:
     image, mask = _inputs()
-    return np.asarray(engine.inpaint(image, mask, params)).astype(int)
+    painted = engine.inpaint(image, mask, params)
+    _RAN[0] = painted.report
+    return np.asarray(painted.image).astype(int)
+
+
+def _ran() -> Any:
+    """How the last painted crop ran: guidance batch, cut-off, step cache, decoder, eta."""
+    return {**_RAN[0]}
 
 
 def test_guidance_at_most_one_runs_the_unet_at_batch_one_and_the_report_says_so(tiny_engine: Engine) -> None:
@@ -59,12 +77,12 @@ def test_guidance_at_most_one_runs_the_unet_at_batch_one_and_the_report_says_so(
         with UnetBatches(tiny_engine) as batches:
             _paint(tiny_engine, replace(PARAMS, guidance=guidance))
         assert batches.sizes == [1] * PARAMS.steps
-        report = tiny_engine.runtime_report((64, 64))["guidance"]
+        report = _ran()["guidance"]
         assert report["unet_batch"] == 1 and report["classifier_free"] is False and report["cfg_steps"] == 0
     with UnetBatches(tiny_engine) as batches:
         _paint(tiny_engine, PARAMS)
     assert batches.sizes == [2] * PARAMS.steps
-    assert tiny_engine.runtime_report((64, 64))["guidance"]["unet_batch"] == 2
+    assert _ran()["guidance"]["unet_batch"] == 2
 
 
 def test_cfg_cutoff_guides_exactly_the_steps_diffusers_cutoff_callback_would(tiny_engine: Engine) -> None:
@@ -80,7 +98,7 @@ def test_cfg_cutoff_guides_exactly_the_steps_diffusers_cutoff_callback_would(tin
             _paint(tiny_engine, params)
         guided = min(steps, int(steps * ratio) + 1)
         assert batches.sizes == [2] * guided + [1] * (steps - guided), (steps, ratio)
-        report = tiny_engine.runtime_report((64, 64))["guidance"]
+        report = _ran()["guidance"]
         assert (report["cfg_steps"], report["batch1_steps"]) == (guided, steps - guided)
     # No cut-off (1.0) paints exactly what the plain run paints; a real cut-off changes the picture.
     assert np.array_equal(_paint(tiny_engine, replace(PARAMS, cfg_cutoff=1.0)), full)
@@ -97,7 +115,7 @@ def test_cfg_cutoff_also_works_for_a_4_channel_model(tiny_sd15_raw: Path, tmp_pa
 
 def test_step_cache_interval_one_paints_exactly_the_uncached_pixels(tiny_engine: Engine) -> None:
     uncached = _paint(tiny_engine, PARAMS)
-    helper = engine_mod.deepcache_helper(tiny_engine, 1)
+    helper = deepcache_helper(tiny_engine, 1)
     helper.enable()
     try:
         cached = _paint(tiny_engine, PARAMS)
@@ -118,7 +136,7 @@ def test_step_cache_skips_the_deep_blocks_between_full_steps(tiny_engine: Engine
     finally:
         handle.remove()
     assert len(deep) == 2  # steps 0 and 3 of 6 in full
-    report = tiny_engine.runtime_report((64, 64))["step_cache"]
+    report = _ran()["step_cache"]
     assert report == {"method": "deepcache", "interval": 3, "full_steps": 2, "cached_steps": 4}
     assert not np.array_equal(cached, plain)
     assert np.array_equal(_paint(tiny_engine, PARAMS), plain)  # the next job runs uncached again
@@ -149,7 +167,7 @@ def test_settings_come_from_the_job_then_the_config_then_the_model_then_the_buil
         job = {k: rng.choice(v) for k, v in candidates.items() if rng.random() < 0.3}
         conf = {k: rng.choice(v) for k, v in candidates.items() if rng.random() < 0.3}
         model = {k: rng.choice(v) for k, v in candidates.items() if rng.random() < 0.5}
-        values, sources = presets.resolve(job, InferenceConfig(**conf), model)
+        values, sources = resolve(job, InferenceConfig(**conf), model)
         for key, builtin in BUILTIN_INFERENCE.items():
             expected = next(((s, d[key]) for s, d in (("job", job), ("config", conf), ("model", model)) if key in d),
                             ("builtin", builtin))
@@ -159,13 +177,13 @@ def test_settings_come_from_the_job_then_the_config_then_the_model_then_the_buil
 def test_a_prepared_lcm_model_paints_with_its_defaults_unless_the_config_or_job_says_otherwise(
     tiny_model_raw: Path, tmp_path: Path
 ) -> None:
-    lcm = testmodels.build_random_lora(tiny_model_raw, tmp_path / "lcm.safetensors", rank=4)
+    lcm = build_random_lora(tiny_model_raw, tmp_path / "lcm.safetensors", rank=4)
     out = subprocess.run(
         [sys.executable, "-m", "inpaintd", "prepare-model", str(tiny_model_raw), str(tmp_path / "m"), "--dtype", "fp32",
          "--lora", str(lcm), "--preset", "lcm", "--defaults", "steps=6", "negative_prompt=blurry"],
         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    manifest = models.read_manifest(tmp_path / "m")
+    manifest = read_manifest(tmp_path / "m")
     assert manifest is not None
     assert manifest["defaults"] == {"scheduler": "lcm", "steps": 6, "guidance": 1.0, "negative_prompt": "blurry"}
     image, mask = _inputs()
@@ -196,31 +214,31 @@ def test_a_prepared_lcm_model_paints_with_its_defaults_unless_the_config_or_job_
 def test_bad_defaults_are_refused_when_preparing_and_when_loading(tiny_model: Path, tmp_path: Path) -> None:
     for pairs in (["steps=0"], ["scheduler=fast"], ["colour=red"], ["guidance=much"], ["steps"]):
         with pytest.raises(ModelError):
-            presets.parse_defaults(None, pairs)
+            parse_defaults(None, pairs)
     with pytest.raises(ModelError, match="unknown"):
-        presets.parse_defaults("turbo", [])
+        parse_defaults("turbo", [])
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
-    manifest = json.loads((broken / models.MANIFEST_NAME).read_text())
+    manifest = json.loads((broken / MANIFEST_NAME).read_text())
     manifest["defaults"] = {"steps": "many"}
-    (broken / models.MANIFEST_NAME).write_text(json.dumps(manifest))
+    (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="inference defaults are invalid"):
         Engine.load(ModelConfig(path=broken, dtype="fp32", threads=1, cache_dir=tmp_path))
 
 
 def test_job_files_may_ask_for_a_cutoff_and_caching_and_bad_values_fail_the_job(tmp_path: Path) -> None:
-    from inpaintd.errors import JobError
+    from inpaintd.core.errors import JobError
 
     config = config_from_dict({"inference": {"cfg_cutoff": 0.5}})
-    request = jobspec.build_request("a", tmp_path / "a.png", None, {"step_cache": 3}, config,
+    request = build_request("a", tmp_path / "a.png", None, {"step_cache": 3}, config,
                                     model_defaults={"steps": 4})
     assert (request.params.cfg_cutoff, request.params.step_cache, request.params.steps) == (0.5, 3, 4)
     assert request.sources["cfg_cutoff"] == "config" and request.sources["step_cache"] == "job"
     for bad in ({"cfg_cutoff": 1.5}, {"step_cache": 0}, {"step_cache": "often"}):
         with pytest.raises(JobError):
-            jobspec.build_request("a", tmp_path / "a.png", None, bad, config)
+            build_request("a", tmp_path / "a.png", None, bad, config)
 
 
 # ----------------------------------------------------------------------------- draft decoder
@@ -232,14 +250,14 @@ def test_the_draft_decoder_paints_what_diffusers_latents_through_autoencoder_tin
     import torch
     from diffusers import AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
 
-    tiny_vae = testmodels.build_random_tiny_vae(tmp_path / "taesd")
-    manifest = models.prepare_model(tiny_model_raw, tmp_path / "m", dtype="fp32", draft_decoder=tiny_vae)
+    tiny_vae = build_random_tiny_vae(tmp_path / "taesd")
+    manifest = prepare_model(tiny_model_raw, tmp_path / "m", PrepareOptions(dtype="fp32", draft_decoder=tiny_vae))
     assert manifest["extras"]["draft_decoder"]["quality"].startswith("draft")
     engine = Engine.load(ModelConfig(path=tmp_path / "m", dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False))
     assert engine.has_draft_decoder
     params = replace(PARAMS, decoder="draft", steps=3)
     ours = _paint(engine, params)
-    assert engine.runtime_report((64, 64))["decoder"].startswith("draft")
+    assert _ran()["decoder"].startswith("draft")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         str(tiny_model_raw), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -256,16 +274,17 @@ def test_the_draft_decoder_paints_what_diffusers_latents_through_autoencoder_tin
 
 
 def test_a_draft_job_on_a_model_without_a_draft_decoder_fails_with_a_reason(tiny_engine: Engine, tmp_path: Path) -> None:
-    from inpaintd import process
-    from inpaintd.errors import JobError
+    from inpaintd.paint.job import run_job
+    from inpaintd.paint.jobspec import build_request
+    from inpaintd.core.errors import JobError
 
     image, mask = _inputs()
     image.save(tmp_path / "a.png")
     mask.save(tmp_path / "a.mask.png")
     config = config_from_dict({})
-    request = jobspec.build_request("a", tmp_path / "a.png", tmp_path / "a.mask.png", {"decoder": "draft"}, config)
+    request = build_request("a", tmp_path / "a.png", tmp_path / "a.mask.png", {"decoder": "draft"}, config)
     with pytest.raises(JobError) as caught:
-        process.run_job(tiny_engine, request, config)
+        run_job(tiny_engine, request, config)
     assert caught.value.code == "options_invalid" and "--draft-decoder" in str(caught.value)
 
 
@@ -275,7 +294,7 @@ def test_every_scheduler_runs_with_a_cutoff_and_step_caching(tiny_engine: Engine
     with UnetBatches(tiny_engine) as batches:
         out = _paint(tiny_engine, params)
     assert out.shape == (64, 64, 3)
-    report = tiny_engine.runtime_report((64, 64))
+    report = _ran()
     assert report["step_cache"]["method"] == "deepcache"
     guided = report["guidance"]["cfg_steps"]
     assert batches.sizes == [2] * guided + [1] * report["guidance"]["batch1_steps"] and 0 < guided < len(batches.sizes)
@@ -301,6 +320,6 @@ def test_tcd_paints_what_diffusers_paints_with_the_tcd_authors_eta(tiny_model_ra
                    eta=eta, generator=torch.Generator("cpu").manual_seed(params.seed)).images[0]
         return np.asarray(out).astype(int)
 
-    assert engine.runtime_report((64, 64))["eta"] == engine_mod.TCD_ETA == 0.3
-    assert np.abs(ours - reference(engine_mod.TCD_ETA)).max() <= 1
+    assert _ran()["eta"] == TCD_ETA == 0.3
+    assert np.abs(ours - reference(TCD_ETA)).max() <= 1
     assert np.abs(ours - reference(0.0)).max() > 1, "eta makes no difference here: the test proves nothing"

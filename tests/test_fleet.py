@@ -145,7 +145,7 @@ def test_hostile_drops_on_a_shared_inbox_are_recorded_once(fleet: Fleet) -> None
 
 
 def test_device_ids_are_configured_or_from_the_machine_id_and_always_safe_names(tmp_path: Path) -> None:
-    from inpaintd.fleet import device_id
+    from inpaintd.store.fleet import device_id
 
     machine = tmp_path / "machine-id"
     machine.write_text("3d1219c7c4c5aa00bb\n")
@@ -155,7 +155,7 @@ def test_device_ids_are_configured_or_from_the_machine_id_and_always_safe_names(
 
 
 def test_the_dead_are_judged_by_server_mtimes_only() -> None:
-    from inpaintd.fleet import stale_devices
+    from inpaintd.store.fleet import stale_devices
 
     beats = {"a": 1000.0, "b": 1055.0, "c": None}
     assert stale_devices(1061.0, beats, lease=60) == ["a"]
@@ -163,7 +163,7 @@ def test_the_dead_are_judged_by_server_mtimes_only() -> None:
 
 
 def test_each_claim_of_a_dead_device_is_taken_exactly_once(tmp_path: Path) -> None:
-    from inpaintd.fleet import Fleet
+    from inpaintd.store.fleet import Fleet
 
     for device in ("dead", "x", "y"):
         (tmp_path / device / "claimed").mkdir(parents=True)
@@ -180,7 +180,7 @@ def test_each_claim_of_a_dead_device_is_taken_exactly_once(tmp_path: Path) -> No
 
 
 def test_a_device_id_beating_from_another_host_is_refused(tmp_path: Path) -> None:
-    from inpaintd.fleet import Fleet
+    from inpaintd.store.fleet import Fleet
 
     me = Fleet(tmp_path, "shelf", 6, 1)
     me.beat()
@@ -192,8 +192,8 @@ def test_a_device_id_beating_from_another_host_is_refused(tmp_path: Path) -> Non
 
 
 def test_a_heartbeat_slower_than_a_third_of_the_lease_is_a_config_error() -> None:
-    from inpaintd.config import config_from_dict
-    from inpaintd.errors import ConfigError
+    from inpaintd.core.config import config_from_dict
+    from inpaintd.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fleet.heartbeat_seconds"):
         config_from_dict({"fleet": {"enabled": True, "lease_seconds": 10, "heartbeat_seconds": 5}})

@@ -11,19 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inpaintd.config import RoiConfig
-from inpaintd.geometry import (
-    Box,
-    aspect_shapes,
-    blend,
-    bucket_shapes,
-    dilate,
-    feather_alpha,
-    find_regions,
-    latent_mask,
-    own_aspect_size,
-    threshold_mask,
-)
+from inpaintd.core.config import RoiConfig
+from inpaintd.core.masks import Box, blend, dilate, feather_alpha, latent_mask, threshold_mask
+from inpaintd.core.buckets import aspect_shapes, bucket_shapes, own_aspect_size
+from inpaintd.core.regions import find_regions
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,24 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inpaintd.grouping import (
-    AMBIGUOUS,
-    INCOMPLETE,
-    TOO_LARGE,
-    UNSAFE,
-    Hint,
-    Kind,
-    Rules,
-    Seen,
-    Stat,
-    forget_writes,
-    junk_reason,
-    merge_hint,
-    observe,
-    parse_name,
-    plan,
-    with_alpha,
-)
+from inpaintd.intake.grouping import AMBIGUOUS, INCOMPLETE, TOO_LARGE, UNSAFE, Hint, Kind, Rules, Seen, Stat, forget_writes, junk_reason, merge_hint, observe, parse_name, plan, with_alpha
 
 RULES = Rules(settle_seconds=2.0, incomplete_timeout=60.0)
 

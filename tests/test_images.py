@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from inpaintd.errors import JOB_ERROR_CODES, JobError
-from inpaintd.images import encode_image, load_image, load_mask, mask_from_alpha
+from inpaintd.core.errors import JOB_ERROR_CODES, JobError
+from inpaintd.paint.images import encode_image, load_image, load_mask, mask_from_alpha
 
 MAX = 50_000_000
 

@@ -27,12 +27,20 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from daemon_harness import Daemon, Dirs, drop_job, image_bytes, mask_bytes, put, read_status, wait_for
-from inpaintd import boundary, fsutil, grouping, images, jobspec, outbox, quoting
-from inpaintd.config import LimitsConfig, config_from_dict
-from inpaintd.errors import JobError
-from inpaintd.grouping import JobGroup
-from inpaintd.logs import bound_fields
-from inpaintd.status import StatusFile
+from inpaintd.core.boundary import classify
+from inpaintd.core.quoting import LOG_VALUE_CHARS, MESSAGE_CHARS, TRACEBACK_CHARS
+from inpaintd.intake import grouping
+from inpaintd.intake.grouping import DERIVED_SUFFIX_BYTES, Kind, NAME_TOO_LONG, Rules, Seen, Stat, junk_reason
+from inpaintd.paint.images import encode_image, load_image, load_mask, probe_alpha
+from inpaintd.paint.jobspec import build_request, load_job_options
+from inpaintd.store.fsutil import move_entry, rename_distinct
+from inpaintd.store.records import archive_inputs, error_record, fail_claim, record_dir_name
+from inpaintd.store import outbox, records
+from inpaintd.core.config import LimitsConfig, config_from_dict
+from inpaintd.core.errors import JobError
+from inpaintd.intake.grouping import JobGroup
+from inpaintd.service.logs import bound_fields
+from inpaintd.store.status import StatusFile
 
 REPO = Path(__file__).resolve().parents[1]
 DDS_HEADER = b"DDS " + (124).to_bytes(4, "little") + b"\x07\x10\x08\x00" + b"\x40\x00\x00\x00" * 2 + b"\0" * 112
@@ -50,7 +58,7 @@ def png(size=(64, 64), mode="RGB") -> bytes:
 def test_the_alpha_probe_never_raises_on_any_bytes(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "x.png"
     path.write_bytes(data)
-    assert images.probe_alpha(path) in (True, False)
+    assert probe_alpha(path) in (True, False)
 
 
 def test_the_alpha_probe_never_raises_on_what_is_not_a_readable_file(tmp_path: Path) -> None:
@@ -59,9 +67,9 @@ def test_the_alpha_probe_never_raises_on_what_is_not_a_readable_file(tmp_path: P
     (tmp_path / "link.png").symlink_to(tmp_path / "missing.png")
     (tmp_path / "dds.png").write_bytes(DDS_HEADER)
     for name in ("dir.png", "fifo.png", "link.png", "missing.png", "dds.png"):
-        assert images.probe_alpha(tmp_path / name) is False
+        assert probe_alpha(tmp_path / name) is False
     (tmp_path / "alpha.png").write_bytes(png(mode="RGBA"))
-    assert images.probe_alpha(tmp_path / "alpha.png") is True
+    assert probe_alpha(tmp_path / "alpha.png") is True
 
 
 # ---------------------------------------------------------------------------- (2) names
@@ -76,23 +84,23 @@ name_text = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_c
 def test_a_job_is_ready_only_when_every_name_derived_from_it_fits(name: str, name_max: int) -> None:
     seen = {}
     for entry in (f"{name}.png", f"{name}.mask.png"):
-        if len(entry.encode()) > 255 or grouping.junk_reason(entry):
+        if len(entry.encode()) > 255 or junk_reason(entry):
             return
-        seen[entry] = grouping.Seen(grouping.Stat(entry, grouping.Kind.FILE, 10, 1, 1, hash(entry)), 0.0, 0.0)
-    rules = grouping.Rules(settle_seconds=0, incomplete_timeout=60, name_max=name_max)
+        seen[entry] = Seen(Stat(entry, Kind.FILE, 10, 1, 1, hash(entry)), 0.0, 0.0)
+    rules = Rules(settle_seconds=0, incomplete_timeout=60, name_max=name_max)
     plan = grouping.plan(seen, 100.0, rules)
     for job in plan.ready:
         longest = max(len(f"{job.name}-9999.{ext}".encode()) for ext in ("webp", "tiff", "json"))
         assert longest <= name_max
     for rejected in plan.rejected:
-        if rejected.code == grouping.NAME_TOO_LONG:
-            assert len(rejected.name.encode()) + grouping.DERIVED_SUFFIX_BYTES > name_max
+        if rejected.code == NAME_TOO_LONG:
+            assert len(rejected.name.encode()) + DERIVED_SUFFIX_BYTES > name_max
 
 
 @settings(max_examples=300, deadline=None)
 @given(name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=300))
 def test_record_folder_names_always_fit_with_their_distinct_suffix(name: str) -> None:
-    folder = outbox.record_dir_name(name)
+    folder = record_dir_name(name)
     assert len(os.fsencode(folder)) + len("-9999") <= 255
     if len(name.encode()) <= 250:
         assert folder == name
@@ -120,6 +128,8 @@ class CountingEngine:
     def __init__(self, engine) -> None:
         self.engine, self.passes = engine, 0
         self.info = engine.info
+        self.has_draft_decoder = engine.has_draft_decoder
+        self.versions = engine.versions
 
     def inpaint(self, *args, **kwargs):
         self.passes += 1
@@ -139,8 +149,8 @@ def job_config(tmp_path: Path, **limits):
 
 
 def test_a_mask_of_hundreds_of_specks_is_merged_down_to_max_regions(tmp_path: Path, tiny_engine) -> None:
-    from inpaintd.jobspec import build_request
-    from inpaintd.process import run_job
+    from inpaintd.paint.jobspec import build_request
+    from inpaintd.paint.job import run_job
 
     image = write_png(tmp_path / "i.png", np.full((400, 400, 3), 120, dtype=np.uint8))
     mask = write_png(tmp_path / "m.png", dots(400, 16))  # 625 specks
@@ -151,8 +161,8 @@ def test_a_mask_of_hundreds_of_specks_is_merged_down_to_max_regions(tmp_path: Pa
 
 
 def test_far_apart_specks_beyond_max_regions_fail_before_any_model_pass(tmp_path: Path, tiny_engine) -> None:
-    from inpaintd.jobspec import build_request
-    from inpaintd.process import run_job
+    from inpaintd.paint.jobspec import build_request
+    from inpaintd.paint.job import run_job
 
     image = write_png(tmp_path / "i.png", np.full((1000, 1000, 3), 120, dtype=np.uint8))
     mask = write_png(tmp_path / "m.png", dots(1000, 200))  # 25 specks 200 px apart, merge stops at 128
@@ -164,8 +174,8 @@ def test_far_apart_specks_beyond_max_regions_fail_before_any_model_pass(tmp_path
 
 
 def test_regions_times_steps_over_the_budget_fail_before_any_model_pass(tmp_path: Path, tiny_engine) -> None:
-    from inpaintd.jobspec import build_request
-    from inpaintd.process import run_job
+    from inpaintd.paint.jobspec import build_request
+    from inpaintd.paint.job import run_job
 
     image = write_png(tmp_path / "i.png", np.full((64, 64, 3), 120, dtype=np.uint8))
     mask = write_png(tmp_path / "m.png", dots(64, 64))
@@ -180,12 +190,12 @@ def test_regions_times_steps_over_the_budget_fail_before_any_model_pass(tmp_path
 
 
 def service_with_jobs(tmp_path: Path, engine, names, **limits):
-    from inpaintd import service
+    from inpaintd.service.daemon import Service
 
     config = job_config(tmp_path, **limits)
     for key in ("inbox", "outbox", "failed", "archive", "state"):
         getattr(config.paths, key).mkdir(exist_ok=True)
-    svc = service.Service(config, None)
+    svc = Service(config, None)
     svc.spool.open(config.paths.inbox)
     svc.status = StatusFile(config.paths.state)
     svc.engine = engine
@@ -222,7 +232,7 @@ def test_an_aliased_yaml_of_a_few_hundred_bytes_is_refused_before_it_expands(tmp
     path.write_text("\n".join(laughs) + "\n")
     assert len(path.read_bytes()) < 700
     with pytest.raises(JobError) as caught:
-        jobspec.load_job_options(path, LimitsConfig())
+        load_job_options(path, LimitsConfig())
     assert caught.value.code == "prompt_invalid" and "aliases" in caught.value.message
 
 
@@ -238,9 +248,9 @@ def test_job_files_that_would_be_expensive_to_build_are_refused(tmp_path: Path, 
     path = tmp_path / f"j{suffix}"
     path.write_text(text)
     with pytest.raises(JobError) as caught:
-        jobspec.load_job_options(path, LimitsConfig())
+        load_job_options(path, LimitsConfig())
     assert caught.value.code == "prompt_invalid" and why in caught.value.message
-    assert len(caught.value.message) <= quoting.MESSAGE_CHARS
+    assert len(caught.value.message) <= MESSAGE_CHARS
 
 
 @settings(max_examples=100, deadline=None)
@@ -249,18 +259,18 @@ def test_whatever_a_job_file_holds_its_error_record_stays_small(key: str, value)
     config = config_from_dict({})
     for options in ({key: value}, {"steps": value}, {"prompt": value}, {"scheduler": value}):
         try:
-            jobspec.build_request("n", Path("n.png"), None, options, config)
+            build_request("n", Path("n.png"), None, options, config)
         except JobError as exc:
-            record = outbox.error_record(exc, "n")
+            record = error_record(exc, "n")
             assert len(json.dumps(record)) < 64 * 1024
 
 
 def test_log_fields_are_cut_to_a_bounded_size() -> None:
     event = bound_fields(None, "info", {"event": "x", "error": "e" * 10_000_000, "files": list(range(100_000)),
                                         "exception": "t" * 10_000_000})
-    assert len(event["error"]) <= quoting.LOG_VALUE_CHARS
-    assert len(str(event["files"])) <= quoting.LOG_VALUE_CHARS
-    assert len(event["exception"]) <= quoting.TRACEBACK_CHARS
+    assert len(event["error"]) <= LOG_VALUE_CHARS
+    assert len(str(event["files"])) <= LOG_VALUE_CHARS
+    assert len(event["exception"]) <= TRACEBACK_CHARS
 
 
 def test_status_writes_are_rate_limited_and_skipped_when_nothing_changed(tmp_path: Path) -> None:
@@ -287,11 +297,11 @@ FULL_STATE_SCRIPT = textwrap.dedent("""
     import errno, json, os, sys, time
     from pathlib import Path
     root, model = Path(sys.argv[1]), Path(sys.argv[2])
-    from inpaintd import service
-    from inpaintd.config import config_from_dict
-    from inpaintd.engine import Engine
-    from inpaintd.grouping import JobGroup
-    from inpaintd.status import StatusFile
+    from inpaintd.core.config import config_from_dict
+    from inpaintd.engine.engine import Engine
+    from inpaintd.intake.grouping import JobGroup
+    from inpaintd.service.daemon import Service
+    from inpaintd.store.status import StatusFile
     from PIL import Image, ImageDraw
     fs = root / "fs"
     config = config_from_dict({
@@ -301,7 +311,7 @@ FULL_STATE_SCRIPT = textwrap.dedent("""
         "paths": {k: str(fs / k) for k in ("inbox", "outbox", "failed", "archive", "state")}})
     for k in ("inbox", "outbox", "failed", "archive", "state"):
         getattr(config.paths, k).mkdir()
-    svc = service.Service(config, None)
+    svc = Service(config, None)
     svc.spool.open(config.paths.inbox)
     svc.status = StatusFile(config.paths.state)
     svc.engine = Engine.load(config.model)
@@ -400,10 +410,10 @@ def test_a_kill_mid_copy_to_an_archive_on_another_disk_is_finished_by_the_next_a
 
         monkeypatch.setattr(shutil, "copyfileobj", interrupted)
         with pytest.raises(Stop):
-            outbox.archive_inputs(spool, claim, Path(archive), "archive")
+            archive_inputs(spool, claim, Path(archive), "archive")
         monkeypatch.setattr(shutil, "copyfileobj", real)
         again = spool.load(claim.dir)
-        target = outbox.archive_inputs(spool, again, Path(archive), "archive")
+        target = archive_inputs(spool, again, Path(archive), "archive")
         assert target == Path(archive) / "cat"
         assert {p.name: p.read_bytes() for p in target.iterdir()} == originals
         assert os.listdir(archive) == ["cat"] and not claim.dir.exists()
@@ -412,10 +422,10 @@ def test_a_kill_mid_copy_to_an_archive_on_another_disk_is_finished_by_the_next_a
 def test_a_stop_after_a_copy_landed_but_before_its_source_was_removed_keeps_the_copy(tmp_path: Path) -> None:
     (tmp_path / "src").write_bytes(b"data")
     (tmp_path / "dst").write_bytes(b"data")  # renamed into place whole, so complete
-    assert fsutil.move_entry(tmp_path / "src", tmp_path / "dst") == "kept"
+    assert move_entry(tmp_path / "src", tmp_path / "dst") == "kept"
     assert not (tmp_path / "src").exists() and (tmp_path / "dst").read_bytes() == b"data"
     with pytest.raises(FileExistsError):
-        fsutil.move_entry(tmp_path / "gone", tmp_path / "dst")
+        move_entry(tmp_path / "gone", tmp_path / "dst")
 
 
 @pytest.mark.parametrize("after_success", ["delete", "archive"])
@@ -425,9 +435,9 @@ def test_a_stop_before_the_claim_is_dropped_is_finished_not_held(place, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr(spool, "drop", lambda _claim: (_ for _ in ()).throw(Stop()))
         with pytest.raises(Stop):
-            outbox.archive_inputs(spool, claim, root / "archive", after_success)
+            archive_inputs(spool, claim, root / "archive", after_success)
     again = spool.load(claim.dir)
-    outbox.archive_inputs(spool, again, root / "archive", after_success)  # no ENOENT, no hold
+    archive_inputs(spool, again, root / "archive", after_success)  # no ENOENT, no hold
     assert not claim.dir.exists()
     assert os.listdir(root / "archive") == ([] if after_success == "delete" else ["cat"])
 
@@ -436,14 +446,14 @@ def test_a_failure_record_appears_whole_or_not_at_all(place, monkeypatch) -> Non
     root, spool = place
     claim = claimed(place)
     error = JobError("mask_empty", "nothing to repaint")
-    real = fsutil.rename_distinct
+    real = rename_distinct
     with monkeypatch.context() as patch:
-        patch.setattr(outbox, "rename_distinct", lambda *a: (_ for _ in ()).throw(Stop()))
+        patch.setattr(records, "rename_distinct", lambda *a: (_ for _ in ()).throw(Stop()))
         with pytest.raises(Stop):
-            outbox.fail_claim(spool, claim, error, root / "failed", 1.0)
+            fail_claim(spool, claim, error, root / "failed", 1.0)
     assert [n for n in os.listdir(root / "failed") if not n.startswith(".")] == []  # nothing visible yet
     outbox.rename_distinct = real
-    folder = outbox.fail_claim(spool, spool.load(claim.dir), error, root / "failed", 2.0)
+    folder = fail_claim(spool, spool.load(claim.dir), error, root / "failed", 2.0)
     assert os.listdir(root / "failed") == ["cat"] and sorted(os.listdir(folder)) == ["cat.mask.png", "cat.png",
                                                                                       "error.json"]
 
@@ -458,8 +468,8 @@ def test_every_os_error_becomes_a_fail_or_a_hold_of_that_job(errno_: int, where:
     folders = {k: Path(f"/srv/{k}") for k in ("outbox", "failed", "archive", "state", "inbox")}
     inputs = Path("/srv/state/claimed/j/inputs")
     path = {"input": inputs / "a.png", "elsewhere": Path("/x/y")}.get(where, folders.get(where, Path("/")) / "f")
-    verdict = boundary.classify(OSError(errno_, os.strerror(errno_), str(path)), folders, inputs)
-    assert verdict.action in ("fail", "hold") and verdict.code and len(verdict.message) <= quoting.MESSAGE_CHARS
+    verdict = classify(OSError(errno_, os.strerror(errno_), str(path)), folders, inputs)
+    assert verdict.action in ("fail", "hold") and verdict.code and len(verdict.message) <= MESSAGE_CHARS
     if where == "input" and verdict.action == "fail" and verdict.code != "name_too_long":
         assert verdict.code in ("input_unreadable", "internal_error")
     if errno_ == 28 and where != "input":
@@ -469,11 +479,11 @@ def test_every_os_error_becomes_a_fail_or_a_hold_of_that_job(errno_: int, where:
 def test_any_exception_type_is_a_verdict_and_only_keyboard_interrupt_escapes() -> None:
     for exc in (RuntimeError("x"), MemoryError(), RecursionError(), SystemExit(3), ValueError("v" * 10**6),
                 GeneratorExit()):
-        verdict = boundary.classify(exc)
+        verdict = classify(exc)
         assert verdict.action == "fail" and verdict.code == "internal_error"
-        assert len(verdict.message) <= quoting.MESSAGE_CHARS
+        assert len(verdict.message) <= MESSAGE_CHARS
     with pytest.raises(KeyboardInterrupt):
-        boundary.classify(KeyboardInterrupt())
+        classify(KeyboardInterrupt())
 
 
 # ---------------------------------------------------------------------------- live: (1), (2), (8)
@@ -541,7 +551,7 @@ def test_live_hostile_names_and_unreadable_files_never_block_good_jobs_and_are_r
 
 
 def test_inpaintd_status_names_the_held_jobs() -> None:
-    from inpaintd.status import format_status
+    from inpaintd.store.status import format_status
 
     text = format_status({"running": True, "pid": 1, "uptime_seconds": 5, "state": "retrying", "held": ["a", "b"],
                           "health": "outbox folder /o is not usable (Read-only file system), retrying"})
@@ -561,12 +571,12 @@ def test_inpaintd_status_names_the_held_jobs() -> None:
 ])
 def test_option_values_that_crashed_deep_inside_are_refused_up_front(options: dict, code: str) -> None:
     with pytest.raises(JobError) as caught:
-        jobspec.build_request("n", Path("n.png"), None, options, config_from_dict({}))
+        build_request("n", Path("n.png"), None, options, config_from_dict({}))
     assert caught.value.code == code
 
 
 def test_a_config_whose_defaults_make_no_denoising_step_is_refused() -> None:
-    from inpaintd.errors import ConfigError
+    from inpaintd.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="inference.strength"):
         config_from_dict({"inference": {"steps": 1, "strength": 0.5}})
@@ -575,7 +585,7 @@ def test_a_config_whose_defaults_make_no_denoising_step_is_refused() -> None:
 def loaded(tmp_path: Path, data: bytes, name: str = "i.png"):
     path = tmp_path / name
     path.write_bytes(data)
-    return images.load_image(path, 100_000_000)
+    return load_image(path, 100_000_000)
 
 
 def test_results_a_format_cannot_hold_fail_the_job_or_drop_the_metadata_that_does_not_fit(tmp_path: Path) -> None:
@@ -584,11 +594,11 @@ def test_results_a_format_cannot_hold_fail_the_job_or_drop_the_metadata_that_doe
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG", exif=exif.tobytes())
     source = loaded(tmp_path, buffer.getvalue())
-    data, ext = images.encode_image(source.pixels, None, source, "jpg", 90)
+    data, ext = encode_image(source.pixels, None, source, "jpg", 90)
     assert ext == "jpg" and Image.open(io.BytesIO(data)).size == (64, 64)
     wide = loaded(tmp_path, image_bytes((17000, 8), "PNG"), "w.png")
     with pytest.raises(JobError) as caught:
-        images.encode_image(wide.pixels, None, wide, "webp", 90)
+        encode_image(wide.pixels, None, wide, "webp", 90)
     assert caught.value.code == "image_unsupported" and "output_format" in caught.value.message
 
 
@@ -602,7 +612,7 @@ def test_broken_frames_and_unconvertible_mask_modes_are_the_inputs_fault(tmp_pat
     lab = tmp_path / "m.tif"
     Image.new("LAB", (64, 64)).save(lab, format="TIFF")
     with pytest.raises(JobError) as caught:
-        images.load_mask(lab, (64, 64), 100_000_000)
+        load_mask(lab, (64, 64), 100_000_000)
     assert caught.value.code == "mask_unreadable"
 
 
@@ -625,7 +635,7 @@ def test_a_job_folder_nested_a_thousand_deep_is_unsafe_not_a_crash(place) -> Non
                         arrived=1.0)
     assert spool.oversized_inputs(claim, 10) == {"deep/image.png": len(png()), "deep/mask.png": len(mask_bytes())}
     assert "nests folders more than" in spool.unsafe_inputs(claim)["deep"]
-    folder = outbox.fail_claim(spool, claim, JobError("job_unsafe", "deep"), root / "failed", 1.0)
+    folder = fail_claim(spool, claim, JobError("job_unsafe", "deep"), root / "failed", 1.0)
     assert sorted(os.listdir(folder)) == ["d", "error.json", "image.png", "mask.png"]
     # pytest's own clean-up of old temp folders recurses: remove the tree here (rm is iterative).
     subprocess.run(["rm", "-rf", str(folder)], check=True)
@@ -638,7 +648,7 @@ def test_an_input_named_error_json_is_kept_beside_the_record(place) -> None:
     (job / "image.png").write_bytes(png())
     (job / "error.json").write_text('{"my": "own notes"}')
     claim = spool.claim(root / "inbox", JobGroup("notes", "notes/image.png", None, None, ("notes",), "notes", 0), 1.0)
-    folder = outbox.fail_claim(spool, claim, JobError("mask_missing", "no mask"), root / "failed", 1.0)
+    folder = fail_claim(spool, claim, JobError("mask_missing", "no mask"), root / "failed", 1.0)
     record = json.loads((folder / "error.json").read_text())
     assert record["code"] == "mask_missing" and record["renamed_inputs"] == {"error.json": "error.json.input"}
     assert (folder / "error.json.input").read_text() == '{"my": "own notes"}'

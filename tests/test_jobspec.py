@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd.config import BUILTIN_INFERENCE, Config, LimitsConfig
-from inpaintd.errors import JobError
-from inpaintd.jobspec import build_request, load_job_options
+from inpaintd.core.config import BUILTIN_INFERENCE, Config, LimitsConfig
+from inpaintd.core.errors import JobError
+from inpaintd.paint.jobspec import build_request, load_job_options
 
 LIMITS = LimitsConfig()
 

@@ -26,9 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms
 
-from inpaintd import jpeg_lossless, process
-from inpaintd.config import config_from_dict
-from inpaintd.jobspec import build_request
+from inpaintd.paint import job as paint_job
+from inpaintd.paint.jpeg_lossless import carry_markers, metadata_segments, stored_box
+from inpaintd.core.config import config_from_dict
+from inpaintd.paint.jobspec import build_request
 
 JPEGTRAN = shutil.which("jpegtran")
 needs_jpegtran = pytest.mark.skipif(
@@ -79,7 +80,7 @@ def run_job(engine, tmp_path: Path, image_path: Path, display_size: tuple[int, i
     mask_path = tmp_path / "in.mask.png"
     Image.fromarray(mask).save(mask_path)
     request = build_request("in", image_path, mask_path, {"seed": 5, "output_format": output_format}, CONFIG)
-    return process.run_job(engine, request, CONFIG)
+    return paint_job.run_job(engine, request, CONFIG)
 
 
 def painted_blocks(result, orientation: int, stored_size: tuple[int, int], mcu: tuple[int, int]) -> np.ndarray:
@@ -172,7 +173,7 @@ def test_outside_the_painted_mcus_the_jpeg_keeps_its_pixels_coefficients_size_an
             assert jpegtran_crop(original, x, y, w, h) == jpegtran_crop(result.image_bytes, x, y, w, h), (x, y, w, h)
 
     assert abs(len(result.image_bytes) / len(original) - 1) <= 0.03
-    assert jpeg_lossless.metadata_segments(result.image_bytes) == jpeg_lossless.metadata_segments(original)
+    assert metadata_segments(result.image_bytes) == metadata_segments(original)
     with Image.open(io.BytesIO(result.image_bytes)) as out, Image.open(io.BytesIO(original)) as src:
         assert out.getexif()[0x0112] == orientation
         assert out.quantization == src.quantization
@@ -181,7 +182,7 @@ def test_outside_the_painted_mcus_the_jpeg_keeps_its_pixels_coefficients_size_an
 
 def _metadata_kinds(data: bytes) -> set[str]:
     kinds = set()
-    for seg in jpeg_lossless.metadata_segments(data):
+    for seg in metadata_segments(data):
         body = seg[4:]
         kinds.add("exif" if body.startswith(b"Exif") else "icc" if body.startswith(b"ICC_PROFILE") else
                   "xmp" if body.startswith(b"http://ns.adobe.com/xap") else "com" if seg[1] == 0xFE else "other")
@@ -200,7 +201,7 @@ def _sampled_1x2(path: Path) -> None:
     cjpeg = shutil.which("cjpeg")
     coded = subprocess.run([cjpeg, "-quality", "90", "-sample", "1x2,1x1,1x1", str(ppm)], capture_output=True, check=True).stdout
     # Metadata goes in with Pillow's marker writer so the reencode can be checked for it.
-    path.write_bytes(jpeg_lossless.carry_markers(_with_metadata(), coded))
+    path.write_bytes(carry_markers(_with_metadata(), coded))
 
 
 def _with_metadata() -> bytes:
@@ -225,7 +226,7 @@ def test_a_jpeg_the_splice_cannot_keep_exact_is_reencoded_with_its_metadata_and_
     result = run_job(tiny_engine, tmp_path, image_path, (328, 248), (150, 100, 168, 114))
     output = result.sidecar["output"]
     assert output["jpeg_mode"] == "reencoded" and reason in output["jpeg_reason"], output
-    assert jpeg_lossless.metadata_segments(result.image_bytes) == jpeg_lossless.metadata_segments(original)
+    assert metadata_segments(result.image_bytes) == metadata_segments(original)
     assert {"exif", "xmp", "com"} <= _metadata_kinds(result.image_bytes)
 
 
@@ -257,7 +258,7 @@ def test_without_jpegtran_the_jpeg_is_reencoded_and_the_sidecar_says_so(tiny_eng
     result = run_job(tiny_engine, tmp_path, image_path, (96, 80), (40, 30, 50, 40))
     output = result.sidecar["output"]
     assert output["jpeg_mode"] == "reencoded" and "jpegtran not installed" in output["jpeg_reason"]
-    assert jpeg_lossless.metadata_segments(result.image_bytes) == jpeg_lossless.metadata_segments(original)
+    assert metadata_segments(result.image_bytes) == metadata_segments(original)
 
 
 def test_a_png_written_as_jpeg_is_reencoded_with_the_reason(tiny_engine, tmp_path):
@@ -294,7 +295,7 @@ def test_a_display_box_maps_to_the_stored_pixels_pillows_transpose_puts_it_on(or
     if TO_STORED[orientation] is not None:
         image = image.transpose(TO_STORED[orientation])
     stored = np.asarray(image)
-    sx0, sy0, sx1, sy1 = jpeg_lossless.stored_box((x0, y0, x1, y1), orientation, image.size)
+    sx0, sy0, sx1, sy1 = stored_box((x0, y0, x1, y1), orientation, image.size)
     expected = np.zeros_like(stored)
     expected[sy0:sy1, sx0:sx1] = 1
     assert np.array_equal(stored, expected)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inpaintd import checkpoints, keymaps
+from inpaintd.modelprep.checkpoints import build_meta
+from inpaintd.modelprep.keymaps import UNET_PREFIX, VAE_PREFIX, unet_to_ldm
+from inpaintd.testing.single_file import vae_to_original
 
 
 @st.composite
@@ -35,8 +37,8 @@ def unet_configs(draw) -> dict:
 def test_unet_names_for_any_layout_are_the_ones_diffusers_converts(config: dict) -> None:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    state = checkpoints.build_meta("unet", config).state_dict()
-    original = {keymaps.UNET_PREFIX + keymaps.unet_to_ldm(k, config): v for k, v in state.items()}
+    state = build_meta("unet", config).state_dict()
+    original = {UNET_PREFIX + unet_to_ldm(k, config): v for k, v in state.items()}
     assert len(original) == len(state)  # the map is one-to-one
     converted = convert_ldm_unet_checkpoint(original, config)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in state.items()}
@@ -58,8 +60,8 @@ def test_vae_names_for_any_layout_are_the_ones_diffusers_converts(blocks: int, l
         norm_num_groups=4,
         sample_size=32,
     )
-    state = checkpoints.build_meta("vae", config).state_dict()
-    original = checkpoints.vae_to_original(state, config, prefix=keymaps.VAE_PREFIX)
+    state = build_meta("vae", config).state_dict()
+    original = vae_to_original(state, config, prefix=VAE_PREFIX)
     assert len(original) == len(state)
     converted = convert_ldm_vae_checkpoint(original, config)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in state.items()}

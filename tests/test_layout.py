@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from inpaintd import layout, memory
-from inpaintd.config import ModelConfig
-from inpaintd.engine import Engine
-from inpaintd.jobs import InpaintParams
+from inpaintd.engine.channels_last import apply_channels_last, cache_path, conv_weights, folder_identity
+from inpaintd.engine.memory import _file_mappings
+from inpaintd.core.config import ModelConfig
+from inpaintd.engine.engine import Engine
+from inpaintd.core.jobs import InpaintParams
 from test_fastpath import _inputs  # the same small random image and rectangular mask
 
 PARAMS = InpaintParams(prompt="a door", negative_prompt="blurry", scheduler="euler", steps=4, guidance=6.0,
@@ -24,14 +25,14 @@ PARAMS = InpaintParams(prompt="a door", negative_prompt="blurry", scheduler="eul
 
 def _paint(engine: Engine) -> np.ndarray:
     image, mask = _inputs()
-    return np.asarray(engine.inpaint(image, mask, PARAMS)).astype(int)
+    return np.asarray(engine.inpaint(image, mask, PARAMS).image).astype(int)
 
 
 def _mapped_from(tensor: torch.Tensor, path: Path) -> bool:
     """Whether the tensor's bytes lie in this process's mapping of `path`."""
     start = tensor.data_ptr()
     end = start + tensor.untyped_storage().nbytes()
-    return any(lo <= start and end <= hi and name == str(path) for lo, hi, name in memory._file_mappings())
+    return any(lo <= start and end <= hi and name == str(path) for lo, hi, name in _file_mappings())
 
 
 def test_engine_maps_channels_last_weights_from_the_cache_and_paints_the_same_pixels(tiny_model: Path, tmp_path: Path) -> None:
@@ -40,14 +41,14 @@ def test_engine_maps_channels_last_weights_from_the_cache_and_paints_the_same_pi
     assert laid.runtime_report()["channels_last_weights"] == {"unet": "mapped", "vae": "mapped"}
     assert plain.runtime_report()["channels_last_weights"] == "off"
     for component, module in (("unet", laid._eager_unet), ("vae", laid.pipeline.vae)):
-        cache = layout.cache_path(tmp_path, laid.info.model_id, component)
-        convs = layout.conv_weights(module)
+        cache = cache_path(tmp_path, laid.info.model_id, component)
+        convs = conv_weights(module)
         assert convs
         for conv in convs.values():
             assert conv.weight.is_contiguous(memory_format=torch.channels_last)
             assert _mapped_from(conv.weight, cache), "a conv weight is not a view of the cache file"
-    originals = layout.conv_weights(plain._eager_unet)
-    for name, conv in layout.conv_weights(laid._eager_unet).items():
+    originals = conv_weights(plain._eager_unet)
+    for name, conv in conv_weights(laid._eager_unet).items():
         assert torch.equal(conv.weight, originals[name].weight)
     # The same convolutions in another memory order: equal up to float rounding.
     assert np.abs(_paint(laid) - _paint(plain)).max() <= 1
@@ -80,12 +81,12 @@ def test_any_conv_stack_computes_the_same_from_the_mapped_cache(seed: int, chann
     folder = tmp_path_factory.mktemp("layout")
     reference = _net(seed, tuple(channels), kernel).to(dtype)
     net = _net(seed, tuple(channels), kernel).to(dtype)
-    cache = layout.cache_path(folder, "m", "unet")
-    stats = layout.apply_channels_last(net, cache, model_id="m", component="unet")
+    cache = cache_path(folder, "m", "unet")
+    stats = apply_channels_last(net, cache, model_id="m", component="unet")
     assert stats.built and stats.layers == len(channels) - 1
     again = _net(seed, tuple(channels), kernel).to(dtype)
-    assert not layout.apply_channels_last(again, cache, model_id="m", component="unet").built  # mapped, not rebuilt
-    for name, conv in layout.conv_weights(reference).items():
+    assert not apply_channels_last(again, cache, model_id="m", component="unet").built  # mapped, not rebuilt
+    for name, conv in conv_weights(reference).items():
         for candidate in (net, again):
             laid = candidate.get_submodule(name).weight
             assert torch.equal(laid.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
@@ -98,24 +99,24 @@ def test_any_conv_stack_computes_the_same_from_the_mapped_cache(seed: int, chann
 
 
 def test_a_cache_holding_other_weights_or_damaged_is_rebuilt(tmp_path: Path) -> None:
-    cache = layout.cache_path(tmp_path, "same-id", "vae")
-    layout.apply_channels_last(_net(1, (4, 8, 8), 3), cache, model_id="same-id", component="vae")
+    cache = cache_path(tmp_path, "same-id", "vae")
+    apply_channels_last(_net(1, (4, 8, 8), 3), cache, model_id="same-id", component="vae")
     # Another model's weights under the same id (a raw folder changed in place): not trusted.
     other = _net(2, (4, 8, 8), 3)
-    expected = {n: c.weight.clone() for n, c in layout.conv_weights(other).items()}
-    assert layout.apply_channels_last(other, cache, model_id="same-id", component="vae").built
-    for name, conv in layout.conv_weights(other).items():
+    expected = {n: c.weight.clone() for n, c in conv_weights(other).items()}
+    assert apply_channels_last(other, cache, model_id="same-id", component="vae").built
+    for name, conv in conv_weights(other).items():
         assert torch.equal(conv.weight, expected[name])
     # Other shapes, then a truncated file: rebuilt each time, the weights stay the module's own.
-    assert layout.apply_channels_last(_net(2, (4, 8, 8, 8), 3), cache, model_id="same-id", component="vae").built
+    assert apply_channels_last(_net(2, (4, 8, 8, 8), 3), cache, model_id="same-id", component="vae").built
     size = cache.stat().st_size
     with open(cache, "r+b") as handle:
         handle.truncate(size // 2)
     last = _net(3, (4, 8, 8, 8), 3)
-    expected = {n: c.weight.clone() for n, c in layout.conv_weights(last).items()}
-    assert layout.apply_channels_last(last, cache, model_id="same-id", component="vae").built
+    expected = {n: c.weight.clone() for n, c in conv_weights(last).items()}
+    assert apply_channels_last(last, cache, model_id="same-id", component="vae").built
     assert cache.stat().st_size == size
-    for name, conv in layout.conv_weights(last).items():
+    for name, conv in conv_weights(last).items():
         assert torch.equal(conv.weight, expected[name])
     assert not [p for p in os.listdir(cache.parent) if p.startswith(".")], "a temp file was left behind"
 
@@ -127,12 +128,12 @@ def test_a_cache_built_from_other_source_files_is_rebuilt(tmp_path: Path) -> Non
     folder.mkdir()
     weights = folder / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"a" * 64)
-    cache = layout.cache_path(tmp_path / "cache", "raw-id", "unet")
-    first = layout.folder_identity(folder)
-    assert layout.apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=first).built
-    assert not layout.apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=first).built
+    cache = cache_path(tmp_path / "cache", "raw-id", "unet")
+    first = folder_identity(folder)
+    assert apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=first).built
+    assert not apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=first).built
     weights.write_bytes(b"b" * 64)  # same name, same size, rewritten
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    second = layout.folder_identity(folder)
+    second = folder_identity(folder)
     assert second != first
-    assert layout.apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=second).built
+    assert apply_channels_last(_net(4, (3, 6), 3), cache, model_id="raw-id", component="unet", source=second).built

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from inpaintd import logs
+from inpaintd.service.journal import JournaldLogger, NativeJournal, field_name, journal_fields
+from inpaintd.service.logs import adopt_library_loggers, configure_logging
 
 try:
     from systemd import journal as _sd_journal  # type: ignore[import-not-found]  # noqa: F401
@@ -130,9 +131,11 @@ def run_in_namespace(tmp_path: Path, code: str, mode: str = "journald", env: dic
 
 EMIT = """
     import logging, structlog
-    from inpaintd import logs
-    backend = logs.configure_logging("journald", level="debug", journal_prefer={transport!r})
-    print(backend, logs.describe_backends())
+    from inpaintd.service import logs
+    from inpaintd.service.journal import journal_fields
+    from inpaintd.service.logs import configure_logging, describe_backends
+    backend = configure_logging("journald", level="debug", journal_prefer={transport!r})
+    print(backend, describe_backends())
     log = structlog.get_logger("inpaintd.test")
     def job_step():
         log.info("job_done", job="cat", code="ok", seconds=12.3456, regions=2, work_size=[512, 384])
@@ -147,7 +150,7 @@ EMIT = """
     # A field quoting a user value is cut by the logger (quoting.LOG_VALUE_CHARS) ...
     log.info("bounded", job="dog", blob="y" * {big})
     # ... so a record this large only comes from inpaintd itself: the transport must still carry it.
-    logs._state["sender"].sendv(logs.journal_fields({{"event": "big", "level": "info", "job": "cat",
+    logs._state["sender"].sendv(journal_fields({{"event": "big", "level": "info", "job": "cat",
                                                       "blob": "x" * {big}}}))
     logging.getLogger("diffusers.pipelines").warning("a library says %s", "hello")
     print("alive")
@@ -207,8 +210,8 @@ def test_a_stale_journal_socket_never_crashes_and_falls_back_to_stderr_saying_so
 ) -> None:
     code = f"""
         import structlog
-        from inpaintd import logs
-        logs.configure_logging("journald", journal_prefer={transport!r})
+        from inpaintd.service.logs import configure_logging
+        configure_logging("journald", journal_prefer={transport!r})
         log = structlog.get_logger()
         for i in range(3):
             log.info("job_done", job="cat", n=i)
@@ -232,14 +235,14 @@ def test_a_stale_journal_socket_never_crashes_and_falls_back_to_stderr_saying_so
 def test_auto_picks_journald_only_when_stderr_is_the_journal_stream(tmp_path: Path) -> None:
     code = """
         import os, sys
-        from inpaintd import logs
+        from inpaintd.service.logs import configure_logging
         st = os.fstat(2)
         os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        print(logs.configure_logging("auto"))
+        print(configure_logging("auto"))
         os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"  # stderr was redirected elsewhere
-        print(logs.configure_logging("auto"))
+        print(configure_logging("auto"))
         del os.environ["JOURNAL_STREAM"]
-        print(logs.configure_logging("auto"))
+        print(configure_logging("auto"))
     """
     run = run_in_namespace(tmp_path, code)
     assert run.rc == 0, run.stderr
@@ -248,12 +251,12 @@ def test_auto_picks_journald_only_when_stderr_is_the_journal_stream(tmp_path: Pa
 
 def test_auto_without_journal_stream_is_console(monkeypatch) -> None:
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    assert logs.configure_logging("auto", stream=io.StringIO()) == "console"
+    assert configure_logging("auto", stream=io.StringIO()) == "console"
 
 
 def test_json_lines_carry_every_key_and_the_traceback() -> None:
     out = io.StringIO()
-    assert logs.configure_logging("json", stream=out) == "json"
+    assert configure_logging("json", stream=out) == "json"
     log = structlog.get_logger()
     log.info("job_done", job="cat", seconds=1.25)
     log.debug("hidden", job="cat")  # below the level
@@ -272,7 +275,7 @@ def test_console_is_readable_plain_text_off_a_terminal_and_routes_library_logs()
     import logging
 
     out = io.StringIO()
-    assert logs.configure_logging("console", level="info", stream=out) == "console"
+    assert configure_logging("console", level="info", stream=out) == "console"
     structlog.get_logger().info("job_done", job="cat", seconds=1.5)
     logging.getLogger("some.library").warning("careful")
     logging.getLogger("some.library").info("chatter")  # libraries stay at WARNING
@@ -287,9 +290,9 @@ def test_hf_libraries_that_stop_propagation_are_adopted_into_the_pipeline() -> N
 
     hf_logging.get_logger("transformers.test")  # the library configures itself: own handler, no propagation
     out = io.StringIO()
-    logs.configure_logging("json", stream=out)
-    assert "transformers" in logs.adopt_library_loggers()
-    # inpaintd.models defaults TRANSFORMERS_VERBOSITY to "error" (torchvision noise at import),
+    configure_logging("json", stream=out)
+    assert "transformers" in adopt_library_loggers()
+    # importing inpaintd defaults TRANSFORMERS_VERBOSITY to "error" (torchvision noise at import),
     # so an error is what reaches the pipeline by default.
     hf_logging.get_logger("transformers.test").error("a model error")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -304,14 +307,14 @@ def test_console_uses_colour_on_a_terminal(monkeypatch) -> None:
             return True
 
     out = Tty()
-    logs.configure_logging("console", stream=out)
+    configure_logging("console", stream=out)
     structlog.get_logger().warning("outbox_not_writable", job="cat")
     assert "\x1b[" in out.getvalue()
 
 
 def test_journal_fields_name_mapping_and_priorities() -> None:
     fields = dict(
-        logs.journal_fields(
+        journal_fields(
             {"event": "job_done", "level": "critical", "job": "a b", "weird-key.x": 1, "none": None, "_private": 1}
         )
     )
@@ -320,11 +323,11 @@ def test_journal_fields_name_mapping_and_priorities() -> None:
     assert fields["INPAINTD_WEIRD_KEY_X"] == b"1"
     assert "INPAINTD_NONE" not in fields and "INPAINTD__PRIVATE" not in fields
     assert fields["MESSAGE"] == b'job_done job="a b" weird-key.x=1 none=None'
-    assert len(logs.field_name("k" * 200)) == 64
+    assert len(field_name("k" * 200)) == 64
 
 
 def test_native_encoding_uses_the_binary_form_for_values_with_newlines() -> None:
-    data = logs.NativeJournal.encode([("MESSAGE", b"one"), ("TRACEBACK", b"a\nb")])
+    data = NativeJournal.encode([("MESSAGE", b"one"), ("TRACEBACK", b"a\nb")])
     assert data == b"MESSAGE=one\nTRACEBACK\n" + (3).to_bytes(8, "little") + b"a\nb\n"
 
 
@@ -341,7 +344,7 @@ def test_a_failing_transport_falls_back_and_recovers_without_raising() -> None:
 
     out = io.StringIO()
     sender = Flaky()
-    logger = logs.JournaldLogger(sender, "test", fallback=out)
+    logger = JournaldLogger(sender, "test", fallback=out)
     logger.msg({"event": "a", "level": "info", "job": "cat"})
     logger.msg({"event": "b", "level": "error", "job": "cat"})
     sender.fail = False
@@ -354,15 +357,15 @@ def test_a_failing_transport_falls_back_and_recovers_without_raising() -> None:
 
 def test_bad_format_or_level_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="console"):
-        logs.configure_logging("xml")
+        configure_logging("xml")
     with pytest.raises(ValueError, match="debug"):
-        logs.configure_logging("console", level="loud")
+        configure_logging("console", level="loud")
 
 
 @pytest.fixture(autouse=True)
 def _restore_logging():
     yield
-    logs.configure_logging("console", stream=sys.stderr)
+    configure_logging("console", stream=sys.stderr)
 
 
 DAEMON_RUN = """

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from inpaintd import lora, models, testmodels
-from inpaintd.errors import ModelError
+from inpaintd.core.digest import sha256_file
+from inpaintd.modelprep.lora import LoraSpec, plan
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.testing.lora import TEXT_ENCODER_LORA_TARGETS, build_random_lora
+from inpaintd.core.errors import ModelError
 
 
 def _inputs():
@@ -28,12 +31,12 @@ def _inputs():
 
 
 def _ours(model: Path, tmp_path: Path, params) -> np.ndarray:  # type: ignore[no-untyped-def]
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
 
     engine = Engine.load(ModelConfig(path=model, dtype="fp32", threads=1, cache_dir=tmp_path / "cache", channels_last=False))
     image, mask = _inputs()
-    return np.asarray(engine.inpaint(image, mask, params)).astype(int)
+    return np.asarray(engine.inpaint(image, mask, params).image).astype(int)
 
 
 def _diffusers(raw: Path, params, lora_file: Path | None, scale: float) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -63,12 +66,12 @@ def test_a_model_prepared_with_a_lora_paints_what_diffusers_fuse_lora_paints(
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (the test extra installs it)")
     from safetensors.torch import load_file, save_file
 
-    from inpaintd.jobs import InpaintParams
+    from inpaintd.core.jobs import InpaintParams
 
     # alpha != rank and a scale != 1, on UNet and text encoder layers (linear, 1x1 and 3x3 convs).
-    lora_file = testmodels.build_random_lora(
+    lora_file = build_random_lora(
         tiny_model_raw, tmp_path / f"{layout}.safetensors", rank=4, alpha=2.0, layout=layout.split("-")[0],
-        text_encoder_targets=testmodels.TEXT_ENCODER_LORA_TARGETS, strength=1.0, dtype="fp32",
+        text_encoder_targets=TEXT_ENCODER_LORA_TARGETS, strength=1.0, dtype="fp32",
     )
     if layout == "kohya-mixed-alphas":
         # Some layers with another alpha, some with none: diffusers gives those the most common
@@ -84,7 +87,7 @@ def test_a_model_prepared_with_a_lora_paints_what_diffusers_fuse_lora_paints(
             del tensors[k]
         save_file(tensors, str(lora_file))
     scale = 0.7
-    manifest = models.prepare_model(tiny_model_raw, tmp_path / "fused", dtype="fp32", loras=[f"{lora_file}:{scale}"])
+    manifest = prepare_model(tiny_model_raw, tmp_path / "fused", PrepareOptions(dtype="fp32", loras=[f"{lora_file}:{scale}"]))
     params = InpaintParams(prompt="a window", negative_prompt="dark", scheduler="ddim", steps=3, guidance=6.0, strength=1.0, seed=9)
     ours = _ours(tmp_path / "fused", tmp_path, params)
     reference = _diffusers(tiny_model_raw, params, lora_file, scale)
@@ -93,7 +96,7 @@ def test_a_model_prepared_with_a_lora_paints_what_diffusers_fuse_lora_paints(
     assert np.abs(ours - reference).max() <= 1
     [record] = manifest["loras"]
     assert record["file"] == lora_file.name and record["scale"] == scale and record["layout"] == layout.split("-")[0]
-    assert record["sha256"] == models.sha256_file(lora_file)
+    assert record["sha256"] == sha256_file(lora_file).sha256
     assert record["layers"]["unet"] > 0 and record["layers"]["text_encoder"] > 0
     assert "down_blocks.0.resnets.0.conv1.weight" in record["keys"]["unet"]
     assert any(k.endswith("self_attn.q_proj.weight") for k in record["keys"]["text_encoder"])
@@ -105,10 +108,10 @@ def test_fused_weights_are_the_base_plus_the_scaled_update_and_untouched_tensors
     # Two LoRAs on overlapping layers add up; every tensor no LoRA names is copied exactly.
     from safetensors.torch import load_file
 
-    a = testmodels.build_random_lora(tiny_model_raw, tmp_path / "a.safetensors", rank=3, alpha=6.0, dtype="fp32", seed=1)
-    b = testmodels.build_random_lora(tiny_model_raw, tmp_path / "b.safetensors", rank=2, alpha=None, layout="peft",
+    a = build_random_lora(tiny_model_raw, tmp_path / "a.safetensors", rank=3, alpha=6.0, dtype="fp32", seed=1)
+    b = build_random_lora(tiny_model_raw, tmp_path / "b.safetensors", rank=2, alpha=None, layout="peft",
                                      unet_targets=("to_q", "conv1"), dtype="fp32", seed=2)
-    models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", loras=[f"{a}:0.5", f"{b}:-1.5"])
+    prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", loras=[f"{a}:0.5", f"{b}:-1.5"]))
     base = load_file(str(tiny_model_raw / "unet" / "diffusion_pytorch_model.safetensors"))
     fused = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
     la, lb = load_file(str(a)), load_file(str(b))
@@ -135,7 +138,7 @@ def test_fused_weights_are_the_base_plus_the_scaled_update_and_untouched_tensors
 
 
 def test_check_and_the_sidecar_report_the_fused_lora(tiny_model_raw: Path, tmp_path: Path) -> None:
-    lora_file = testmodels.build_random_lora(tiny_model_raw, tmp_path / "lcm.safetensors", rank=4, dtype="fp16")
+    lora_file = build_random_lora(tiny_model_raw, tmp_path / "lcm.safetensors", rank=4, dtype="fp16")
     out = subprocess.run(
         [sys.executable, "-m", "inpaintd", "prepare-model", str(tiny_model_raw), str(tmp_path / "m"), "--dtype", "fp32",
          "--lora", f"{lora_file}:0.9"], capture_output=True, text=True)
@@ -144,7 +147,6 @@ def test_check_and_the_sidecar_report_the_fused_lora(tiny_model_raw: Path, tmp_p
     check = subprocess.run([sys.executable, "-m", "inpaintd", "check", str(tmp_path / "m")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "LoRAs fused   lcm.safetensors x0.9 (kohya, rank" in check.stdout
-    from PIL import Image
 
     image, mask = _inputs()
     image.save(tmp_path / "in.png")
@@ -155,7 +157,7 @@ def test_check_and_the_sidecar_report_the_fused_lora(tiny_model_raw: Path, tmp_p
     assert run.returncode == 0, run.stdout + run.stderr
     sidecar = json.loads((tmp_path / "out.json").read_text())
     [record] = sidecar["model"]["loras"]
-    assert record["file"] == "lcm.safetensors" and record["scale"] == 0.9 and record["sha256"] == models.sha256_file(lora_file)
+    assert record["file"] == "lcm.safetensors" and record["scale"] == 0.9 and record["sha256"] == sha256_file(lora_file).sha256
 
 
 def _mutations(header_keys: list[str], rng: random.Random):  # type: ignore[no-untyped-def]
@@ -181,7 +183,7 @@ def test_a_lora_that_does_not_fit_is_refused_with_its_keys_and_leaves_no_destina
     # never another exception, never a destination or temp folder left behind.
     from safetensors.torch import load_file, save_file
 
-    good = testmodels.build_random_lora(tiny_model_raw, tmp_path / "good.safetensors", rank=4, dtype="fp32")
+    good = build_random_lora(tiny_model_raw, tmp_path / "good.safetensors", rank=4, dtype="fp32")
     tensors = load_file(str(good))
     rng = random.Random(14)
     refused = 0
@@ -191,7 +193,7 @@ def test_a_lora_that_does_not_fit_is_refused_with_its_keys_and_leaves_no_destina
         save_file(mutate(tensors), str(bad))
         dst = tmp_path / f"out{i}"
         try:
-            models.prepare_model(tiny_model_raw, dst, dtype="fp32", loras=[str(bad)])
+            prepare_model(tiny_model_raw, dst, PrepareOptions(dtype="fp32", loras=[str(bad)]))
         except ModelError as exc:
             refused += 1
             assert bad.name in str(exc), (what, str(exc))
@@ -205,7 +207,7 @@ def test_a_lora_that_does_not_fit_is_refused_with_its_keys_and_leaves_no_destina
     ldm = {k.replace("lora_unet_down_blocks_", "lora_unet_input_blocks_"): v for k, v in tensors.items()}
     save_file(ldm, str(tmp_path / "ldm.safetensors"))
     with pytest.raises(ModelError, match=r"ldm.safetensors does not match this model.*lora_unet_input_blocks_"):
-        models.prepare_model(tiny_model_raw, tmp_path / "x", dtype="fp32", loras=[str(tmp_path / "ldm.safetensors")])
+        prepare_model(tiny_model_raw, tmp_path / "x", PrepareOptions(dtype="fp32", loras=[str(tmp_path / "ldm.safetensors")]))
     assert not (tmp_path / "x").exists()
 
 
@@ -213,17 +215,17 @@ def test_only_safetensors_loras_are_read_and_the_scale_is_a_number(tmp_path: Pat
     pickle = tmp_path / "lora.pt"
     torch.save({"a": torch.zeros(1)}, pickle)
     with pytest.raises(ModelError, match="only .safetensors"):
-        lora.plan(lora.LoraSpec(pickle), {})
-    assert lora.LoraSpec.parse("x.safetensors:0.25") == lora.LoraSpec(Path("x.safetensors"), 0.25)
-    assert lora.LoraSpec.parse("x.safetensors") == lora.LoraSpec(Path("x.safetensors"), 1.0)
+        plan(LoraSpec(pickle), {})
+    assert LoraSpec.parse("x.safetensors:0.25") == LoraSpec(Path("x.safetensors"), 0.25)
+    assert LoraSpec.parse("x.safetensors") == LoraSpec(Path("x.safetensors"), 1.0)
     with pytest.raises(ModelError, match="must be a number"):
-        lora.LoraSpec.parse("x.safetensors:strong")
+        LoraSpec.parse("x.safetensors:strong")
 
 
 def _lora_with(tmp_path: Path, model: Path, name: str, change, metadata: dict | None = None) -> Path:  # type: ignore[no-untyped-def]
     from safetensors.torch import load_file, save_file
 
-    good = testmodels.build_random_lora(model, tmp_path / f"{name}-good.safetensors", rank=2, dtype="fp32",
+    good = build_random_lora(model, tmp_path / f"{name}-good.safetensors", rank=2, dtype="fp32",
                                         unet_targets=("to_q", "conv1"))
     tensors = change(load_file(str(good)))
     out = tmp_path / f"{name}.safetensors"
@@ -264,11 +266,11 @@ def test_malformed_loras_are_refused_with_a_model_error(tiny_model_raw: Path, tm
     change, metadata = changes[case]
     bad = _lora_with(tmp_path, tiny_model_raw, case, change, metadata)
     with pytest.raises(ModelError, match=bad.name):
-        models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", loras=[str(bad)])
+        prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", loras=[str(bad)]))
     assert not (tmp_path / "out").exists()
 
 
 def test_a_model_cannot_default_to_a_draft_decoder_it_does_not_have(tiny_model_raw: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="draft decoder"):
-        models.prepare_model(tiny_model_raw, tmp_path / "out", dtype="fp32", defaults={"decoder": "draft"})
+        prepare_model(tiny_model_raw, tmp_path / "out", PrepareOptions(dtype="fp32", defaults={"decoder": "draft"}))
     assert not (tmp_path / "out").exists()

@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaintd import memory, quant
-from inpaintd.config import ModelConfig
-from inpaintd.engine import Engine
-from inpaintd.jobs import InpaintParams
+from inpaintd.engine.memory import cgroup_limit_bytes, malloc_trim, mem_total_bytes, memory_limit_bytes, release_file_pages
+from inpaintd.engine.quant import Int8Conv2d, Int8Linear, quantize_module, write_quantized
+from inpaintd.engine import memory
+from inpaintd.core.config import ModelConfig
+from inpaintd.engine.engine import Engine
+from inpaintd.core.jobs import InpaintParams
 
 
 def _mountinfo(v2: Path | None = None, v1_memory: Path | None = None) -> str:
@@ -35,7 +37,7 @@ def test_cgroup_v2_limit_is_the_tightest_max_or_high_on_the_path(tmp_path: Path)
     (leaf / "memory.max").write_text("3758096384\n")
     (leaf / "memory.high").write_text("max\n")
     (tmp_path / "system.slice" / "memory.max").write_text("2147483648\n")
-    limit = memory.cgroup_limit_bytes("0::/system.slice/inpaintd.service\n", _mountinfo(v2=tmp_path))
+    limit = cgroup_limit_bytes("0::/system.slice/inpaintd.service\n", _mountinfo(v2=tmp_path))
     assert limit == 2 * 2**30
 
 
@@ -44,21 +46,21 @@ def test_cgroup_v1_unlimited_counts_as_no_limit(tmp_path: Path) -> None:
     leaf.mkdir()
     (leaf / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     (tmp_path / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert memory.cgroup_limit_bytes("4:memory:/box\n", _mountinfo(v1_memory=tmp_path)) is None
+    assert cgroup_limit_bytes("4:memory:/box\n", _mountinfo(v1_memory=tmp_path)) is None
     (leaf / "memory.limit_in_bytes").write_text(str(1536 * 2**20))
-    assert memory.cgroup_limit_bytes("4:memory:/box\n", _mountinfo(v1_memory=tmp_path)) == 1536 * 2**20
+    assert cgroup_limit_bytes("4:memory:/box\n", _mountinfo(v1_memory=tmp_path)) == 1536 * 2**20
 
 
 def test_memory_limit_is_never_above_ram_and_trim_never_raises() -> None:
-    limit = memory.memory_limit_bytes()
-    total = memory.mem_total_bytes()
+    limit = memory_limit_bytes()
+    total = mem_total_bytes()
     assert limit is not None and total is not None and 0 < limit <= total
-    assert memory.malloc_trim() in (True, False)
+    assert malloc_trim() in (True, False)
 
 
 TRIM_PROBE = """
 import json
-from inpaintd import memory
+from inpaintd.engine import memory
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -98,13 +100,13 @@ def test_int8_layers_stay_close_to_the_float_layers() -> None:
     h = torch.randn(5, 256)
     ref, ref_h = net(x), head(h)
     holder = torch.nn.Sequential(head)
-    quant.quantize_module(net, torch.float32, min_params=1)
-    quant.quantize_module(holder, torch.float32, min_params=1)
+    quantize_module(net, torch.float32, min_params=1)
+    quantize_module(holder, torch.float32, min_params=1)
     with torch.inference_mode():
         out = net(x.contiguous(memory_format=torch.channels_last))
         out_h = holder(h)
-    assert isinstance(net[0], quant.Int8Conv2d) and isinstance(net[2], quant.Int8Conv2d)
-    assert isinstance(holder[0], quant.Int8Linear)
+    assert isinstance(net[0], Int8Conv2d) and isinstance(net[2], Int8Conv2d)
+    assert isinstance(holder[0], Int8Linear)
     assert (out - ref).abs().max() / ref.abs().max() < 0.03
     assert (out_h - ref_h).abs().max() / ref_h.abs().max() < 0.03
 
@@ -113,7 +115,7 @@ def test_cache_file_is_valid_safetensors_with_aligned_float_tensors(tmp_path: Pa
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(257, 513), torch.nn.Conv2d(63, 129, 3, padding=1)).to(torch.bfloat16)
     path = tmp_path / "q.safetensors"
-    assert quant.write_quantized(net, path, model_id="m", min_params=1) == 2
+    assert write_quantized(net, path, model_id="m", min_params=1) == 2
     raw = path.read_bytes()
     (size,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + size])
@@ -150,10 +152,10 @@ def test_engine_int8_on_builds_the_cache_once_and_paints(tiny_model: Path, tmp_p
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     image, mask = _inputs()
-    first = np.asarray(engine.inpaint(image, mask, params))
+    first = np.asarray(engine.inpaint(image, mask, params).image)
     again = Engine.load(config)  # loads the cache, does not rebuild it
     assert cached[0].stat().st_mtime_ns == stamp
-    assert np.array_equal(first, np.asarray(again.inpaint(image, mask, params)))
+    assert np.array_equal(first, np.asarray(again.inpaint(image, mask, params).image))
 
 
 def test_engine_int8_auto_follows_the_memory_limit(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +178,7 @@ def test_a_damaged_cache_is_rebuilt(tiny_model: Path, tmp_path: Path, params: In
     engine = Engine.load(config)
     assert cached.stat().st_size > 100
     image, mask = _inputs()
-    assert engine.inpaint(image, mask, params).size == (64, 64)
+    assert engine.inpaint(image, mask, params).image.size == (64, 64)
 
 
 def _rss_file() -> int:
@@ -195,20 +197,20 @@ def test_release_drops_mapped_weight_pages_and_never_touches_anonymous_memory(tm
     assert float(mapped.sum()) > 0  # fault every page in
     before = _rss_file()
     storage = mapped.untyped_storage()
-    released = memory.release_file_pages([(storage.data_ptr(), storage.nbytes())])
+    released = release_file_pages([(storage.data_ptr(), storage.nbytes())])
     assert released > 15 * 2**20
     assert _rss_file() < before - 8 * 2**20
     assert torch.equal(mapped[:5], torch.arange(5, dtype=torch.float32))  # faults back from the file
 
     anon = torch.ones(4 * 2**20 // 4)
-    assert memory.release_file_pages([(anon.untyped_storage().data_ptr(), anon.untyped_storage().nbytes())]) == 0
+    assert release_file_pages([(anon.untyped_storage().data_ptr(), anon.untyped_storage().nbytes())]) == 0
     assert float(anon.sum()) == anon.numel()
 
 
 def test_engine_releases_the_text_encoder_after_a_new_prompt(tiny_model: Path, tmp_path: Path, params: InpaintParams) -> None:
     engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, cache_dir=tmp_path))
     image, mask = _inputs()
-    first = np.asarray(engine.inpaint(image, mask, params))
+    first = np.asarray(engine.inpaint(image, mask, params).image)
     assert engine.runtime_report()["text_encoder_released_mib"] >= 0
     engine._embeddings.clear()  # force a second encode through the released pages
-    assert np.array_equal(first, np.asarray(engine.inpaint(image, mask, params)))
+    assert np.array_equal(first, np.asarray(engine.inpaint(image, mask, params).image))

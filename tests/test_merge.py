@@ -11,14 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from inpaintd import cli, merge, models, testmodels
-from inpaintd.errors import ModelError
+from inpaintd import cli
+from inpaintd.modelprep.check import check_model
+from inpaintd.modelprep.merge import merge_state
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.testing.models import build_random_model
+from inpaintd.testing.single_file import write_single_file
+from inpaintd.weights.folder import WEIGHT_COMPONENTS, read_manifest
+from inpaintd.core.errors import ModelError
 
 
 @pytest.fixture(scope="module")
 def base_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Same 4-channel architecture as tiny_sd15_raw (the "custom" model), other random weights.
-    return testmodels.build_random_model("tiny-sd15", tmp_path_factory.mktemp("base") / "raw", seed=99)
+    return build_random_model("tiny-sd15", tmp_path_factory.mktemp("base") / "raw", seed=99)
 
 
 def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
@@ -31,13 +37,13 @@ def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
 def test_the_merge_is_inpainting_plus_custom_minus_base(
     tiny_sd15_raw: Path, tiny_model_raw: Path, base_raw: Path, tmp_path: Path
 ) -> None:
-    manifest = models.prepare_model(
-        tiny_sd15_raw, tmp_path / "out", dtype="fp32", make_inpainting=(tiny_model_raw, base_raw)
+    manifest = prepare_model(
+        tiny_sd15_raw, tmp_path / "out", PrepareOptions(dtype="fp32", make_inpainting=(tiny_model_raw, base_raw))
     )
     assert manifest["architecture"]["unet_in_channels"] == 9
     assert manifest["origin"]["format"] == "add-difference" and manifest["random_weights"] is True
-    assert models.check_model(tmp_path / "out") == []
-    for component in models.WEIGHT_COMPONENTS:
+    assert check_model(tmp_path / "out") == []
+    for component in WEIGHT_COMPONENTS:
         custom, inpainting, base = (weights(f, component) for f in (tiny_sd15_raw, tiny_model_raw, base_raw))
         merged = weights(tmp_path / "out", component)
         assert merged.keys() == inpainting.keys()
@@ -60,7 +66,7 @@ def test_merging_a_model_with_itself_as_base_gives_the_inpainting_model(shape: t
     generator = torch.Generator().manual_seed(seed)
     custom = {"w": torch.randn(shape, generator=generator)}
     inpainting = {"w": torch.randn(shape, generator=generator)}
-    merged = merge.merge_state(custom, inpainting, dict(custom), "vae")
+    merged = merge_state(custom, inpainting, dict(custom), "vae")
     assert torch.equal(merged["w"], inpainting["w"])  # custom - custom is exactly 0
 
 
@@ -71,7 +77,7 @@ def test_conv_in_keeps_the_inpainting_models_extra_channels(seed: int, extra: in
     custom = {"conv_in.weight": torch.randn(8, 4, 3, 3, generator=generator)}
     base = {"conv_in.weight": torch.randn(8, 4, 3, 3, generator=generator)}
     inpainting = {"conv_in.weight": torch.randn(8, 4 + extra, 3, 3, generator=generator)}
-    merged = merge.merge_state(custom, inpainting, base, "unet")["conv_in.weight"]
+    merged = merge_state(custom, inpainting, base, "unet")["conv_in.weight"]
     assert torch.equal(merged[:, 4:], inpainting["conv_in.weight"][:, 4:])
     assert torch.equal(merged[:, :4], inpainting["conv_in.weight"][:, :4] + (custom["conv_in.weight"] - base["conv_in.weight"]))
 
@@ -79,16 +85,16 @@ def test_conv_in_keeps_the_inpainting_models_extra_channels(seed: int, extra: in
 def test_a_single_file_custom_model_merges_like_its_folder(
     tiny_sd15_raw: Path, tiny_model_raw: Path, base_raw: Path, tmp_path: Path
 ) -> None:
-    f = testmodels.write_single_file(tiny_sd15_raw, tmp_path / "custom.safetensors", dtype=torch.float16)
-    models.prepare_model(
-        f, tmp_path / "from-file", dtype="fp32", config_dir=tiny_sd15_raw, make_inpainting=(tiny_model_raw, base_raw)
+    f = write_single_file(tiny_sd15_raw, tmp_path / "custom.safetensors", dtype=torch.float16)
+    prepare_model(
+        f, tmp_path / "from-file", PrepareOptions(dtype="fp32", config_dir=tiny_sd15_raw, make_inpainting=(tiny_model_raw, base_raw))
     )
     half = tmp_path / "half"
-    models.prepare_model(tiny_sd15_raw, half, dtype="fp32")
+    prepare_model(tiny_sd15_raw, half, PrepareOptions(dtype="fp32"))
     # The file holds fp16 values: merging it equals merging the folder rounded to fp16.
-    for component in models.WEIGHT_COMPONENTS:
+    for component in WEIGHT_COMPONENTS:
         custom = {k: v.half().float() for k, v in weights(tiny_sd15_raw, component).items()}
-        expected = merge.merge_state(custom, weights(tiny_model_raw, component), weights(base_raw, component), component)
+        expected = merge_state(custom, weights(tiny_model_raw, component), weights(base_raw, component), component)
         merged = weights(tmp_path / "from-file", component)
         assert expected.keys() == merged.keys()
         assert all(torch.equal(expected[k], merged[k]) for k in expected), component
@@ -97,17 +103,17 @@ def test_a_single_file_custom_model_merges_like_its_folder(
 def test_the_merged_model_paints(tiny_sd15_raw: Path, tiny_model_raw: Path, base_raw: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from inpaintd.config import ModelConfig
-    from inpaintd.engine import Engine
-    from inpaintd.jobs import InpaintParams
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.engine.engine import Engine
+    from inpaintd.core.jobs import InpaintParams
 
-    models.prepare_model(tiny_sd15_raw, tmp_path / "out", dtype="fp32", make_inpainting=(tiny_model_raw, base_raw))
+    prepare_model(tiny_sd15_raw, tmp_path / "out", PrepareOptions(dtype="fp32", make_inpainting=(tiny_model_raw, base_raw)))
     engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path))
     assert engine.info.unet_in_channels == 9 and engine.info.random_weights is True
     image = Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8))
     mask = Image.fromarray(np.pad(np.full((32, 32), 255, dtype=np.uint8), 16))
     params = InpaintParams(prompt="x", negative_prompt="", scheduler="ddim", steps=2, guidance=7.5, strength=1.0, seed=1)
-    assert engine.inpaint(image, mask, params).size == (64, 64)
+    assert engine.inpaint(image, mask, params).image.size == (64, 64)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +147,7 @@ def test_wrong_roles_are_refused_and_leave_nothing(
         folders["sd2"] = sd2_t2i
     custom, inpainting, base = (folders[r] for r in roles)
     with pytest.raises(ModelError, match=message):
-        models.prepare_model(custom, tmp_path / "out", make_inpainting=(inpainting, base))
+        prepare_model(custom, tmp_path / "out", PrepareOptions(make_inpainting=(inpainting, base)))
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
@@ -153,21 +159,23 @@ def test_the_cli_flags(tiny_sd15_raw: Path, tiny_model_raw: Path, base_raw: Path
     assert "needs --inpainting-base and --base" in capsys.readouterr().err
     assert cli.main(["prepare-model", str(tiny_sd15_raw), str(out), "--base", str(base_raw)]) == cli.EXIT_USAGE
     assert cli.main(argv + ["--inpainting-base", str(tiny_model_raw), "--base", str(base_raw)]) == 0
-    assert models.read_manifest(out)["architecture"]["unet_in_channels"] == 9
+    assert read_manifest(out)["architecture"]["unet_in_channels"] == 9
 
 
 def test_the_merge_at_the_real_sd15_shapes_gives_the_inpainting_models_tensors() -> None:
     # Meta tensors: SD-1.5 (4-channel) and SD-1.5-inpainting's exact shapes, no memory.
     import json
 
-    from inpaintd import checkpoints
+    from inpaintd.modelprep.checkpoints import CONFIGS_DIR, build_meta
+    from inpaintd.modelprep.merge import merge_state
+    from inpaintd.weights.folder import WEIGHT_COMPONENTS
 
-    for component in models.WEIGHT_COMPONENTS:
+    for component in WEIGHT_COMPONENTS:
         configs = {
-            kind: json.loads((checkpoints.CONFIGS_DIR / kind / component / "config.json").read_text())
+            kind: json.loads((CONFIGS_DIR / kind / component / "config.json").read_text())
             for kind in ("sd15", "sd15-inpaint")
         }
-        custom = checkpoints.build_meta(component, configs["sd15"]).state_dict()
-        inpainting = checkpoints.build_meta(component, configs["sd15-inpaint"]).state_dict()
-        merged = merge.merge_state(custom, inpainting, dict(custom), component)
+        custom = build_meta(component, configs["sd15"]).state_dict()
+        inpainting = build_meta(component, configs["sd15-inpaint"]).state_dict()
+        merged = merge_state(custom, inpainting, dict(custom), component)
         assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in inpainting.items()}

@@ -11,12 +11,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inpaintd import models, testmodels
-from inpaintd.errors import ModelError
+from inpaintd.core.digest import sha256_file
+from inpaintd.demo.model import ensure_embedded_model
+from inpaintd.modelprep.check import check_model
+from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+from inpaintd.modelprep.tokenizer import tokenizer_vocab
+from inpaintd.testing.models import build_random_model
+from inpaintd.weights.folder import MANIFEST_NAME, MANIFEST_SCHEMA, RANDOM_MARKER, SOURCE_FILE, inspect_model, read_manifest
+from inpaintd.testing import models as testmodels
+from inpaintd.core.errors import ModelError
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): models.sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): sha256_file(p).sha256 for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _tensor_dtypes(folder: Path) -> set[torch.dtype]:
@@ -43,8 +50,8 @@ def test_generated_folder_loads_with_from_pretrained_offline(tiny_model_raw: Pat
 
 
 def test_generated_folder_is_labelled_random(tiny_model_raw: Path) -> None:
-    assert (tiny_model_raw / testmodels.RANDOM_MARKER).is_file()
-    source = json.loads((tiny_model_raw / testmodels.SOURCE_FILE).read_text())
+    assert (tiny_model_raw / RANDOM_MARKER).is_file()
+    source = json.loads((tiny_model_raw / SOURCE_FILE).read_text())
     assert source["random_weights"] is True and source["preset"] == "tiny"
     index = json.loads((tiny_model_raw / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInpaintPipeline"
@@ -52,7 +59,7 @@ def test_generated_folder_is_labelled_random(tiny_model_raw: Path) -> None:
 
 
 def test_tiny_build_is_deterministic(tiny_model_raw: Path, tmp_path: Path) -> None:
-    again = testmodels.build_random_model("tiny", tmp_path / "again")
+    again = build_random_model("tiny", tmp_path / "again")
     assert _tree_hashes(again) == _tree_hashes(tiny_model_raw)
 
 
@@ -60,23 +67,23 @@ def test_build_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     out = tmp_path / "m"
     out.mkdir()
     with pytest.raises(FileExistsError):
-        testmodels.build_random_model("tiny", out)
+        build_random_model("tiny", out)
     assert list(tmp_path.iterdir()) == [out]  # no temp dir left behind
 
 
 def test_unknown_preset_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown preset"):
-        testmodels.build_random_model("sdxl", tmp_path / "m")
+        build_random_model("sdxl", tmp_path / "m")
 
 
 def test_sd15_preset_configs_match_the_published_architecture() -> None:
-    configs = testmodels._preset_configs("sd15-inpaint")
+    configs = testmodels.preset_configs("sd15-inpaint")
     unet, text = configs["unet"], configs["text_encoder"]
     assert unet["in_channels"] == 9 and unet["block_out_channels"] == (320, 640, 1280, 1280)
     assert unet["cross_attention_dim"] == 768 and unet["attention_head_dim"] == 8
     assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (768, 12, 12)
     assert (text["intermediate_size"], text["max_position_embeddings"], text["vocab_size"]) == (3072, 77, 49408)
-    vocab, _ = testmodels.tokenizer_vocab()
+    vocab, _ = tokenizer_vocab()
     assert len(vocab) < text["vocab_size"]
 
 
@@ -84,7 +91,7 @@ def test_sd15_unet_has_860m_parameters_on_meta_device() -> None:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**testmodels._preset_configs("sd15-inpaint")["unet"])
+        unet = UNet2DConditionModel(**testmodels.preset_configs("sd15-inpaint")["unet"])
     params = sum(p.numel() for p in unet.parameters())
     assert 859_000_000 < params < 860_000_000  # SD-1.5-inpainting: 859,535,364
 
@@ -92,14 +99,14 @@ def test_sd15_unet_has_860m_parameters_on_meta_device() -> None:
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_prepare_round_trip_from_fp32(tiny_model_raw: Path, tmp_path: Path, dtype: str, torch_dtype) -> None:
     dst = tmp_path / f"prepared-{dtype}"
-    manifest = models.prepare_model(tiny_model_raw, dst, dtype=dtype)
-    assert models.check_model(dst) == []
+    manifest = prepare_model(tiny_model_raw, dst, PrepareOptions(dtype=dtype))
+    assert check_model(dst) == []
     assert manifest["dtype"] == dtype and manifest["random_weights"] is True
     assert manifest["architecture"]["unet_in_channels"] == 9
     assert manifest["architecture"]["unet_params"] > 0
     assert len(manifest["id"]) == 12
-    assert manifest["schema"] == models.MANIFEST_SCHEMA
-    assert json.loads((dst / models.MANIFEST_NAME).read_text()) == manifest
+    assert manifest["schema"] == MANIFEST_SCHEMA
+    assert json.loads((dst / MANIFEST_NAME).read_text()) == manifest
     assert _tensor_dtypes(dst) == {torch_dtype}
     original = load_file(str(tiny_model_raw / "unet" / "diffusion_pytorch_model.safetensors"))
     converted = load_file(str(dst / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -116,25 +123,25 @@ def test_prepare_from_fp16_variant_files(tiny_model_raw: Path, tmp_path: Path) -
         tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(f)).items()}
         save_file(tensors, str(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors"))))
         f.unlink()
-    layout = models.inspect_model(src)
+    layout = inspect_model(src)
     assert layout.variant == "fp16" and layout.files_dtype == "fp16"
     dst = tmp_path / "prepared"
-    models.prepare_model(src, dst, dtype="bf16")
-    assert models.check_model(dst) == []
+    prepare_model(src, dst, PrepareOptions(dtype="bf16"))
+    assert check_model(dst) == []
     assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(dst.rglob("*.fp16.*"))
     assert _tensor_dtypes(dst) == {torch.bfloat16}
-    assert models.inspect_model(dst).variant is None
+    assert inspect_model(dst).variant is None
 
 
 def test_prepare_refuses_existing_destination_unless_overwrite(tiny_model_raw: Path, tmp_path: Path) -> None:
     dst = tmp_path / "prepared"
-    first = models.prepare_model(tiny_model_raw, dst, dtype="fp32")
+    first = prepare_model(tiny_model_raw, dst, PrepareOptions(dtype="fp32"))
     with pytest.raises(FileExistsError):
-        models.prepare_model(tiny_model_raw, dst, dtype="fp32")
-    second = models.prepare_model(tiny_model_raw, dst, dtype="bf16", overwrite=True)
+        prepare_model(tiny_model_raw, dst, PrepareOptions(dtype="fp32"))
+    second = prepare_model(tiny_model_raw, dst, PrepareOptions(dtype="bf16", overwrite=True))
     assert second["dtype"] == "bf16" and second["id"] != first["id"]
-    assert models.check_model(dst) == []
+    assert check_model(dst) == []
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]
 
 
@@ -145,7 +152,7 @@ def test_check_detects_a_tampered_weight_file(tiny_model: Path, tmp_path: Path) 
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    problems = models.check_model(copy)
+    problems = check_model(copy)
     assert len(problems) == 1 and problems[0].startswith("vae/diffusion_pytorch_model.safetensors: sha256")
 
 
@@ -154,26 +161,26 @@ def test_check_detects_missing_file_extra_weights_and_wrong_dtype(tiny_model: Pa
     shutil.copytree(tiny_model, copy)
     (copy / "tokenizer" / "vocab.json").unlink()
     save_file({"x": torch.zeros(2)}, str(copy / "unet" / "extra.safetensors"))
-    manifest = json.loads((copy / models.MANIFEST_NAME).read_text())
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
     manifest["dtype"] = "bf16"
-    (copy / models.MANIFEST_NAME).write_text(json.dumps(manifest))
-    problems = "\n".join(models.check_model(copy))
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    problems = "\n".join(check_model(copy))
     assert "tokenizer/vocab.json: missing" in problems
     assert "unet/extra.safetensors: weight file not listed" in problems
     assert "manifest says bf16" in problems
 
 
 def test_check_without_manifest_says_to_prepare(tiny_model_raw: Path) -> None:
-    problems = models.check_model(tiny_model_raw)
+    problems = check_model(tiny_model_raw)
     assert len(problems) == 1 and "prepare-model" in problems[0]
 
 
 def test_missing_folder_and_missing_model_index_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
-        models.inspect_model(tmp_path / "nope")
+        inspect_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no model_index.json"):
-        models.inspect_model(tmp_path / "empty")
+        inspect_model(tmp_path / "empty")
 
 
 def _with_in_channels(src: Path, dst: Path, channels: int) -> Path:
@@ -186,18 +193,18 @@ def _with_in_channels(src: Path, dst: Path, channels: int) -> Path:
 
 
 def test_a_four_channel_folder_is_prepared_and_passes_check(tiny_sd15_raw: Path, tmp_path: Path) -> None:
-    assert models.inspect_model(tiny_sd15_raw).unet_in_channels == 4
-    manifest = models.prepare_model(tiny_sd15_raw, tmp_path / "out", dtype="fp32")
+    assert inspect_model(tiny_sd15_raw).unet_in_channels == 4
+    manifest = prepare_model(tiny_sd15_raw, tmp_path / "out", PrepareOptions(dtype="fp32"))
     assert manifest["architecture"]["unet_in_channels"] == 4
-    assert models.check_model(tmp_path / "out") == []
+    assert check_model(tmp_path / "out") == []
 
 
 def test_a_unet_with_other_input_channels_is_refused(tiny_model_raw: Path, tmp_path: Path) -> None:
     src = _with_in_channels(tiny_model_raw, tmp_path / "pix2pix", 8)
     with pytest.raises(ModelError, match="8 input channels; inpaintd runs inpainting UNets"):
-        models.inspect_model(src)
+        inspect_model(src)
     with pytest.raises(ModelError, match="8 input channels"):
-        models.prepare_model(src, tmp_path / "out")
+        prepare_model(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -213,13 +220,13 @@ def _make_pickle_only(src: Path, dst: Path) -> Path:
 def test_pickle_weights_are_refused_unless_allowed(tiny_model_raw: Path, tmp_path: Path) -> None:
     src = _make_pickle_only(tiny_model_raw, tmp_path / "pickled")
     with pytest.raises(ModelError, match="pickle"):
-        models.inspect_model(src)
+        inspect_model(src)
     with pytest.raises(ModelError, match="allow_pickle"):
-        models.prepare_model(src, tmp_path / "out")
-    layout = models.inspect_model(src, allow_pickle=True)
+        prepare_model(src, tmp_path / "out")
+    layout = inspect_model(src, allow_pickle=True)
     assert layout.weight_format == "pickle"
-    manifest = models.prepare_model(src, tmp_path / "out", dtype="fp32", allow_pickle=True)
-    assert models.check_model(tmp_path / "out") == []
+    manifest = prepare_model(src, tmp_path / "out", PrepareOptions(dtype="fp32", allow_pickle=True))
+    assert check_model(tmp_path / "out") == []
     assert not list((tmp_path / "out").rglob("*.bin"))
     assert manifest["files"]["unet/diffusion_pytorch_model.safetensors"]
 
@@ -228,20 +235,20 @@ def test_a_pickle_file_beside_safetensors_is_not_a_problem(tiny_model_raw: Path,
     src = tmp_path / "both"
     shutil.copytree(tiny_model_raw, src)
     torch.save({"x": torch.zeros(1)}, src / "unet" / "diffusion_pytorch_model.bin")
-    assert models.inspect_model(src).weight_format == "safetensors"
+    assert inspect_model(src).weight_format == "safetensors"
 
 
 def test_a_single_file_is_recognised_and_refused_when_it_is_no_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.safetensors"
     save_file({"x": torch.zeros(1)}, str(ckpt))
     with pytest.raises(ModelError, match="not a Stable Diffusion checkpoint"):
-        models.prepare_model(ckpt, tmp_path / "out")
+        prepare_model(ckpt, tmp_path / "out")
     with pytest.raises(ModelError, match="single-file"):
-        models.inspect_model(ckpt)
+        inspect_model(ckpt)
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"not really")
     with pytest.raises(ModelError, match="pickle"):
-        models.prepare_model(pickled, tmp_path / "out")
+        prepare_model(pickled, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.safetensors"]
 
 
@@ -253,17 +260,17 @@ def test_offline_environment_is_set_on_import() -> None:
 
 
 def test_embedded_model_is_built_once_and_prepared(tmp_path: Path) -> None:
-    path = testmodels.ensure_embedded_model(tmp_path, dtype="fp32")
+    path = ensure_embedded_model(tmp_path, dtype="fp32")
     assert path == tmp_path / "models" / "tiny-random"
-    assert models.check_model(path) == []
-    manifest = models.read_manifest(path)
+    assert check_model(path) == []
+    manifest = read_manifest(path)
     assert manifest is not None and manifest["random_weights"] is True and manifest["dtype"] == "fp32"
-    mtime = (path / models.MANIFEST_NAME).stat().st_mtime_ns
-    assert testmodels.ensure_embedded_model(tmp_path, dtype="fp32") == path
-    assert (path / models.MANIFEST_NAME).stat().st_mtime_ns == mtime
+    mtime = (path / MANIFEST_NAME).stat().st_mtime_ns
+    assert ensure_embedded_model(tmp_path, dtype="fp32") == path
+    assert (path / MANIFEST_NAME).stat().st_mtime_ns == mtime
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-random"]
-    testmodels.ensure_embedded_model(tmp_path, dtype="bf16")
-    assert models.read_manifest(path)["dtype"] == "bf16"
+    ensure_embedded_model(tmp_path, dtype="bf16")
+    assert read_manifest(path)["dtype"] == "bf16"
 
 
 def test_make_random_model_script(tmp_path: Path) -> None:
@@ -280,4 +287,4 @@ def test_make_random_model_script(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (out / "model_index.json").is_file()
-    assert models.check_model(tmp_path / "m-bf16") == []
+    assert check_model(tmp_path / "m-bf16") == []

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from inpaintd import notify
-from inpaintd.notify import Notifier, watchdog_interval
+from inpaintd.service.notify import socket_address
+from inpaintd.service.notify import Notifier, watchdog_interval
 
 try:  # the optional extra; CI installs it (scripts/setup-systemd-test-deps.sh)
     from systemd import daemon as _sd_daemon  # type: ignore[import-not-found]  # noqa: F401
@@ -227,10 +227,10 @@ def test_watchdog_interval_reads_usec_and_respects_watchdog_pid() -> None:
 
 
 def test_socket_address_maps_abstract_names_and_refuses_other_schemes() -> None:
-    assert notify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
-    assert notify.socket_address("@abc") == "\0abc"
-    assert notify.socket_address("@") is None
-    assert notify.socket_address("vsock:2:1") is None
+    assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert socket_address("@abc") == "\0abc"
+    assert socket_address("@") is None
+    assert socket_address("vsock:2:1") is None
 
 
 # --- the real daemon ------------------------------------------------------------------------

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd import outbox
-from inpaintd.errors import JobError, TransientError
-from inpaintd.grouping import JobGroup
-from inpaintd.jobs import JobResult
-from inpaintd.spool import Spool
+from inpaintd.store.outbox import publish, remove_temp_files, settle_publication
+from inpaintd.store.records import archive_inputs, fail_claim
+from inpaintd.store import outbox
+from inpaintd.core.errors import JobError, TransientError
+from inpaintd.intake.grouping import JobGroup
+from inpaintd.core.jobs import JobResult
+from inpaintd.store.spool import Spool
 
 
 def result(name: str = "cat", data: bytes = b"PNGDATA") -> JobResult:
@@ -30,7 +32,7 @@ def claimed(place, name="cat"):
 
 
 def test_the_image_and_its_sidecar_are_published_with_the_daemons_fields(tmp_path: Path):
-    image, sidecar = outbox.publish(tmp_path, result(), {"job_id": "J1", "queue_wait_seconds": 1.5})
+    image, sidecar = publish(tmp_path, result(), {"job_id": "J1", "queue_wait_seconds": 1.5})
     assert image.name == "cat.png" and image.read_bytes() == b"PNGDATA"
     data = json.loads(sidecar.read_text())
     assert data["status"] == "done" and data["job_id"] == "J1" and data["seed"] == 7
@@ -41,7 +43,7 @@ def test_the_image_and_its_sidecar_are_published_with_the_daemons_fields(tmp_pat
 def test_an_existing_output_is_never_overwritten_a_distinct_name_is_recorded(tmp_path: Path):
     (tmp_path / "cat.png").write_bytes(b"theirs")
     (tmp_path / "cat-1.json").write_text("{}")
-    image, sidecar = outbox.publish(tmp_path, result(), {})
+    image, sidecar = publish(tmp_path, result(), {})
     assert (image.name, sidecar.name) == ("cat-2.png", "cat-2.json")
     assert (tmp_path / "cat.png").read_bytes() == b"theirs"
     data = json.loads(sidecar.read_text())
@@ -50,7 +52,7 @@ def test_an_existing_output_is_never_overwritten_a_distinct_name_is_recorded(tmp
 
 def test_a_missing_outbox_or_a_full_disk_is_transient_and_leaves_nothing_behind(tmp_path: Path, monkeypatch):
     with pytest.raises(TransientError, match="missing"):
-        outbox.publish(tmp_path / "nope", result(), {})
+        publish(tmp_path / "nope", result(), {})
     real = outbox.atomic_write_bytes
 
     def full_on_sidecar(path, data, **kw):
@@ -60,7 +62,7 @@ def test_a_missing_outbox_or_a_full_disk_is_transient_and_leaves_nothing_behind(
 
     monkeypatch.setattr(outbox, "atomic_write_bytes", full_on_sidecar)
     with pytest.raises(TransientError) as info:
-        outbox.publish(tmp_path, result(), {})
+        publish(tmp_path, result(), {})
     assert info.value.code == "disk_full"
     assert os.listdir(tmp_path) == []  # the image written before the sidecar failed was removed
 
@@ -92,7 +94,7 @@ def test_a_concurrent_reader_never_sees_a_partial_output(tmp_path: Path):
     thread.start()
     try:
         for _ in range(8):
-            outbox.publish(tmp_path, result(data=payload), {})
+            publish(tmp_path, result(data=payload), {})
     finally:
         stop.set()
         thread.join()
@@ -106,19 +108,19 @@ def reject(place, name, entries, folder, error):
     rejection = {"code": error.code, "message": error.message, "details": error.details}
     claim = spool.claim_rejected(root / "inbox", name, entries, folder, 1.0, rejection)
     assert claim is not None and claim.state == "failing"
-    return outbox.fail_claim(spool, claim, error, root / "failed", 1.0) / "error.json"
+    return fail_claim(spool, claim, error, root / "failed", 1.0) / "error.json"
 
 
 def test_after_success_inputs_are_archived_or_deleted_and_the_claim_is_gone(place):
     root, spool = place
     claim = claimed(place)
-    target = outbox.archive_inputs(spool, claim, root / "archive", "archive")
+    target = archive_inputs(spool, claim, root / "archive", "archive")
     assert target == root / "archive" / "cat" and sorted(os.listdir(target)) == ["cat.mask.png", "cat.png"]
     assert not claim.dir.exists()
     claim = claimed(place)
-    assert outbox.archive_inputs(spool, claim, root / "archive", "archive") == root / "archive" / "cat-1"
+    assert archive_inputs(spool, claim, root / "archive", "archive") == root / "archive" / "cat-1"
     claim = claimed(place)
-    assert outbox.archive_inputs(spool, claim, root / "archive", "delete") is None
+    assert archive_inputs(spool, claim, root / "archive", "delete") is None
     assert not claim.dir.exists() and sorted(os.listdir(root / "archive")) == ["cat", "cat-1"]
 
 
@@ -127,7 +129,7 @@ def test_a_failed_job_lands_in_failed_name_with_its_inputs_and_error_json(place)
     claim = claimed(place)
     spool.begin_attempt(claim, 3)
     error = JobError("mask_empty", "the mask selects no pixel", {"threshold": 127})
-    folder = outbox.fail_claim(spool, claim, error, root / "failed", now=2000.0)
+    folder = fail_claim(spool, claim, error, root / "failed", now=2000.0)
     assert folder == root / "failed" / "cat"
     path = folder / "error.json"
     record = json.loads(path.read_text())
@@ -136,7 +138,7 @@ def test_a_failed_job_lands_in_failed_name_with_its_inputs_and_error_json(place)
     assert record["job"] == "cat" and record["attempts"] == 1 and record["job_id"] == claim.job_id
     assert sorted(os.listdir(path.parent)) == ["cat.mask.png", "cat.png", "error.json"]
     assert not claim.dir.exists()
-    second = outbox.fail_claim(spool, claimed(place), error, root / "failed", now=2001.0)
+    second = fail_claim(spool, claimed(place), error, root / "failed", now=2001.0)
     assert second.name == "cat-1"
     assert sorted(os.listdir(root / "failed")) == ["cat", "cat-1"]  # no staging folder left behind
 
@@ -183,7 +185,7 @@ def recorded_publish(outbox_dir: Path, spool: Spool, claim, stop_before: str | N
 
     outbox.atomic_write_bytes, saved = write, outbox.atomic_write_bytes
     try:
-        outbox.publish(outbox_dir, result(), {"job_id": claim.job_id},
+        publish(outbox_dir, result(), {"job_id": claim.job_id},
                        record=lambda names: spool.mark(claim, "publishing", publishing=names))
     except Stop:
         pass
@@ -199,7 +201,7 @@ def test_the_names_are_recorded_in_the_claim_before_the_image_is_written(place):
     assert record["state"] == "publishing"
     assert record["publishing"]["image"] == "cat.png" and record["publishing"]["sidecar"] == "cat.json"
     assert os.listdir(root / "outbox") == []
-    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
 
 
 def test_an_image_left_without_its_sidecar_is_removed_and_the_job_is_not_published(place):
@@ -207,7 +209,7 @@ def test_an_image_left_without_its_sidecar_is_removed_and_the_job_is_not_publish
     claim = claimed(place)
     record = recorded_publish(root / "outbox", spool, claim)
     (root / "outbox" / "cat.json").unlink()  # what a kill between the image and its sidecar leaves
-    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
     assert os.listdir(root / "outbox") == []
 
 
@@ -216,27 +218,27 @@ def test_a_sidecar_of_this_job_means_published_and_another_writers_files_are_nev
     claim = claimed(place)
     record = recorded_publish(root / "outbox", spool, claim)  # both written, claim not yet marked
     assert record["state"] == "publishing"
-    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is True
+    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is True
     assert sorted(os.listdir(root / "outbox")) == ["cat.json", "cat.png"]
-    assert outbox.settle_publication(root / "outbox", "another-job", record["publishing"]) is False
+    assert settle_publication(root / "outbox", "another-job", record["publishing"]) is False
     # Someone else's image under the recorded name (different bytes), no sidecar: left alone.
     (root / "outbox" / "cat.json").unlink()
     (root / "outbox" / "cat.png").write_bytes(b"theirs")
-    assert outbox.settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
     assert (root / "outbox" / "cat.png").read_bytes() == b"theirs"
 
 
 def test_temp_files_of_interrupted_writes_are_removed_and_nothing_else(tmp_path: Path):
-    from inpaintd.fsutil import TEMP_PREFIX
+    from inpaintd.store.fsutil import TEMP_PREFIX
 
     (tmp_path / f"{TEMP_PREFIX}abc123").write_bytes(b"half")
     (tmp_path / "cat.png").write_bytes(b"done")
     (tmp_path / ".hidden").write_bytes(b"not ours")
     (tmp_path / f"{TEMP_PREFIX}dir").mkdir()  # a folder copy (archive on another disk) a stop interrupted
     (tmp_path / f"{TEMP_PREFIX}dir" / "image.png").write_bytes(b"half")
-    assert sorted(outbox.remove_temp_files(tmp_path)) == [f"{TEMP_PREFIX}abc123", f"{TEMP_PREFIX}dir"]
+    assert sorted(remove_temp_files(tmp_path)) == [f"{TEMP_PREFIX}abc123", f"{TEMP_PREFIX}dir"]
     assert sorted(os.listdir(tmp_path)) == sorted([".hidden", "cat.png"])
-    assert outbox.remove_temp_files(tmp_path / "missing") == []
+    assert remove_temp_files(tmp_path / "missing") == []
 
 
 def test_a_failure_recorded_before_a_stop_is_not_written_twice(place, monkeypatch):
@@ -250,10 +252,10 @@ def test_a_failure_recorded_before_a_stop_is_not_written_twice(place, monkeypatc
     with monkeypatch.context() as patch:
         patch.setattr(spool, "drop", stop)  # the stop lands after error.json, before the claim is dropped
         with pytest.raises(Stop):
-            outbox.fail_claim(spool, claim, error, root / "failed", now=1.0)
+            fail_claim(spool, claim, error, root / "failed", now=1.0)
     again = spool.load(claim.dir)
     assert again.state == "failing"
-    path = outbox.fail_claim(spool, again, error, root / "failed", now=2.0)
+    path = fail_claim(spool, again, error, root / "failed", now=2.0)
     assert path is None  # the record was in place before the stop: only the drop was left
     assert sorted(os.listdir(root / "failed" / "cat")) == ["cat.mask.png", "cat.png", "error.json"]
     assert sorted(os.listdir(root / "failed")) == ["cat"] and not claim.dir.exists()

@@ -1,4 +1,4 @@
-"""One job through process.run_job with the real tiny model: regions, byte identity, modes, EXIF."""
+"""One job through run_job with the real tiny model: regions, byte identity, modes, EXIF."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inpaintd import geometry, process
-from inpaintd.config import Config, config_from_dict
-from inpaintd.errors import Interrupted, JobError
-from inpaintd.jobspec import build_request
+from inpaintd.core.buckets import bucket_shapes
+from inpaintd.core.masks import dilate, feather_alpha, threshold_mask
+from inpaintd.paint.job import run_job
+from inpaintd.core.config import Config, config_from_dict
+from inpaintd.core.errors import Interrupted, JobError
+from inpaintd.paint.jobspec import build_request
 
 # Small working sizes keep the tiny model fast; the geometry rules are the same at 512.
 SMALL = {"roi": {"min_size": 64, "max_size": 128, "bucket_sides": [64, 128], "dilate": 2, "feather": 4, "padding": 8}}
@@ -47,7 +49,7 @@ def run(engine, tmp_path: Path, image: np.ndarray, mask: np.ndarray | None, cfg:
     image_path = save(tmp_path / "in.png", image, **save_kwargs)
     mask_path = save(tmp_path / "in.mask.png", mask) if mask is not None else None
     request = build_request("in", image_path, mask_path, {"seed": 7}, cfg)
-    return process.run_job(engine, request, cfg)
+    return run_job(engine, request, cfg)
 
 
 def decoded(result) -> np.ndarray:
@@ -55,8 +57,8 @@ def decoded(result) -> np.ndarray:
 
 
 def affected_area(mask: np.ndarray, cfg: Config) -> np.ndarray:
-    grown = geometry.dilate(geometry.threshold_mask(mask, cfg.roi.mask_threshold), cfg.roi.dilate)
-    return geometry.feather_alpha(grown, cfg.roi.feather) > 0
+    grown = dilate(threshold_mask(mask, cfg.roi.mask_threshold), cfg.roi.dilate)
+    return feather_alpha(grown, cfg.roi.feather) > 0
 
 
 @pytest.mark.parametrize("size", [(64, 64), (97, 61), (300, 200)])
@@ -83,7 +85,7 @@ def test_two_far_apart_scratches_are_two_small_regions(tiny_engine, tmp_path: Pa
         x0, y0, x1, y1 = region.crop_box
         assert (x1 - x0) * (y1 - y0) < 600 * 400 / 10
     assert len(result.sidecar["regions"]) == 2
-    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= set(geometry.bucket_shapes(cfg.roi))
+    assert {tuple(r["work_size"]) for r in result.sidecar["regions"]} <= set(bucket_shapes(cfg.roi))
 
 
 def test_a_big_region_is_downscaled_to_the_working_size_and_pasted_back(tiny_engine, tmp_path: Path) -> None:
@@ -181,7 +183,7 @@ def test_an_interrupt_from_the_step_callback_propagates(tiny_engine, tmp_path: P
         raise Interrupted("shutdown")
 
     with pytest.raises(Interrupted):
-        process.run_job(tiny_engine, request, cfg, on_step=stop_after_first)
+        run_job(tiny_engine, request, cfg, on_step=stop_after_first)
     assert seen == [(1, 3)]
 
 
@@ -191,7 +193,7 @@ def test_progress_counts_steps_across_regions(tiny_engine, tmp_path: Path) -> No
     mask_path = save(tmp_path / "in.mask.png", mask_with(600, 400, (10, 10, 20, 20), (570, 370, 590, 390)))
     request = build_request("in", image_path, mask_path, {"seed": 1, "steps": 2}, cfg)
     seen: list[tuple[int, int]] = []
-    process.run_job(tiny_engine, request, cfg, on_step=lambda d, t: seen.append((d, t)))
+    run_job(tiny_engine, request, cfg, on_step=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
@@ -200,14 +202,14 @@ def test_the_debug_overlay_draws_the_boxes(tiny_engine, tmp_path: Path) -> None:
     image_path = save(tmp_path / "in.png", np.full((100, 100, 3), 128, dtype=np.uint8))
     mask_path = save(tmp_path / "in.mask.png", mask_with(100, 100, (40, 40, 50, 50)))
     request = build_request("in", image_path, mask_path, {"seed": 1}, cfg)
-    result = process.run_job(tiny_engine, request, cfg, debug_overlay=True)
+    result = run_job(tiny_engine, request, cfg, debug_overlay=True)
     overlay = np.asarray(Image.open(io.BytesIO(result.debug_overlay)).convert("RGB"))
     x0, y0, x1, y1 = result.regions[0].crop_box
     assert tuple(overlay[y0, (x0 + x1) // 2]) == (0, 255, 0), "crop box outline"
     assert (overlay == (255, 0, 0)).all(axis=-1).any(), "mask outline"
     # The feather band: exactly the pixels blended part painting, part original, tinted yellow.
-    grown = geometry.dilate(geometry.threshold_mask(mask_with(100, 100, (40, 40, 50, 50)), 127), cfg.roi.dilate)
-    alpha = geometry.feather_alpha(grown, cfg.roi.feather)
+    grown = dilate(threshold_mask(mask_with(100, 100, (40, 40, 50, 50)), 127), cfg.roi.dilate)
+    alpha = feather_alpha(grown, cfg.roi.feather)
     band = (alpha > 0) & (alpha < 1)
     assert band.any()
     assert (overlay[band] == (191, 191, 64)).all(axis=-1).all()
@@ -240,7 +242,7 @@ def test_the_model_mask_is_whole_latent_cells_holding_the_mask_and_its_feather(t
     mask = mask_with(width, height, (width // 3, height // 3, width // 3 + 13, height // 3 + 5))
     image_path = save(tmp_path / "in.png", photo(width, height))
     mask_path = save(tmp_path / "in.mask.png", mask)
-    result = process.run_job(engine, build_request("in", image_path, mask_path, {"seed": 1}, cfg), cfg)
+    result = run_job(engine, build_request("in", image_path, mask_path, {"seed": 1}, cfg), cfg)
     (model_mask,) = engine.masks
     (region,) = result.regions
     work_w, work_h = region.work_size
@@ -273,7 +275,7 @@ def test_color_match_is_a_per_job_option(tiny_engine, tmp_path) -> None:
     cfg = config()
     image_path = save(tmp_path / "in.png", np.full((64, 64, 3), 77, dtype=np.uint8))
     mask_path = save(tmp_path / "in.mask.png", mask_with(64, 64, (20, 20, 30, 30)))
-    result = process.run_job(tiny_engine, build_request("in", image_path, mask_path, {"seed": 1, "color_match": True}, cfg), cfg)
+    result = run_job(tiny_engine, build_request("in", image_path, mask_path, {"seed": 1, "color_match": True}, cfg), cfg)
     assert np.array_equal(decoded(result), np.full((64, 64, 3), 77, dtype=np.uint8))
     with pytest.raises(JobError, match="color_match"):
         build_request("in", image_path, mask_path, {"color_match": "yes"}, cfg)
@@ -289,3 +291,31 @@ def test_a_thin_strip_runs_at_an_elongated_working_size_and_stays_byte_identical
         assert min(region.work_size) == 8 and max(region.work_size) <= cfg.roi.max_size
     outside = ~affected_area(mask, cfg)
     assert np.array_equal(decoded(result)[outside], image[outside])
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_a_published_sidecar_holds_exactly_the_documented_keys(tiny_engine, tmp_path: Path, renamed: bool) -> None:
+    import json
+    import re
+    import time
+
+    from inpaintd.paint import sidecar as schema
+    from inpaintd.paint.sidecar import claim_fields
+    from inpaintd.store.outbox import publish
+
+    cfg = config()
+    result = run(tiny_engine, tmp_path, photo(64, 64), mask_with(64, 64, (20, 20, 30, 30)), cfg)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    if renamed:
+        (outbox / "in.png").write_bytes(b"taken")
+    now = time.time()
+    extra = claim_fields(job_id="j", host="h", device="d", arrived=now - 2, started=now - 1, finished=now, attempts=1,
+                         entries=["in.png", "in.mask.png"])
+    _image, sidecar_path = publish(outbox, result, extra)
+    published = set(json.loads(sidecar_path.read_text()))
+    documented = set(schema.PAINT_KEYS + schema.CLAIM_KEYS + schema.PUBLICATION_KEYS)
+    absent = {"renamed_from"} if not renamed else set()  # "warning" is there: the tiny model is random
+    assert published == documented - absent, (sorted(published - documented), sorted(documented - published))
+    for key in documented:  # and the module's docstring says what each holds
+        assert re.search(rf"(?<![\w.]){key}(?![\w(])", schema.__doc__ or ""), key

@@ -18,10 +18,12 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from inpaintd import queues, service
-from inpaintd.config import RoiConfig, config_from_dict
-from inpaintd.grouping import JobGroup
-from inpaintd.spool import Spool
+from inpaintd.core.boundary import retry_delay
+from inpaintd.service.daemon import Service, warm_shapes, work_shapes
+from inpaintd.service.queues import ArrivalQueue
+from inpaintd.core.config import RoiConfig, config_from_dict
+from inpaintd.intake.grouping import JobGroup
+from inpaintd.store.spool import Spool
 
 pytestmark = pytest.mark.slow
 
@@ -424,17 +426,18 @@ def test_an_unexpected_error_fails_that_job_as_internal_error_and_the_loop_goes_
                                                                         "state")},
                                "roi": {"min_size": 64, "max_size": 64, "bucket_sides": [64]},
                                "inference": {"steps": 2, "prompt": "x"}})
-    svc = service.Service(config, None)
+    svc = Service(config, None)
     for key in ("inbox", "outbox", "failed", "archive", "state"):
         getattr(config.paths, key).mkdir()
     svc.spool.open(config.paths.inbox)
-    from inpaintd.status import StatusFile
+    from inpaintd.store.status import StatusFile
 
     svc.status = StatusFile(config.paths.state)
 
     class Broken:  # the real engine's attributes, an inpaint that raises
         info = tiny_engine.info
         model_defaults = tiny_engine.model_defaults
+        has_draft_decoder = False
 
         def inpaint(self, *args, **kwargs):
             raise RuntimeError("boom")
@@ -456,26 +459,26 @@ def test_an_unexpected_error_fails_that_job_as_internal_error_and_the_loop_goes_
 
 
 def test_work_shapes_are_the_aspect_buckets_of_every_side_up_to_the_cap_and_retries_back_off():
-    shapes = service.work_shapes(RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512)))
+    shapes = work_shapes(RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512)))
     assert shapes[0] == (256, 256) and len(shapes) == 2 * 15 and max(map(max, shapes)) == 384
     assert {w * 8 // max(w, h) for w, h in shapes} == set(range(1, 9))  # aspects k:8 .. 8:k
-    assert service.work_shapes(RoiConfig(min_size=64, max_size=64, bucket_sides=(128,)))[0] == (128, 128)
-    assert [queues.retry_delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
+    assert work_shapes(RoiConfig(min_size=64, max_size=64, bucket_sides=(128,)))[0] == (128, 128)
+    assert [retry_delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
 
 
 def test_start_up_warms_every_shape_only_for_a_compiled_unet():
     roi = RoiConfig(min_size=256, max_size=384, bucket_sides=(256, 384, 512))
-    assert service.warm_shapes(roi, "inductor") == service.work_shapes(roi)
-    assert service.warm_shapes(roi, "off") == [(256, 256)]
+    assert warm_shapes(roi, "inductor") == work_shapes(roi)
+    assert warm_shapes(roi, "off") == [(256, 256)]
 
 
 def test_the_queue_runs_jobs_by_arrival_not_by_when_they_became_ready(tmp_path):
-    from inpaintd.spool import Claim
+    from inpaintd.store.spool import Claim
 
     def claim(name: str, arrived: float) -> Claim:
         return Claim(tmp_path / name, {"job_id": name, "name": name, "arrived": arrived})
 
-    jobs = queues.ArrivalQueue()
+    jobs = ArrivalQueue()
     # Ready in this order; "late" arrived first but its close was confirmed last.
     for name, arrived in (("b", 20.0), ("c", 30.0), ("tie-1", 40.0), ("tie-2", 40.0), ("late", 10.0)):
         jobs.put(claim(name, arrived))

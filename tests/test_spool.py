@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd.errors import ConfigError, JobError
-from inpaintd.grouping import JobGroup, Kind
-from inpaintd.fsutil import move_entry
-from inpaintd.images import probe_alpha
-from inpaintd.spool import Spool, scan_inbox
+from inpaintd.core.errors import ConfigError, JobError
+from inpaintd.intake.grouping import JobGroup, Kind
+from inpaintd.store.fsutil import move_entry
+from inpaintd.paint.images import probe_alpha
+from inpaintd.store.spool import Spool
+from inpaintd.intake.scan import scan_inbox
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import time
 import uuid
 from pathlib import Path

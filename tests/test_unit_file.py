@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd.config import PathsConfig
+from inpaintd.core.config import PathsConfig
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "inpaintd.service"
@@ -104,7 +103,7 @@ def test_timeouts_fit_the_measured_work() -> None:
     # come from every step: the watchdog must allow many times the longest healthy gap.
     assert _seconds(one["WatchdogSec"]) >= 10 * 6
     # The daemon's own stop timer (service.shutdown_timeout, 30 s) must fire before SIGKILL.
-    from inpaintd.config import ServiceConfig
+    from inpaintd.core.config import ServiceConfig
 
     assert _seconds(one["TimeoutStopSec"]) > ServiceConfig().shutdown_timeout
     assert _seconds(one["TimeoutStartSec"]) >= 60  # EXTEND_TIMEOUT_USEC covers the rest of a cold start
@@ -184,7 +183,7 @@ def test_install_into_a_root_creates_user_folders_config_and_unit_idempotently(t
     config = root / "etc/inpaintd/config.yaml"
     assert config.stat().st_mode & 0o777 == 0o640
     assert "cache_dir: /var/cache/inpaintd" in config.read_text()
-    from inpaintd.config import load_config
+    from inpaintd.core.config import load_config
 
     assert load_config(config).paths.inbox == Path("/var/lib/inpaintd/inbox")
     unit = root / "etc/systemd/system/inpaintd.service"

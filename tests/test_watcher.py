@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from inpaintd.grouping import Hint
-from inpaintd.watcher import Change, Watcher, choose_observer, filesystem_type, is_network_fs
+from inpaintd.intake.grouping import Hint
+from inpaintd.intake.watcher import Change, Watcher, choose_observer, filesystem_type, is_network_fs
 
 
 class Recorder:
@@ -151,7 +151,7 @@ def test_auto_polls_network_and_fuse_filesystems(tmp_path: Path):
 def test_a_folder_assembled_under_a_dot_name_in_the_inbox_and_renamed_ends_closed(tmp_path: Path) -> None:
     """Writes made before the rename can be reported under the new name afterwards; the moved-in
     files must not stay "being written" (the job would wait incomplete_timeout)."""
-    from inpaintd.grouping import merge_hint
+    from inpaintd.intake.grouping import merge_hint
 
     rec = Recorder()
     watcher = Watcher(tmp_path, rec.change, rec.rescan, observer="inotify")

@@ -19,9 +19,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .config import SCHEDULERS, Config, load_config
-from .errors import ConfigError, Interrupted, JobError, ModelError, TransientError
-from .presets import PRESETS, parse_defaults
+from .core.config import SCHEDULERS, load_config
+from .core.errors import ConfigError, Interrupted, JobError, ModelError, TransientError
+from .core.presets import PRESETS, parse_defaults
+from .demo.model import model_folder
+from .demo.run import run_demo
+from .engine.host import detect_dtype
+from .modelprep.check import check_model
+from .modelprep.prepare import PrepareOptions, prepare_model
+from .modelprep.summary import format_summary, lora_line, summarize
+from .paint.job import run_job
+from .paint.jobspec import build_request
+from .service.daemon import run_service
+from .store import fleet, status
+from .store.fsutil import atomic_write_bytes
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -125,8 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
-    from . import fsutil, jobspec, process
-    from .engine import Engine
+    from .engine.engine import Engine  # deferred: imports torch
 
     config = load_config(args.config)
     if args.model is not None:
@@ -147,24 +157,24 @@ def _cmd_process(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    jobspec.build_request(args.image.stem, args.image, args.mask, options, config)  # bad options fail before loading
+    build_request(args.image.stem, args.image, args.mask, options, config)  # bad options fail before loading
     _say(f"loading model {config.model.path or '(embedded tiny random model)'} ...")
-    engine = Engine.load(config.model)
-    request = jobspec.build_request(args.image.stem, args.image, args.mask, options, config,
+    engine = Engine.load(dataclasses.replace(config.model, path=model_folder(config.model)))
+    request = build_request(args.image.stem, args.image, args.mask, options, config,
                                     model_defaults=engine.model_defaults)
     if engine.info.random_weights:
         _say("note: this model has RANDOM WEIGHTS: it exercises the pipeline but paints noise")
-    result = process.run_job(engine, request, config, on_step=_progress_printer(), debug_overlay=args.debug_overlay)
+    result = run_job(engine, request, config, on_step=_progress_printer(), debug_overlay=args.debug_overlay)
     _end_progress()
 
     output = args.output or args.image.with_name(f"{args.image.stem}.inpainted.{result.extension}")
     sidecar_path = output.with_suffix(".json")
     try:
-        fsutil.atomic_write_bytes(output, result.image_bytes)
+        atomic_write_bytes(output, result.image_bytes)
         if result.debug_overlay is not None:
-            fsutil.atomic_write_bytes(output.with_suffix(".overlay.png"), result.debug_overlay)
+            atomic_write_bytes(output.with_suffix(".overlay.png"), result.debug_overlay)
         sidecar = {**result.sidecar, "status": "done", "output_file": output.name}
-        fsutil.atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+        atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
     except OSError as exc:
         raise TransientError("output_unwritable", f"cannot write {output}: {exc.strerror or exc}") from exc
     regions = ", ".join(f"{r.crop_box} @ {r.work_size[0]}x{r.work_size[1]}" for r in result.regions)
@@ -175,7 +185,6 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from . import models
 
     merge = None
     if args.make_inpainting:
@@ -186,12 +195,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise ConfigError("--inpainting-base/--base", "only apply with --make-inpainting")
     dtype = args.dtype
     if dtype == "auto":
-        from .engine import detect_dtype
-
         dtype = detect_dtype()
-    manifest = models.prepare_model(
-        args.source,
-        args.destination,
+    options = PrepareOptions(
         dtype=dtype,
         config_dir=args.config_dir,
         tokenizer_dir=args.tokenizer_dir,
@@ -199,16 +204,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         make_inpainting=merge,
         vae=args.vae,
-        embeddings=args.embedding,
-        loras=args.lora,
+        embeddings=tuple(args.embedding),
+        loras=tuple(args.lora),
         defaults=parse_defaults(args.preset, args.defaults),
         draft_decoder=args.draft_decoder,
     )
+    manifest = prepare_model(args.source, args.destination, options)
     print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     for record in manifest.get("extras", {}).get("embeddings", []):
         print(f"embedding {record['token']} ({record['vectors']} vector(s)) from {record['source']}")
-    from .modelsummary import lora_line
-
     for record in manifest.get("loras", []):
         print(f"LoRA fused: {lora_line(record)}")
     if manifest.get("defaults"):
@@ -221,7 +225,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from . import models
 
     config = load_config(args.config)
     if args.config is not None:
@@ -230,13 +233,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if model_path is None:
         print("model: embedded tiny random model (generated on first use); nothing to check")
         return EXIT_OK
-    problems = models.check_model(Path(model_path))
+    problems = check_model(Path(model_path))
     if problems:
         for problem in problems:
             _error(f"{model_path}: {problem}")
         return EXIT_MODEL
-    from .modelsummary import format_summary, summarize
-
     print(f"model {model_path}: ok")
     for line in format_summary(summarize(Path(model_path))):
         print(f"  {line}")
@@ -244,21 +245,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import service
 
     config = load_config(args.config)
-    return service.run_service(config, args.config)
+    return run_service(config, args.config)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from . import status
 
     config = load_config(args.config)
     if not config.fleet.enabled:
         state = status.read_status(config.paths.state)
         print(json.dumps(state, indent=2) if args.json else status.format_status(state))
         return EXIT_OK
-    from . import fleet
 
     me = fleet.device_id(config.fleet.device_id)
     state = status.read_status(config.paths.state / me)
@@ -276,9 +274,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
 
-    return demo.run_demo(args.dir.resolve(), timeout=args.timeout)
+    return run_demo(args.dir.resolve(), timeout=args.timeout)
 
 
 _progress_active = False

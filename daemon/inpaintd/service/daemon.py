@@ -1,0 +1,394 @@
+"""The daemon: inbox -> claimed queue -> engine, one job at a time -> outbox.
+
+Two threads. The intake thread (intake/intake.py) watches the inbox, groups files into jobs, fails
+what cannot become a job, and claims ready jobs into state/claimed/ (spool), putting them in
+a queue of claims ordered by arrival (queues.ArrivalQueue): paths, never decoded images. The
+main thread is the worker:
+
+    while not stopping:
+        ping the watchdog; reload the config if SIGHUP asked
+        claim = a held job that is due, else the queue head  ->  process(claim)
+
+`process` (worker.py) is the job boundary: it moves one claim through its states (publishing
+-> claimed -> painted and published -> archived, or failing -> failed/) and hands anything
+raised on the way to core.boundary.classify. A bad input fails the job; a transient error
+(disk full, a folder unwritable) holds it beside the queue (queues.HeldJobs) with its own
+back-off, so it never blocks the jobs behind it, and fails it with retries_exhausted
+after limits.hold_timeout. Cost is bounded per job: regions and regions x steps before
+painting (paint/job.py), limits.max_job_seconds at every step.
+
+SIGTERM (or SIGINT) stops taking jobs and makes the running job raise Interrupted at its
+next denoising step; the job stays claimed and is queued again at the next start. A timer
+bounds the whole stop at service.shutdown_timeout; a second SIGTERM stops at once. Both
+leave the claim untouched. SIGHUP reloads paths/watch/inference/output/limits/roi between
+jobs; a changed model section is logged as needing a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .. import __version__
+from ..core.buckets import bucket_shapes
+from ..core.config import Config, RoiConfig, load_config
+from ..core.errors import ConfigError
+from ..core.quoting import shorten
+from ..demo.model import model_folder
+from ..intake.intake import Intake
+from ..store import fleet as fleet_mod
+from ..store import fsutil, outbox
+from ..store.spool import Claim, ClaimState, Spool
+from ..store.status import StatusFile
+from . import logs
+from .notify import Notifier, watchdog_interval
+from .queues import ArrivalQueue, Held, HeldJobs
+from .worker import JobContext, Worker
+
+log = structlog.get_logger("inpaintd.service")
+
+
+def work_shapes(roi: RoiConfig) -> list[tuple[int, int]]:
+    """Every aspect-bucket (width, height) a job can run at (core.buckets.bucket_shapes)."""
+    return bucket_shapes(roi)
+
+
+def warm_shapes(roi: RoiConfig, compile_mode: str) -> list[tuple[int, int]]:
+    """The shapes start-up runs one step at before READY=1.
+
+    A compiled UNet is specialised per input shape, so each working shape is compiled before
+    READY rather than inside the first job of that shape. Eager kernels are not: one pass at
+    the smallest shape already pages every weight in and touches every module, while 45
+    passes (the default aspect buckets) at SD-1.5 size would keep READY waiting for minutes.
+    """
+    shapes = work_shapes(roi)
+    return shapes if compile_mode != "off" else shapes[:1]
+
+
+class _NullNotifier:
+    backend = "none"
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _ping_period() -> float | None:
+    """How often to send WATCHDOG=1: a quarter of systemd's interval; None when not watched."""
+    try:
+        interval = watchdog_interval()
+    except Exception:  # noqa: BLE001
+        return None
+    return None if interval is None else interval / 4
+
+
+def _notifier() -> Any:
+    try:
+        return Notifier.from_env()
+    except Exception:  # noqa: BLE001 - notifications are optional
+        log.exception("notify.unavailable")
+        return _NullNotifier()
+
+
+class Service(Worker):
+    """The daemon: start-up, the loop, signals, reload and shutdown; the per-claim steps are Worker's."""
+
+    def __init__(self, config: Config, config_path: Path | None, notifier: Any = None) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self.notifier = notifier if notifier is not None else _notifier()
+        self.jobs = ArrivalQueue()
+        self.held = HeldJobs(config.limits.hold_timeout)
+        self.device = fleet_mod.device_id(config.fleet.device_id)
+        self.fleet: fleet_mod.Fleet | None = None
+        self.state_dir = config.paths.state
+        if config.fleet.enabled:
+            # Our own folder under the share's state root (fleet.py): claims, status, heartbeat.
+            self.state_dir = config.paths.state / self.device
+            self.fleet = fleet_mod.Fleet(config.paths.state, self.device, config.fleet.lease_seconds,
+                                         config.fleet.heartbeat_seconds)
+            fsutil.set_writer(self.device)
+        self.keeper: fleet_mod.Keeper | None = None
+        self.spool = Spool(self.state_dir)
+        self.status: StatusFile | None = None
+        self.engine: Any = None
+        self.intake: Intake | None = None
+        self.stopping = threading.Event()
+        self.reload_requested = False
+        self.current: JobContext | None = None  # the job being worked on (signals read it)
+        self.host = socket.gethostname()
+        self._stop_timer: threading.Timer | None = None
+        self._ping_every = _ping_period()
+        self._last_ping = 0.0
+        self._last_step_status = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.start()
+        self.notifier.ready()
+        log.info("service.ready", inbox=str(self.config.paths.inbox), queued=self.jobs.qsize())
+        self._idle()
+        while not self.stopping.is_set():
+            try:
+                self._ping()
+                if self.reload_requested:
+                    self.reload()
+                if self.keeper is not None and self.keeper.clean_due:
+                    # Between jobs: no write of ours is in flight.
+                    self.keeper.clean_due = False
+                    self._clean_outbox()
+                claim, held = self._next()
+                if claim is not None:
+                    self.process(claim, held)
+                    self._idle()
+            except Exception:  # noqa: BLE001 - the loop serves every job: it never ends on an error
+                log.exception("service.loop_error", note="the loop goes on")
+                self.stopping.wait(1.0)
+        return self.shutdown()
+
+    def start(self) -> None:
+        config = self.config
+        paths = config.paths
+        for key in ("inbox", "outbox", "failed", "archive", "state"):
+            path = getattr(paths, key)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"paths.{key}", f"cannot create {path}: {exc.strerror or exc}") from exc
+        if self.fleet is not None:
+            try:
+                self.fleet.check_unique()
+            except RuntimeError as exc:
+                raise ConfigError("fleet.device_id", str(exc)) from exc
+            self.fleet.beat()
+        self.spool.open(paths.inbox)
+        self.status = StatusFile(self.state_dir)
+        self.status.update(state="starting", daemon_version=__version__, inbox=str(paths.inbox),
+                           outbox=str(paths.outbox), device=self.device)
+        self._clean_outbox()
+        for claim in self.spool.recover(paths.inbox):
+            log.info("job.requeued", job=claim.name, job_id=claim.job_id, attempts=claim.attempts)
+            if claim.state is ClaimState.PUBLISHING:
+                # Now, not when its turn comes: an orphan image must not sit in the outbox
+                # while the queue drains. A failure here is retried when the job is processed.
+                try:
+                    self._settle_publication(claim, log.bind(job=claim.name, job_id=claim.job_id))
+                except Exception as exc:  # noqa: BLE001 - settled again when its turn comes
+                    log.warning("job.publication_unsettled", job=claim.name, error=shorten(str(exc)))
+            self.jobs.put(claim)
+
+        from ..engine.engine import Engine  # deferred: imports torch
+
+        self.notifier.status("loading the model")
+        self.notifier.extend_timeout(300_000_000)
+        self.status.update(state="loading model")
+        self.engine = Engine.load(replace(config.model, path=model_folder(config.model)))
+        _adopt_library_loggers()
+        shapes = warm_shapes(config.roi, config.model.compile)
+        began = time.monotonic()
+
+        def warmed(done: int, total: int) -> None:
+            self._ping()
+            per_shape = (time.monotonic() - began) / max(done, 1)
+            self.notifier.status(f"warming up {done}/{total}")
+            self.notifier.extend_timeout(int(max(60.0, 3 * per_shape) * 1_000_000))
+            self.status.update(state=f"warming up {done}/{total}")
+            log.info("service.warming", done=done, total=total)
+
+        self.notifier.status(f"warming up 0/{len(shapes)}")
+        self.status.update(state=f"warming up 0/{len(shapes)}")
+        self.engine.warm(shapes, warmed)
+
+        self.intake = Intake(config, self.spool, self.jobs, self.status)
+        self.intake.watch()
+        self.intake.start()
+        if self.fleet is not None:
+            self.keeper = fleet_mod.Keeper(self.fleet, self.spool, paths.inbox, self.jobs.put)
+            self.keeper.start()
+
+    def _clean_outbox(self) -> None:
+        """Temp files of atomic writes a kill -9 interrupted; nothing of ours is being written yet."""
+        try:
+            # On a shared outbox only our own: another device's may be in flight.
+            prefix = fsutil.own_temp_prefix() if self.fleet is not None else fsutil.TEMP_PREFIX
+            outbox.remove_temp_files(self.config.paths.outbox, prefix)
+        except OSError as exc:
+            log.warning("outbox.cleanup_failed", outbox=str(self.config.paths.outbox), error=str(exc))
+
+    def shutdown(self) -> int:
+        log.info("service.stopping", queued=self.jobs.qsize())
+        self.notifier.stopping()
+        if self.intake is not None:
+            self.intake.stop()
+            self.intake.join(timeout=5)
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.status is not None:
+            self.status.update(state="stopped", current=None)
+            self.status.flush()
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        try:
+            self.spool.close()
+        except OSError as exc:  # the lock file's folder is away (a network share): the lock goes with us
+            log.warning("spool.close_failed", error=str(exc))
+        log.info("service.stopped")
+        return 0
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        if self.stopping.is_set():
+            self._force_exit(f"second {signal.Signals(signum).name}")
+            return
+        log.info("service.stop_requested", signal=signal.Signals(signum).name)
+        self.stopping.set()
+        if self.intake is not None:
+            self.intake.stop()
+        self._stop_timer = threading.Timer(self.config.service.shutdown_timeout, self._force_exit, ("shutdown timeout",))
+        self._stop_timer.daemon = True
+        self._stop_timer.start()
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        self.reload_requested = True
+
+    def _force_exit(self, why: str) -> None:
+        """Stop now; the running job stays claimed, and this attempt is not counted as a crash."""
+        claim = self.current.claim if self.current is not None else None
+        try:
+            if claim is not None:
+                self.spool.undo_attempt(claim)
+            log.warning("service.forced_stop", reason=why, job=claim.name if claim else None)
+            self.notifier.stopping()
+            if self.status is not None:
+                self.status.update(state="stopped", current=None)
+                self.status.flush()
+        finally:
+            os._exit(0)
+
+    def reload(self) -> None:
+        self.reload_requested = False
+        if self.config_path is None:
+            log.info("config.reload_skipped", reason="started without a config file")
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", key=exc.key, error=exc.message, note="keeping the running config")
+            self.notifier.ready()
+            return
+        if new.model != self.config.model:
+            log.warning("config.reload_needs_restart", section="model", note="model changes apply after a restart")
+        if new.paths.state != self.config.paths.state:
+            log.warning("config.reload_needs_restart", section="paths.state", note="applies after a restart")
+        if new.logging != self.config.logging:
+            log.warning("config.reload_needs_restart", section="logging", note="applies after a restart")
+        if new.fleet != self.config.fleet:
+            log.warning("config.reload_needs_restart", section="fleet", note="applies after a restart")
+        applied = replace(
+            new, model=self.config.model, logging=self.config.logging, fleet=self.config.fleet,
+            paths=replace(new.paths, state=self.config.paths.state),
+        )
+        for key in ("inbox", "outbox", "failed", "archive"):
+            getattr(applied.paths, key).mkdir(parents=True, exist_ok=True)
+        self.config = applied
+        self.held.hold_timeout = applied.limits.hold_timeout
+        if self.intake is not None:
+            self.intake.reconfigure(applied)
+        log.info("config.reloaded", path=str(self.config_path))
+        self.notifier.ready()
+        self._idle()
+
+    # -- the loop's parts ---------------------------------------------------------------------
+
+    def _next(self) -> tuple[Claim | None, Held | None]:
+        """The next job to work on: a held job whose back-off ended, else the queue head."""
+        if self.status is not None:
+            self.status.flush()
+        held = self.held.pop_due(time.monotonic())
+        if held is not None:
+            return held.claim, held
+        wait = self.held.next_in(time.monotonic())
+        try:
+            return self.jobs.get(timeout=0.5 if wait is None else min(0.5, max(0.01, wait))), None
+        except queue.Empty:
+            return None, None
+
+    def _ping(self) -> None:
+        """WATCHDOG=1 (a few times per watchdog interval) only while the intake thread ticks too."""
+        if self._ping_every is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping < self._ping_every:
+            return
+        intake = self.intake
+        if intake is not None:
+            limit = self.config.watch.rescan_interval + 30.0
+            if not intake.is_alive() or time.monotonic() - intake.heartbeat > limit:
+                return
+        self._last_ping = now
+        self.notifier.watchdog()
+
+    def _queue_names(self) -> list[str]:
+        return self.jobs.names()
+
+    def _idle(self) -> None:
+        assert self.status is not None
+        names = self._queue_names()
+        first = self.held.first()
+        if first is not None:
+            text = shorten(f"{len(names)} queued; {len(self.held)} held, {first.claim.name}: {first.message}, retrying", 300)
+            health: str | None = shorten(f"{first.message}, retrying", 300)
+        else:
+            text, health = f"idle, {len(names)} queued", None
+        self.notifier.status(text)
+        self.status.update(state="idle" if first is None else "retrying", current=None, queue_length=len(names),
+                           queued=names[:100], held=self.held.names()[:100], health=health)
+
+def run_service(config: Config, config_path: str | os.PathLike[str] | None) -> int:
+    """`inpaintd run`: configure logging, run until SIGTERM; the exit code."""
+    try:
+        logs.configure_logging(config.logging.format, config.logging.level)
+    except Exception:  # noqa: BLE001 - logging setup must not keep the daemon from starting
+        log.exception("logging.setup_failed")
+    service = Service(config, Path(config_path) if config_path else None)
+    _log_backends(service.notifier)
+    try:
+        return service.run()
+    except BaseException:
+        try:
+            service.spool.close()
+        except OSError:
+            pass
+        raise
+
+
+def _adopt_library_loggers() -> None:
+    """transformers/diffusers install their own stderr handler on import; route them through ours."""
+    try:
+        logs.adopt_library_loggers()
+    except Exception:  # noqa: BLE001 - logging must never keep the daemon from running
+        log.exception("logging.adopt_failed")
+
+
+def _log_backends(notifier: Any) -> None:
+    try:
+        log.info("service.backends", **logs.describe_backends(notifier))
+    except Exception:  # noqa: BLE001
+        log.exception("logging.describe_failed")
