@@ -21,15 +21,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "daemon" / "inpaintd"
-LINT = Path(sys.executable).with_name("lint-imports")
 SUBPACKAGES = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
 DEFERRED = "# deferred: imports torch"
 
 
 def lint(package_parent: Path, config: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(package_parent)}
-    return subprocess.run([str(LINT), "--config", str(config), "--no-cache"], cwd=package_parent, env=env,
-                          capture_output=True, text=True, timeout=300)
+    command = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", command, "--config", str(config), "--no-cache"], cwd=package_parent,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_import_contracts_hold() -> None:
