@@ -117,6 +117,16 @@ def build_request(
             f"steps x strength = {params.steps} x {params.strength:g} runs no denoising step; raise steps or strength",
             {"steps": params.steps, "strength": params.strength},
         )
+    # The merged pair: the job, the config and the model's defaults may each supply one of them.
+    problem = config_mod.scheduler_steps_problem(params.scheduler, params.steps)
+    if problem:
+        raise JobError(
+            "options_invalid",
+            f"{problem} (steps from the {sources['steps']}, scheduler from the {sources['scheduler']})",
+            {"steps": params.steps, "scheduler": params.scheduler,
+             "max_steps": config_mod.SCHEDULER_MAX_STEPS[params.scheduler],
+             "sources": {"steps": sources["steps"], "scheduler": sources["scheduler"]}},
+        )
     roi_overrides = {key: checked[key] for key in _ROI_KEYS if key in checked}
     return JobRequest(
         name=name,
