@@ -8,6 +8,11 @@ Inbox contract:
 - loose files sharing a stem NAME: image `NAME.<ext>`, mask `NAME.mask.<ext>`, prompt
   `NAME.txt|NAME.yaml|NAME.json` (extensions case-insensitive);
 - or a folder `NAME/` holding `image.<ext>`, `mask.<ext>` and `prompt.txt|job.yaml|job.json`.
+Stems are compared by `job_key`: Unicode-normalised and case-folded, because one job's parts
+often come from different clients (macOS scp writes NFD `café.png`, Windows SMB NFC
+`café.mask.png`; a camera writes `IMG_1.JPG`, a script `img_1.mask.png`). Names on disk are
+never changed; the job is named after its image's own stem (else its folder's, else its first
+part's). Two images (masks, prompts) whose stems have one key are ambiguous, never guessed.
 A file counts once it has been unchanged for `settle_seconds` and, where the observer reports
 writes (inotify), once its writer closed it (`merge_hint`: an attribute change never hides a
 write or a close). A job is complete with an image, a mask (unless the image has an alpha
@@ -167,6 +172,16 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def job_key(stem: str) -> str:
+    """What two stems must share to be one job: canonically equivalent ignoring case.
+
+    Unicode's canonical caseless match, NFD(casefold(NFD(x))), up to the normal form: NFC is
+    used because it is what most clients write. Casefold (not lower) so "STRASSE" and "straße"
+    meet, as a case-insensitive SMB share would have them.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", stem).casefold())
+
+
 def parse_name(name: str) -> tuple[str, str] | None:
     """(stem, role) for a loose inbox file name; role is image, mask or prompt."""
     base, dot, ext = name.rpartition(".")
@@ -278,7 +293,7 @@ def is_settled(s: Seen, now: float, rules: Rules) -> bool:
 
 @dataclass
 class _Group:
-    name: str
+    name: str  # the first part's stem until _name_group picks the job's name
     folder: str | None = None
     entries: list[str] = field(default_factory=list)  # top-level entries
     members: list[str] = field(default_factory=list)  # every observed path that belongs
@@ -305,7 +320,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
             ignored.append((name, junk))
             continue
         if stat.kind is Kind.DIR:
-            group = groups.setdefault(name, _Group(name))
+            group = groups.setdefault(job_key(name), _Group(name))
             if group.folder is not None or group.entries:
                 group.conflict.append(name)
             group.folder = name
@@ -321,7 +336,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
             ignored.append((name, "not part of any job (unknown file type)"))
             continue
         stem, role = parsed
-        group = groups.setdefault(stem, _Group(stem))
+        group = groups.setdefault(job_key(stem), _Group(stem))
         if group.folder is not None:
             group.conflict.append(name)
         group.entries.append(name)
@@ -336,6 +351,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
     waiting: list[Waiting] = []
     probe: list[str] = []
     for group in groups.values():
+        group.name = _job_name(group)
         _decide(group, seen, now, rules, ready, rejected, waiting, probe)
     ready.sort(key=lambda j: (j.arrived, j.first_ctime_ns, j.name))
     return Plan(
@@ -351,6 +367,27 @@ def oversize_message(sizes: Mapping[str, int], limit: int) -> str:
     """The sentence for files over limits.max_input_bytes ({path: bytes})."""
     files = ", ".join(f"{p} is {size:,} bytes" for p, size in sorted(sizes.items()))
     return f"input too large: {files}; the limit is {limit:,} bytes (limits.max_input_bytes); not read"
+
+
+def _job_name(group: _Group) -> str:
+    """The name outputs and records get: the image's own stem, else the folder's, else the first part's."""
+    if group.folder is not None:
+        return group.folder
+    images = sorted(group.roles["image"])
+    if images:
+        parsed = parse_name(images[0])
+        if parsed is not None:
+            return parsed[0]
+    return group.name
+
+
+def _spelling_note(names: list[str]) -> str:
+    """Why names that differ in spelling are one job's parts, when they do."""
+    stems = {n.partition("/")[0] if "/" in n else (parse_name(n) or (n, ""))[0] for n in names}
+    if len(stems) < 2:
+        return ""
+    return ("; their names differ only in letter case or Unicode normalisation, and stems are "
+            "compared without either (one job per name, whichever client wrote it)")
 
 
 def _unsafe(path: str, stat: Stat) -> str | None:
@@ -429,12 +466,17 @@ def _decide(
         return
 
     if group.conflict:
+        folders = sorted(e for e in entries if seen[e].stat.kind is Kind.DIR)
+        if len(folders) > 1:
+            message = f"more than one job folder for job {group.name}: {', '.join(f + '/' for f in folders)}; keep exactly one"
+        else:
+            message = (f"both a job folder {group.folder}/ and loose files named {group.folder}.* are present "
+                       f"({', '.join(e for e in entries if e not in folders)}); send a job one way only")
         rejected.append(
             Rejected(
                 group.name,
                 AMBIGUOUS,
-                f"both a job folder {group.name}/ and loose files named {group.name}.* are present; "
-                "send a job one way only",
+                message + _spelling_note(list(entries)),
                 entries,
                 {"entries": list(entries)},
             )
@@ -448,7 +490,8 @@ def _decide(
                 Rejected(
                     group.name,
                     AMBIGUOUS,
-                    f"more than one {role} for job {group.name}: {', '.join(names)}; keep exactly one",
+                    f"more than one {role} for job {group.name}: {', '.join(names)}; keep exactly one"
+                    + _spelling_note(names),
                     entries,
                     {"role": role, "entries": names},
                 )
