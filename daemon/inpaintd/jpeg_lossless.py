@@ -111,8 +111,12 @@ def inspect(data: bytes) -> JpegLayout:
     """The layout of an input JPEG, or Unsupported with the reason the splice cannot keep it exact."""
     frame = None
     transform = None  # Adobe APP14 colour transform: 0 = none (RGB/CMYK), 1 = YCbCr, 2 = YCCK
+    jfif = False
+    ids: tuple[int, ...] = ()
     for marker, seg in segments(data):
         body = seg[4:]
+        if marker == 0xE0 and body.startswith(b"JFIF\x00"):
+            jfif = True
         if marker == 0xE2 and body.startswith(b"MPF\x00"):
             raise Unsupported("multi-picture (MPO) file: its extra frames and their offsets would not survive")
         if marker == 0xEE and body.startswith(b"Adobe") and len(body) >= 12:
@@ -124,6 +128,7 @@ def inspect(data: bytes) -> JpegLayout:
             if precision != 8:
                 raise Unsupported(f"{precision}-bit JPEG")
             comps = tuple((body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count))
+            ids = tuple(body[6 + 3 * i] for i in range(count))
             frame = (_SOF_OK[marker], comps, int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big"))
     if frame is None:
         raise Unsupported("no frame header before the first scan")
@@ -132,11 +137,30 @@ def inspect(data: bytes) -> JpegLayout:
         raise Unsupported("CMYK JPEG" if transform != 2 else "YCCK JPEG")
     if len(comps) == 1:
         return JpegLayout(width, height, kind, ((1, 1),), 0)
-    if len(comps) == 3 and transform == 0:
-        raise Unsupported("RGB-coded JPEG (Adobe transform 0); only YCbCr and greyscale are spliced")
+    if len(comps) == 3:
+        rgb = _rgb_coded(jfif, transform, ids)
+        if rgb:
+            raise Unsupported(f"RGB-coded JPEG ({rgb}): its painted MCUs would be written as YCbCr; "
+                              "only YCbCr and greyscale are spliced")
     if len(comps) != 3 or comps[1] != (1, 1) or comps[2] != (1, 1) or comps[0] not in _SUBSAMPLING:
         raise Unsupported(f"sampling factors {list(comps)} (only 4:4:4, 4:2:2 and 4:2:0 are written with the input's layout)")
     return JpegLayout(width, height, kind, comps, _SUBSAMPLING[comps[0]])
+
+
+def _rgb_coded(jfif: bool, transform: int | None, ids: tuple[int, ...]) -> str | None:
+    """Why libjpeg decodes a 3-component frame as RGB, or None when it decodes it as YCbCr.
+
+    The same precedence as libjpeg-turbo's default_decompress_parms, since that is how the
+    input will be read: a JFIF marker means YCbCr; else an Adobe marker's transform decides
+    (0 = RGB); else component ids 'R', 'G', 'B' mean RGB.
+    """
+    if jfif:
+        return None
+    if transform is not None:
+        return "Adobe transform 0" if transform == 0 else None
+    if ids == (ord("R"), ord("G"), ord("B")):
+        return "component ids R, G, B and no JFIF or Adobe marker"
+    return None
 
 
 def stored_box(box: tuple[int, int, int, int], orientation: int, stored_size: tuple[int, int]) -> tuple[int, int, int, int]:
