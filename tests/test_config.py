@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
 from inpaintd.config import (
     _RANGES,
     SCHEDULER_MAX_STEPS,
@@ -114,7 +113,6 @@ def test_each_schedulers_bound_is_what_diffusers_accepts(scheduler: str) -> None
     """The real scheduler, built as the engine builds it from a model's config, takes the bound and
     refuses one more (the pipeline calls set_timesteps with the whole step count, strength later)."""
     from diffusers import PNDMScheduler
-
     from inpaintd.engine import make_scheduler
 
     model_config = PNDMScheduler(skip_prk_steps=True).config  # an SD-1.5 scheduler_config.json

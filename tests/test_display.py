@@ -7,7 +7,6 @@ import unicodedata
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from inpaintd.quoting import MESSAGE_CHARS, for_display, quote
 
 HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs"}

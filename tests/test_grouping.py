@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from inpaintd.grouping import (
     AMBIGUOUS,
     INCOMPLETE,
@@ -16,6 +17,7 @@ from inpaintd.grouping import (
     Seen,
     Stat,
     forget_writes,
+    job_key,
     junk_reason,
     merge_hint,
     observe,
@@ -309,9 +311,6 @@ def test_every_entry_lands_in_exactly_one_place_and_only_settled_safe_jobs_are_r
 
 # --------------------------------------------------------------------------- case and normalisation
 
-import unicodedata  # noqa: E402
-
-from inpaintd.grouping import job_key  # noqa: E402
 
 # Letters whose case mapping round-trips through casefold (Turkish dotless i does not, by design
 # of Unicode: "ı".upper() is "I", whose casefold is "i"), plus precomposed letters with a

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from inpaintd import jpeg_lossless
 from inpaintd.errors import JOB_ERROR_CODES, JobError
 from inpaintd.images import encode_image, load_image, load_mask, mask_from_alpha
+from PIL import Image, ImageCms
 
 MAX = 50_000_000
 
@@ -318,10 +320,6 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 # --------------------------------------------------------------------------- JPEGs cut short before an EOI
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from inpaintd import jpeg_lossless  # noqa: E402
 
 # Every JPEG layout the reader must keep taking; each is also cut up below.
 JPEG_VARIANTS = {

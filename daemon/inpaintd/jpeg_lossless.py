@@ -287,10 +287,10 @@ def _missing_scans(data: bytes) -> str | None:
         if scan.restart_interval and count >= 1 and members[0] in comps:
             if count == 1:  # non-interleaved: one block is one unit
                 h, v = comps[members[0]]
-                units = -(-(-(-width * h // hmax)) // 8) * -(-(-(-height * v // vmax)) // 8)
+                units = _ceil_div(_ceil_div(width * h, hmax), 8) * _ceil_div(_ceil_div(height * v, vmax), 8)
             else:
-                units = -(-width // (8 * hmax)) * -(-height // (8 * vmax))
-            expected = -(-units // scan.restart_interval) - 1
+                units = _ceil_div(width, 8 * hmax) * _ceil_div(height, 8 * vmax)
+            expected = _ceil_div(units, scan.restart_interval) - 1
             if scan.restarts != expected:
                 return f"a scan holds {scan.restarts} restart markers where its frame needs {expected}"
     if frame[0] in (0xC2, 0xCA):
@@ -299,6 +299,10 @@ def _missing_scans(data: bytes) -> str | None:
             return (f"progressive JPEG whose scans end before every coefficient is complete "
                     f"({missing} of {64 * len(comps)} missing)")
     return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def stored_box(box: tuple[int, int, int, int], orientation: int, stored_size: tuple[int, int]) -> tuple[int, int, int, int]:
