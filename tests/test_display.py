@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inpaintd.quoting import MESSAGE_CHARS, for_display, quote
+from inpaintd.quoting import MESSAGE_CHARS, for_display, quote, record_json
 
 HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs"}
 
@@ -79,3 +80,19 @@ def test_a_cut_never_splits_an_escape() -> None:
     body, _, marker = shown.partition("...")
     assert body == "\\x1b" * (len(body) // 4)
     assert marker == f" [{500 - len(body) // 4:,} more characters]"
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(texts, st.one_of(texts, st.lists(texts, max_size=3)), max_size=4), st.sampled_from([None, 2]))
+def test_a_record_keeps_every_value_exactly_and_shows_nothing_hidden(record: dict, indent: int | None) -> None:
+    encoded = record_json(record, indent)
+    assert json.loads(encoded) == record
+    assert hidden(encoded.replace("\n", "")) == []
+    encoded.encode("utf-8")  # writable as UTF-8 without surrogateescape
+
+
+def test_a_record_of_the_reported_names() -> None:
+    name = "a\x9b31m\u202egnp.png\udcff"
+    encoded = record_json({"job": name, "message": "x"})
+    assert '"job": "a\\u009b31m\\u202egnp.png\\udcff"' in encoded and json.loads(encoded)["job"] == name
+    assert record_json({"job": "café"}, None) == '{"job": "café"}'  # readable where safe

@@ -13,8 +13,10 @@ Two audiences, two functions:
   (`\x1b`, `\u202e`), and so are lone surrogates from undecodable bytes (`\udcff`).
   `quote` is display-safe too (repr escapes the same characters); `shorten` is not: it only
   bounds length, for text already safe or bound for a machine record.
-- for a machine record (error.json `details`, the sidecar's inputs, the JSON log's fields):
-  the exact name, JSON-encoded, so a consumer can find the file; never escaped here.
+- for a machine record (error.json, the sidecar, the JSON log's fields): the exact name, so a
+  consumer can find the file, JSON-encoded by `record_json`, which writes every hidden
+  character as a JSON escape (json.loads gives the exact name back, and `cat` shows no raw
+  control); `json.dumps(ensure_ascii=False)` alone leaves C1 controls and bidi raw.
 """
 
 from __future__ import annotations
@@ -77,6 +79,28 @@ def for_display(text: str, limit: int = MESSAGE_CHARS) -> str:
         kept.append(piece)
         used += len(piece)
     return "".join(kept) + f"... [{len(text) - len(kept):,} more characters]"
+
+
+def record_json(data: Any, indent: int | None = 2) -> str:
+    """JSON for a machine record: exact values, no hidden character raw (escaped as \\uXXXX).
+
+    Other non-ASCII text stays readable (ensure_ascii=False); a lone surrogate (an undecodable
+    byte of a file name) is written as its escape, which json.loads turns back into it.
+    """
+    text = json.dumps(data, indent=indent, ensure_ascii=False, default=str)
+    # json.dumps escapes U+0000-U+001F inside strings, so a raw one is the indentation's newline.
+    # Every other hidden character is inside a string, where its escape means the same character.
+    return "".join(
+        _json_escape(c) if c >= " " and unicodedata.category(c) in _HIDDEN_CATEGORIES else c for c in text
+    )
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
