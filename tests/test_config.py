@@ -6,8 +6,16 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
-from inpaintd.core.config import Config, config_from_dict, load_config, replace_section
+from inpaintd.core.config import (
+    _RANGES,
+    SCHEDULER_MAX_STEPS,
+    SCHEDULERS,
+    Config,
+    config_from_dict,
+    load_config,
+    replace_section,
+    scheduler_steps_problem,
+)
 from inpaintd.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,3 +87,39 @@ def test_replace_section_validates_like_a_file() -> None:
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
+
+
+# ----------------------------------------------------------------------------- steps per scheduler
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
+def test_too_many_steps_for_a_distilled_scheduler_is_a_config_error(scheduler: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"inference": {"scheduler": scheduler, "steps": 51}})
+    assert caught.value.key == "inference.steps"
+    assert "at most 50" in caught.value.message
+    assert config_from_dict({"inference": {"scheduler": scheduler, "steps": 50}}).inference.steps == 50
+
+
+def test_steps_are_bounded_only_for_the_schedulers_that_need_it() -> None:
+    assert config_from_dict({"inference": {"scheduler": "euler", "steps": 150}}).inference.steps == 150
+    # Either alone is fine: the model's defaults may supply the other (checked per job then).
+    assert config_from_dict({"inference": {"steps": 150}}).inference.steps == 150
+    assert config_from_dict({"inference": {"scheduler": "lcm"}}).inference.scheduler == "lcm"
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_each_schedulers_bound_is_what_diffusers_accepts(scheduler: str) -> None:
+    """The real scheduler, built as the engine builds it from a model's config, takes the bound and
+    refuses one more (the pipeline calls set_timesteps with the whole step count, strength later)."""
+    from diffusers import PNDMScheduler
+    from inpaintd.engine.schedulers import make_scheduler
+
+    model_config = PNDMScheduler(skip_prk_steps=True).config  # an SD-1.5 scheduler_config.json
+    bound = SCHEDULER_MAX_STEPS.get(scheduler, _RANGES["inference.steps"][1])
+    make_scheduler(scheduler, model_config).set_timesteps(int(bound))
+    if scheduler in SCHEDULER_MAX_STEPS:
+        with pytest.raises(ValueError):
+            make_scheduler(scheduler, model_config).set_timesteps(int(bound) + 1)
+        assert scheduler_steps_problem(scheduler, int(bound)) is None
+        assert scheduler_steps_problem(scheduler, int(bound) + 1) is not None

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from inpaintd.intake.grouping import AMBIGUOUS, INCOMPLETE, TOO_LARGE, UNSAFE, Hint, Kind, Rules, Seen, Stat, forget_writes, junk_reason, merge_hint, observe, parse_name, plan, with_alpha
+from inpaintd.intake.grouping import (
+    AMBIGUOUS,
+    INCOMPLETE,
+    TOO_LARGE,
+    UNSAFE,
+    Hint,
+    Kind,
+    Rules,
+    Seen,
+    Stat,
+    forget_writes,
+    merge_hint,
+    observe,
+    plan,
+    with_alpha,
+)
+from inpaintd.intake.names import job_key, junk_reason, parse_name
 
 RULES = Rules(settle_seconds=2.0, incomplete_timeout=60.0)
 
@@ -288,3 +305,78 @@ def test_every_entry_lands_in_exactly_one_place_and_only_settled_safe_jobs_are_r
         if require_prompt:
             assert job.prompt is not None
     assert plan(dict(reversed(list(seen.items()))), now, rules) == p
+
+
+# --------------------------------------------------------------------------- case and normalisation
+
+
+# Letters whose case mapping round-trips through casefold (Turkish dotless i does not, by design
+# of Unicode: "ı".upper() is "I", whose casefold is "i"), plus precomposed letters with a
+# decomposed form, the German sharp s ("STRASSE"/"straße") and final sigma.
+_STEM_CHARS = "abcxyzABCXYZ019 _-éÉüÜñÑçÇåÅøØœŒßσςΣ"
+stems = st.text(alphabet=_STEM_CHARS, min_size=1, max_size=12).filter(lambda s: s[0].isalnum())
+
+
+@st.composite
+def spelling(draw: st.DrawFn, stem: str) -> str:
+    """One client's spelling of `stem`: each letter in some case, the whole in NFC or NFD."""
+    chars = [draw(st.sampled_from([c, c.upper(), c.lower(), c.casefold()])) for c in stem]
+    return unicodedata.normalize(draw(st.sampled_from(["NFC", "NFD"])), "".join(chars))
+
+
+def ext(draw: st.DrawFn, choices: tuple[str, ...]) -> str:
+    e = draw(st.sampled_from(choices))
+    return draw(st.sampled_from([e, e.upper(), e.capitalize()]))
+
+
+@settings(max_examples=300)
+@given(st.data(), stems)
+def test_any_case_and_normalisation_of_one_jobs_parts_is_one_ready_job(data: st.DataObject, stem: str) -> None:
+    image = f"{data.draw(spelling(stem))}.{ext(data.draw, ('png', 'jpg', 'webp', 'tif'))}"
+    mask = f"{data.draw(spelling(stem))}.{data.draw(st.sampled_from(['mask', 'MASK', 'Mask']))}.{ext(data.draw, ('png', 'bmp'))}"
+    prompt = f"{data.draw(spelling(stem))}.{ext(data.draw, ('txt', 'yaml', 'json'))}"
+    result = plan(seen_at(0.0, image, mask, prompt), 5.0, Rules(2.0, 60.0, require_prompt=True))
+    assert (result.rejected, result.waiting, result.ignored) == ((), (), ())
+    (job,) = result.ready
+    assert (job.image, job.mask, job.prompt) == (image, mask, prompt)  # the names on disk, untouched
+    assert job.name == image.rpartition(".")[0]  # named after the image as its sender spelled it
+    assert job.entries == tuple(sorted((image, mask, prompt)))
+
+
+def test_macos_nfd_and_windows_nfc_parts_join():
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    assert nfd != nfc and job_key(nfd) == job_key(nfc)
+    (job,) = plan(seen_at(0.0, f"{nfd}.png", f"{nfc}.mask.png", f"{nfc}.txt"), 5.0, RULES).ready
+    assert job.name == nfd and job.image == f"{nfd}.png"
+    (job,) = plan(seen_at(0.0, "Photo.png", "photo.mask.png", "PHOTO.txt"), 5.0, RULES).ready
+    assert (job.name, job.mask, job.prompt) == ("Photo", "photo.mask.png", "PHOTO.txt")
+    (job,) = plan(seen_at(0.0, "STRASSE.jpg", "straße.mask.png"), 5.0, RULES).ready
+    assert job.name == "STRASSE"
+
+
+def test_two_images_whose_names_differ_only_in_case_are_ambiguous_naming_both():
+    (rej,) = plan(seen_at(0.0, "Same.png", "same.png", "same.mask.png"), 5.0, RULES).rejected
+    assert rej.code == AMBIGUOUS
+    assert "Same.png, same.png" in rej.message and "letter case or Unicode normalisation" in rej.message
+    assert rej.entries == ("Same.png", "same.mask.png", "same.png") and rej.details["entries"] == ["Same.png", "same.png"]
+    assert rej.name == "Same"  # the record folder: one of the images' own stems
+
+
+def test_the_same_name_in_nfc_and_nfd_twice_is_ambiguous():
+    nfd, nfc = unicodedata.normalize("NFD", "café.png"), unicodedata.normalize("NFC", "café.png")
+    (rej,) = plan(seen_at(0.0, nfd, nfc, "café.mask.png"), 5.0, RULES).rejected
+    assert rej.code == AMBIGUOUS and rej.details["entries"] == sorted([nfd, nfc])
+    assert "Unicode normalisation" in rej.message
+
+
+def test_folders_and_loose_files_differing_in_case_clash():
+    (rej,) = plan(seen_at(0.0, "Job/", "Job/image.png", "Job/mask.png", "job.png"), 5.0, RULES).rejected
+    assert rej.code == AMBIGUOUS and rej.entries == ("Job", "job.png")
+    assert "job folder Job/ and loose files" in rej.message and "(job.png)" in rej.message
+    (rej,) = plan(seen_at(0.0, "Job/", "Job/image.png", "JOB/", "JOB/image.png"), 5.0, RULES).rejected
+    assert rej.code == AMBIGUOUS and "more than one job folder" in rej.message and "JOB/, Job/" in rej.message
+
+
+def test_unrelated_names_stay_apart():
+    result = plan(seen_at(0.0, "a.png", "a.mask.png", "b.png", "b.mask.png", "å.png", "å.mask.png"), 5.0, RULES)
+    assert sorted(j.name for j in result.ready) == ["a", "b", "å"]

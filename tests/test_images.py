@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from inpaintd.core.errors import JOB_ERROR_CODES, JobError
 from inpaintd.paint.images import encode_image, load_image, load_mask, mask_from_alpha
+from inpaintd.paint.jpeg_lossless import entropy_problem, segments
+from PIL import Image, ImageCms
 
 MAX = 50_000_000
 
@@ -314,3 +316,86 @@ def _png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+# --------------------------------------------------------------------------- JPEGs cut short before an EOI
+
+
+# Every JPEG layout the reader must keep taking; each is also cut up below.
+JPEG_VARIANTS = {
+    "baseline 4:2:0": ("RGB", {}),
+    "baseline 4:2:2": ("RGB", {"subsampling": 1}),
+    "baseline 4:4:4": ("RGB", {"subsampling": 0}),
+    "optimised tables": ("RGB", {"optimize": True}),
+    "progressive": ("RGB", {"progressive": True}),
+    "restart markers": ("RGB", {"restart_marker_blocks": 2}),
+    "restart rows": ("RGB", {"restart_marker_rows": 1, "subsampling": 0}),
+    "progressive + restarts": ("RGB", {"progressive": True, "restart_marker_rows": 1}),
+    "greyscale": ("L", {}),
+    "greyscale progressive": ("L", {"progressive": True}),
+    "CMYK": ("CMYK", {}),
+}
+
+
+def photo_jpeg(mode: str, options: dict, size: tuple[int, int] = (152, 120)) -> bytes:
+    """Gradients and noise, odd sizes (partial MCUs at the edges): compresses like a photo."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(3).integers(-12, 13, (height, width, 3))
+    rgb = np.clip(np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1) + noise, 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).convert(mode).save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def entropy_coded(data: bytes) -> tuple[int, int]:
+    """(start, end) of everything from the first scan's data up to the final EOI."""
+    start = 2 + sum(len(seg) for _, seg in segments(data))
+    assert data.endswith(b"\xff\xd9")
+    return start, len(data) - 2
+
+
+@pytest.mark.parametrize("variant", list(JPEG_VARIANTS))
+def test_every_valid_jpeg_layout_still_decodes(tmp_path, variant):
+    mode, options = JPEG_VARIANTS[variant]
+    data = photo_jpeg(mode, options)
+    assert entropy_problem(data) is None
+    image = load_image(_write(tmp_path / "ok.jpg", data), MAX)
+    assert image.size == (152, 120)
+    # A few bytes of padding before EOI, as some cameras write: still whole, still taken.
+    padded = data[:-2] + b"\x00\x00\x00" + data[-2:]
+    assert load_image(_write(tmp_path / "padded.jpg", padded), MAX).size == (152, 120)
+
+
+@pytest.mark.parametrize("variant", list(JPEG_VARIANTS))
+def test_the_middle_third_cut_out_before_eoi_is_unreadable(tmp_path, variant):
+    """The reported file: libjpeg decodes it without an error, a third of it flat grey."""
+    data = photo_jpeg(*JPEG_VARIANTS[variant])
+    start, end = entropy_coded(data)
+    third = (end - start) // 3
+    cut = data[: start + third] + data[start + 2 * third :]
+    error = raises("image_unreadable", load_image, _write(tmp_path / "cut.jpg", cut), MAX)
+    assert "corrupt or truncated" in error.message
+    raises("mask_unreadable", load_mask, _write(tmp_path / "cut.mask.jpg", cut), (152, 120), MAX)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(variant=st.sampled_from(list(JPEG_VARIANTS)), data=st.data())
+def test_any_cut_of_a_tenth_or_more_before_eoi_is_unreadable(tmp_path, variant, data):
+    """Wherever a slice of the scans goes missing (the EOI kept), the file is refused, never painted."""
+    jpeg = photo_jpeg(*JPEG_VARIANTS[variant])
+    start, end = entropy_coded(jpeg)
+    length = end - start
+    size = data.draw(st.integers(max(1, length // 10), length - 1), label="bytes cut")
+    at = data.draw(st.integers(start, end - size), label="cut at")
+    cut = jpeg[:at] + jpeg[at + size :]
+    raises("image_unreadable", load_image, _write(tmp_path / "cut.jpg", cut), MAX)
+
+
+def test_a_file_name_in_a_message_shows_no_bidi_or_control_character(tmp_path):
+    import unicodedata
+
+    path = _write(tmp_path / "photo\u202egpj.exe\u2066.png", b"not an image")
+    error = raises("image_unreadable", load_image, path, MAX)
+    assert "photo\\u202egpj.exe\\u2066.png" in error.message
+    assert not [c for c in error.message if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs")]

@@ -23,24 +23,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-from PIL import Image
-
-from daemon_harness import Daemon, Dirs, drop_job, image_bytes, mask_bytes, put, read_status, wait_for
+from daemon_harness import (
+    Daemon,
+    Dirs,
+    drop_job,
+    image_bytes,
+    mask_bytes,
+    put,
+    read_status,
+    wait_for,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from inpaintd.core.boundary import classify
-from inpaintd.core.quoting import LOG_VALUE_CHARS, MESSAGE_CHARS, TRACEBACK_CHARS
-from inpaintd.intake import grouping
-from inpaintd.intake.grouping import DERIVED_SUFFIX_BYTES, Kind, NAME_TOO_LONG, Rules, Seen, Stat, junk_reason
-from inpaintd.paint.images import encode_image, load_image, load_mask, probe_alpha
-from inpaintd.paint.jobspec import build_request, load_job_options
-from inpaintd.store.fsutil import move_entry, rename_distinct
-from inpaintd.store.records import archive_inputs, error_record, fail_claim, record_dir_name
-from inpaintd.store import outbox, records
 from inpaintd.core.config import LimitsConfig, config_from_dict
 from inpaintd.core.errors import JobError
-from inpaintd.intake.grouping import JobGroup
+from inpaintd.core.quoting import LOG_VALUE_CHARS, MESSAGE_CHARS, TRACEBACK_CHARS
+from inpaintd.intake import grouping
+from inpaintd.intake.grouping import NAME_TOO_LONG, JobGroup, Kind, Rules, Seen, Stat
+from inpaintd.intake.names import DERIVED_SUFFIX_BYTES, junk_reason
+from inpaintd.paint.images import encode_image, load_image, load_mask, probe_alpha
+from inpaintd.paint.jobspec import build_request, load_job_options
 from inpaintd.service.logs import bound_fields
+from inpaintd.store import outbox, records
+from inpaintd.store.fsutil import move_entry, rename_distinct
+from inpaintd.store.records import (
+    archive_inputs,
+    error_record,
+    fail_claim,
+    record_dir_name,
+)
 from inpaintd.store.status import StatusFile
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DDS_HEADER = b"DDS " + (124).to_bytes(4, "little") + b"\x07\x10\x08\x00" + b"\x40\x00\x00\x00" * 2 + b"\0" * 112
@@ -149,8 +163,8 @@ def job_config(tmp_path: Path, **limits):
 
 
 def test_a_mask_of_hundreds_of_specks_is_merged_down_to_max_regions(tmp_path: Path, tiny_engine) -> None:
-    from inpaintd.paint.jobspec import build_request
     from inpaintd.paint.job import run_job
+    from inpaintd.paint.jobspec import build_request
 
     image = write_png(tmp_path / "i.png", np.full((400, 400, 3), 120, dtype=np.uint8))
     mask = write_png(tmp_path / "m.png", dots(400, 16))  # 625 specks
@@ -161,8 +175,8 @@ def test_a_mask_of_hundreds_of_specks_is_merged_down_to_max_regions(tmp_path: Pa
 
 
 def test_far_apart_specks_beyond_max_regions_fail_before_any_model_pass(tmp_path: Path, tiny_engine) -> None:
-    from inpaintd.paint.jobspec import build_request
     from inpaintd.paint.job import run_job
+    from inpaintd.paint.jobspec import build_request
 
     image = write_png(tmp_path / "i.png", np.full((1000, 1000, 3), 120, dtype=np.uint8))
     mask = write_png(tmp_path / "m.png", dots(1000, 200))  # 25 specks 200 px apart, merge stops at 128
@@ -174,8 +188,8 @@ def test_far_apart_specks_beyond_max_regions_fail_before_any_model_pass(tmp_path
 
 
 def test_regions_times_steps_over_the_budget_fail_before_any_model_pass(tmp_path: Path, tiny_engine) -> None:
-    from inpaintd.paint.jobspec import build_request
     from inpaintd.paint.job import run_job
+    from inpaintd.paint.jobspec import build_request
 
     image = write_png(tmp_path / "i.png", np.full((64, 64, 3), 120, dtype=np.uint8))
     mask = write_png(tmp_path / "m.png", dots(64, 64))

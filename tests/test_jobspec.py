@@ -6,8 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-
-from inpaintd.core.config import BUILTIN_INFERENCE, Config, LimitsConfig
+from inpaintd.core.config import (
+    BUILTIN_INFERENCE,
+    Config,
+    LimitsConfig,
+    config_from_dict,
+)
 from inpaintd.core.errors import JobError
 from inpaintd.paint.jobspec import build_request, load_job_options
 
@@ -95,3 +99,27 @@ def test_a_symlinked_prompt_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(JobError) as caught:
         load_job_options(link, LIMITS)
     assert caught.value.code == "job_unsafe"
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
+def test_too_many_steps_for_lcm_or_tcd_fail_the_job_as_options_invalid(tmp_path: Path, scheduler: str) -> None:
+    options = load_job_options(write(tmp_path / "a.yaml", f"scheduler: {scheduler}\nsteps: 51\nstrength: 0.5\n"),
+                               LimitsConfig())
+    with pytest.raises(JobError) as caught:
+        build_request("a", tmp_path / "a.png", None, options, Config())
+    assert caught.value.code == "options_invalid"
+    assert "at most 50" in caught.value.message
+    assert caught.value.details["max_steps"] == 50
+    ok = build_request("a", tmp_path / "a.png", None, {**options, "steps": 50}, Config())
+    assert (ok.params.scheduler, ok.params.steps) == (scheduler, 50)
+
+
+def test_the_bound_applies_to_the_merged_settings(tmp_path: Path) -> None:
+    """A job asking for LCM on a config of 60 steps, and a model whose defaults say LCM with a job's 60 steps."""
+    config = config_from_dict({"inference": {"steps": 60}})
+    with pytest.raises(JobError) as caught:
+        build_request("a", tmp_path / "a.png", None, {"scheduler": "lcm"}, config)
+    assert "steps from the config, scheduler from the job" in caught.value.message
+    with pytest.raises(JobError) as caught:
+        build_request("a", tmp_path / "a.png", None, {"steps": 60}, Config(), model_defaults={"scheduler": "tcd"})
+    assert caught.value.details["sources"] == {"steps": "job", "scheduler": "model"}

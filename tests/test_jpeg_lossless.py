@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageCms
-
-from inpaintd.paint import job as paint_job
-from inpaintd.paint.jpeg_lossless import carry_markers, metadata_segments, stored_box
 from inpaintd.core.config import config_from_dict
+from inpaintd.paint import job as paint_job
 from inpaintd.paint.jobspec import build_request
+from inpaintd.paint import jpeg_lossless
+from inpaintd.paint.jpeg_lossless import carry_markers, metadata_segments, stored_box
+from PIL import Image, ImageCms
 
 JPEGTRAN = shutil.which("jpegtran")
 needs_jpegtran = pytest.mark.skipif(
@@ -299,3 +299,84 @@ def test_a_display_box_maps_to_the_stored_pixels_pillows_transpose_puts_it_on(or
     expected = np.zeros_like(stored)
     expected[sy0:sy1, sx0:sx1] = 1
     assert np.array_equal(stored, expected)
+
+
+# --------------------------------------------------------------------------- RGB-coded JPEGs
+
+_JFIF = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+
+
+def rgb_coded(image: Image.Image, ids: bytes = b"RGB", adobe: int | None = None, jfif: bool = False) -> bytes:
+    """A JPEG whose three components hold R, G and B (no colour transform), with the given
+    component ids and markers: Pillow writes one with keep_rgb (ids R, G, B, Adobe transform 0),
+    and its segments are rewritten here into the other variants decoders meet."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", keep_rgb=True, subsampling=0, quality=95)
+    data = buffer.getvalue()
+    out = [b"\xff\xd8"]
+    if jfif:
+        out.append(_JFIF)
+    body_start = 2
+    for marker, seg in jpeg_lossless.segments(data):
+        body_start += len(seg)
+        if marker == 0xEE:
+            if adobe is not None:
+                out.append(seg[:15] + bytes([adobe]))
+            continue
+        seg = bytearray(seg)
+        if marker == 0xC0:  # SOF0: id, sampling, table per component from byte 10
+            for i in range(3):
+                seg[10 + 3 * i] = ids[i]
+        if marker == 0xDA:  # SOS: id, tables per component from byte 5
+            for i in range(3):
+                seg[5 + 2 * i] = ids[i]
+        out.append(bytes(seg))
+    return b"".join(out) + data[body_start:]
+
+
+@pytest.mark.parametrize("jfif", [False, True])
+@pytest.mark.parametrize("adobe", [None, 0, 1])
+@pytest.mark.parametrize("ids", [b"RGB", b"\x01\x02\x03", b"\x00\x01\x02"])
+def test_the_rgb_rule_is_how_the_decoder_reads_the_file(jfif, adobe, ids):
+    """inspect calls a file RGB-coded exactly when Pillow's libjpeg decodes it as RGB (no transform)."""
+    colour = (200, 0, 40)
+    data = rgb_coded(Image.new("RGB", (16, 16), colour), ids, adobe, jfif)
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[8, 8]
+    read_as_rgb = bool(np.abs(decoded.astype(int) - colour).max() <= 3)
+    try:
+        jpeg_lossless.inspect(data)
+        refused = False
+    except jpeg_lossless.Unsupported as exc:
+        assert "RGB-coded" in str(exc)
+        refused = True
+    assert refused == read_as_rgb, (decoded, jfif, adobe, ids)
+
+
+@needs_jpegtran
+@pytest.mark.parametrize("adobe", [None, 0])
+def test_an_rgb_coded_jpeg_is_reencoded_and_keeps_its_colours(tmp_path, adobe):
+    """The splice would write the painted MCUs as YCbCr into a file read as RGB: wrong colours."""
+    from inpaintd.paint.images import load_image
+
+    path = tmp_path / "in.jpg"
+    path.write_bytes(rgb_coded(photo(96, 80), b"RGB", adobe))
+    source = load_image(path, 10**7)
+    pixels = source.pixels.copy()
+    box = (40, 24, 72, 56)
+    pixels[box[1] : box[3], box[0] : box[2]] = (230, 30, 60)  # what the model "painted"
+    data, extension, report = paint_job.encode_output(pixels, None, source, "same", 95, [box])
+    assert extension == "jpg" and report is not None
+    assert report["jpeg_mode"] == "reencoded" and "RGB-coded" in report["jpeg_reason"], report
+    written = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    painted = written[box[1] + 4 : box[3] - 4, box[0] + 4 : box[2] - 4]
+    assert np.abs(painted - (230, 30, 60)).max() <= 12
+    assert np.abs(written - pixels).mean() <= 8  # photo noise through a q95 re-encode; swapped colours are ~100
+
+
+@needs_jpegtran
+def test_an_rgb_coded_jpeg_job_says_why_it_was_reencoded(tiny_engine, tmp_path):
+    image_path = tmp_path / "in.jpg"
+    image_path.write_bytes(rgb_coded(photo(96, 80)))
+    result = run_job(tiny_engine, tmp_path, image_path, (96, 80), (40, 30, 50, 40))
+    output = result.sidecar["output"]
+    assert output["jpeg_mode"] == "reencoded" and "component ids R, G, B" in output["jpeg_reason"], output

@@ -29,6 +29,12 @@ SCHEDULERS = (
     "tcd",
     "pndm",
 )
+# The most steps a scheduler accepts. LCM and TCD sample a subset of the schedule they were
+# distilled on (diffusers' `original_inference_steps`, 50 unless a model's scheduler config says
+# otherwise) and their set_timesteps raises for more. The pipeline calls set_timesteps with the
+# full step count and applies strength afterwards, so the bound is on steps, not steps x strength.
+SCHEDULER_MAX_STEPS: dict[str, int] = {"lcm": 50, "tcd": 50}
+
 OUTPUT_FORMATS = ("same", "png", "jpg", "webp")
 
 
@@ -329,6 +335,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if int(steps * strength) < 1:
             raise ConfigError(f"{prefix}strength", f"steps x strength ({steps} x {strength:g}) must "
                                                    "make at least one denoising step")
+    if cls is InferenceConfig and config.steps is not None and config.scheduler is not None:
+        problem = scheduler_steps_problem(config.scheduler, config.steps)
+        if problem:
+            raise ConfigError(f"{prefix}steps", problem)
     if cls is RoiConfig and config.min_size > config.max_size:
         raise ConfigError(f"{prefix}min_size", f"must be <= roi.max_size ({config.max_size})")
     if cls is FleetConfig and config.heartbeat_seconds * 3 > config.lease_seconds:
@@ -337,6 +347,15 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if cls is RoiConfig and min(config.bucket_sides) > config.max_size:
         raise ConfigError(f"{prefix}bucket_sides", f"needs a side <= roi.max_size ({config.max_size})")
     return config
+
+
+def scheduler_steps_problem(scheduler: str, steps: int) -> str | None:
+    """Why `steps` is too many for `scheduler`, or None."""
+    bound = SCHEDULER_MAX_STEPS.get(scheduler)
+    if bound is None or steps <= bound:
+        return None
+    return (f"{steps} steps are too many for scheduler {scheduler}: it samples the {bound}-step schedule "
+            f"it was distilled on, so at most {bound} (it is meant for 2-8)")
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

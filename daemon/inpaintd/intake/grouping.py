@@ -8,6 +8,11 @@ Inbox contract:
 - loose files sharing a stem NAME: image `NAME.<ext>`, mask `NAME.mask.<ext>`, prompt
   `NAME.txt|NAME.yaml|NAME.json` (extensions case-insensitive);
 - or a folder `NAME/` holding `image.<ext>`, `mask.<ext>` and `prompt.txt|job.yaml|job.json`.
+Stems are compared by `job_key`: Unicode-normalised and case-folded, because one job's parts
+often come from different clients (macOS scp writes NFD `café.png`, Windows SMB NFC
+`café.mask.png`; a camera writes `IMG_1.JPG`, a script `img_1.mask.png`). Names on disk are
+never changed; the job is named after its image's own stem (else its folder's, else its first
+part's). Two images (masks, prompts) whose stems have one key are ambiguous, never guessed.
 A file counts once it has been unchanged for `settle_seconds` and, where the observer reports
 writes (inotify), once its writer closed it (`merge_hint`: an attribute change never hides a
 write or a close). A job is complete with an image, a mask (unless the image has an alpha
@@ -18,17 +23,18 @@ over `max_input_bytes` is rejected as soon as it settled, from its size alone.
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable, Mapping
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")
-PROMPT_EXTENSIONS = ("txt", "yaml", "json")
-FOLDER_PROMPT_NAMES = ("prompt.txt", "prompt.yaml", "prompt.json", "job.txt", "job.yaml", "job.json")
-
-JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
-JUNK_SUFFIXES = (".part", ".partial", ".tmp", ".filepart", ".crdownload")
+from .names import (
+    DERIVED_SUFFIX_BYTES,
+    job_key,
+    junk_reason,
+    name_problem,
+    parse_folder_member,
+    parse_name,
+)
 
 # Codes for rejections decided here (see errors.JOB_ERROR_CODES).
 INCOMPLETE = "job_incomplete"
@@ -36,9 +42,6 @@ UNSAFE = "job_unsafe"
 AMBIGUOUS = "job_ambiguous"
 TOO_LARGE = "input_too_large"
 NAME_TOO_LONG = "name_too_long"
-# The longest name derived from a job's NAME: a distinct output "NAME-9999.webp"/".json" (outbox)
-# and "NAME-9999" (failed/, archive/).
-DERIVED_SUFFIX_BYTES = len("-9999.webp")
 
 
 class Kind(str, Enum):
@@ -139,60 +142,6 @@ class Plan:
 # --------------------------------------------------------------------------- names
 
 
-def junk_reason(name: str) -> str | None:
-    """Why a file name is client debris to ignore, or None for a real name."""
-    lower = name.lower()
-    if name.startswith("._"):
-        return "AppleDouble file"
-    if name.startswith("."):
-        return "hidden or temporary file (dotfile, rsync temp)"
-    if name.startswith("~$"):
-        return "Office lock file"
-    if lower in JUNK_NAMES:
-        return "system file"
-    for suffix in JUNK_SUFFIXES:
-        if lower.endswith(suffix):
-            return f"partial upload ({suffix})"
-    return None
-
-
-def name_problem(name: str) -> str | None:
-    """Why a name cannot be used safely (escapes the inbox, unprintable), or None."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        return "name escapes the inbox"
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
-        return "name is not valid UTF-8"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "name contains control characters"
-    return None
-
-
-def parse_name(name: str) -> tuple[str, str] | None:
-    """(stem, role) for a loose inbox file name; role is image, mask or prompt."""
-    base, dot, ext = name.rpartition(".")
-    if not dot or not base:
-        return None
-    ext = ext.lower()
-    if ext in IMAGE_EXTENSIONS:
-        if base.lower().endswith(".mask") and len(base) > len(".mask"):
-            return base[: -len(".mask")], "mask"
-        return base, "image"
-    if ext in PROMPT_EXTENSIONS:
-        return base, "prompt"
-    return None
-
-
-def parse_folder_member(name: str) -> str | None:
-    """Role of a file inside a job folder: image.*, mask.*, prompt.txt|job.yaml|job.json."""
-    lower = name.lower()
-    base, dot, ext = lower.rpartition(".")
-    if dot and ext in IMAGE_EXTENSIONS and base in ("image", "mask"):
-        return base
-    if lower in FOLDER_PROMPT_NAMES:
-        return "prompt"
-    return None
-
-
 # --------------------------------------------------------------------------- observing
 
 
@@ -278,7 +227,7 @@ def is_settled(s: Seen, now: float, rules: Rules) -> bool:
 
 @dataclass
 class _Group:
-    name: str
+    name: str  # the first part's stem until _name_group picks the job's name
     folder: str | None = None
     entries: list[str] = field(default_factory=list)  # top-level entries
     members: list[str] = field(default_factory=list)  # every observed path that belongs
@@ -305,7 +254,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
             ignored.append((name, junk))
             continue
         if stat.kind is Kind.DIR:
-            group = groups.setdefault(name, _Group(name))
+            group = groups.setdefault(job_key(name), _Group(name))
             if group.folder is not None or group.entries:
                 group.conflict.append(name)
             group.folder = name
@@ -321,7 +270,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
             ignored.append((name, "not part of any job (unknown file type)"))
             continue
         stem, role = parsed
-        group = groups.setdefault(stem, _Group(stem))
+        group = groups.setdefault(job_key(stem), _Group(stem))
         if group.folder is not None:
             group.conflict.append(name)
         group.entries.append(name)
@@ -336,6 +285,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
     waiting: list[Waiting] = []
     probe: list[str] = []
     for group in groups.values():
+        group.name = _job_name(group)
         _decide(group, seen, now, rules, ready, rejected, waiting, probe)
     ready.sort(key=lambda j: (j.arrived, j.first_ctime_ns, j.name))
     return Plan(
@@ -351,6 +301,27 @@ def oversize_message(sizes: Mapping[str, int], limit: int) -> str:
     """The sentence for files over limits.max_input_bytes ({path: bytes})."""
     files = ", ".join(f"{p} is {size:,} bytes" for p, size in sorted(sizes.items()))
     return f"input too large: {files}; the limit is {limit:,} bytes (limits.max_input_bytes); not read"
+
+
+def _job_name(group: _Group) -> str:
+    """The name outputs and records get: the image's own stem, else the folder's, else the first part's."""
+    if group.folder is not None:
+        return group.folder
+    images = sorted(group.roles["image"])
+    if images:
+        parsed = parse_name(images[0])
+        if parsed is not None:
+            return parsed[0]
+    return group.name
+
+
+def _spelling_note(names: list[str]) -> str:
+    """Why names that differ in spelling are one job's parts, when they do."""
+    stems = {n.partition("/")[0] if "/" in n else (parse_name(n) or (n, ""))[0] for n in names}
+    if len(stems) < 2:
+        return ""
+    return ("; their names differ only in letter case or Unicode normalisation, and stems are "
+            "compared without either (one job per name, whichever client wrote it)")
 
 
 def _unsafe(path: str, stat: Stat) -> str | None:
@@ -429,12 +400,17 @@ def _decide(
         return
 
     if group.conflict:
+        folders = sorted(e for e in entries if seen[e].stat.kind is Kind.DIR)
+        if len(folders) > 1:
+            message = f"more than one job folder for job {group.name}: {', '.join(f + '/' for f in folders)}; keep exactly one"
+        else:
+            message = (f"both a job folder {group.folder}/ and loose files named {group.folder}.* are present "
+                       f"({', '.join(e for e in entries if e not in folders)}); send a job one way only")
         rejected.append(
             Rejected(
                 group.name,
                 AMBIGUOUS,
-                f"both a job folder {group.name}/ and loose files named {group.name}.* are present; "
-                "send a job one way only",
+                message + _spelling_note(list(entries)),
                 entries,
                 {"entries": list(entries)},
             )
@@ -448,7 +424,8 @@ def _decide(
                 Rejected(
                     group.name,
                     AMBIGUOUS,
-                    f"more than one {role} for job {group.name}: {', '.join(names)}; keep exactly one",
+                    f"more than one {role} for job {group.name}: {', '.join(names)}; keep exactly one"
+                    + _spelling_note(names),
                     entries,
                     {"role": role, "entries": names},
                 )

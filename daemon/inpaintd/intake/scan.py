@@ -10,7 +10,8 @@ import os
 import stat as stat_mod
 from pathlib import Path
 
-from .grouping import Kind, Stat, junk_reason
+from .grouping import Kind, Stat
+from .names import junk_reason
 
 
 def _kind(mode: int) -> Kind:

@@ -7,7 +7,9 @@ No torch here. Reading:
   (EPS runs Ghostscript, for one) never see inbox bytes;
 - the pixel count is checked from the header before anything is decoded
   (``image_too_large``), then the whole file is decoded at once so a truncated file
-  fails here (``image_unreadable``) and not halfway through a job;
+  fails here (``image_unreadable``) and not halfway through a job; a JPEG cut short that still
+  ends in EOI decodes without an error, so its scans are checked too
+  (`jpeg_lossless.entropy_problem`);
 - pixels come back in display orientation (EXIF orientation applied) as uint8 RGB.
 
 Mode decisions: palette and CMYK/YCbCr/LAB images become RGB (RGBA when the palette has
@@ -43,7 +45,8 @@ from PIL import (  # noqa: F401  imported to register exactly the plugins READ_F
 )
 
 from ..core.errors import JobError
-from ..core.quoting import quote, shorten
+from ..core.quoting import QUOTE_CHARS, for_display, quote, shorten
+from . import jpeg_lossless
 
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")  # JPEG's opener also yields MPO
 MAX_JPEG_SCANS = 200  # a progressive JPEG has about 10; see _open
@@ -109,6 +112,7 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
     if already_upright:
         orientation, exif = _exif_of(im)
     _decode(im, "image_unreadable", "image")
+    _check_jpeg_data(data, im, "image_unreadable", "image")
     if not already_upright:
         orientation, exif = _exif_of(im)
     icc = im.info.get("icc_profile") or None
@@ -154,6 +158,7 @@ def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np
     if _animated(im, "mask_unreadable", "mask"):
         raise JobError("mask_unreadable", "mask has more than one frame; an animated mask cannot be used")
     _decode(im, "mask_unreadable", "mask")
+    _check_jpeg_data(data, im, "mask_unreadable", "mask")
     # Pillow reports and decodes a TIFF already rotated, and drops its orientation tag.
     try:
         orientation = _orientation(im.getexif())
@@ -315,20 +320,25 @@ def stored_image(pixels: np.ndarray, alpha: np.ndarray | None, source: LoadedIma
 # --------------------------------------------------------------------------- helpers
 
 
+def _shown(path: Path) -> str:
+    """A file name inside a message a person reads: no control or bidi character raw."""
+    return for_display(path.name, QUOTE_CHARS)
+
+
 def _read_regular(path: Path, code: str, what: str) -> bytes:
     """The bytes of a regular file; never blocks on a FIFO, never follows a symlink."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
-        raise JobError(code, f"{what} file {path.name} does not exist") from exc
+        raise JobError(code, f"{what} file {_shown(path)} does not exist") from exc
     except OSError as exc:
         if path.is_symlink():
-            raise JobError("job_unsafe", f"{what} file {path.name} is a symlink") from exc
-        raise JobError(code, f"cannot open {what} file {path.name}: {exc.strerror or exc}") from exc
+            raise JobError("job_unsafe", f"{what} file {_shown(path)} is a symlink") from exc
+        raise JobError(code, f"cannot open {what} file {_shown(path)}: {exc.strerror or exc}") from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise JobError("job_unsafe", f"{what} file {path.name} is not a regular file (FIFO, device or directory)")
+            raise JobError("job_unsafe", f"{what} file {_shown(path)} is not a regular file (FIFO, device or directory)")
         chunks = []
         while True:
             chunk = os.read(fd, 1 << 20)
@@ -336,12 +346,12 @@ def _read_regular(path: Path, code: str, what: str) -> bytes:
                 break
             chunks.append(chunk)
     except OSError as exc:
-        raise JobError(code, f"cannot read {what} file {path.name}: {exc.strerror or exc}") from exc
+        raise JobError(code, f"cannot read {what} file {_shown(path)}: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
     data = b"".join(chunks)
     if not data:
-        raise JobError(code, f"{what} file {path.name} is empty")
+        raise JobError(code, f"{what} file {_shown(path)} is empty")
     return data
 
 
@@ -369,11 +379,11 @@ def _open(data: bytes, code: str, what: str, path: Path) -> Image.Image:
             return Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except Image.DecompressionBombError as exc:
         too_large = "image_too_large" if what == "image" else "mask_size_mismatch"
-        raise JobError(too_large, f"{what} file {path.name} declares far too many pixels: {shorten(str(exc), 200)}") from exc
+        raise JobError(too_large, f"{what} file {_shown(path)} declares far too many pixels: {shorten(str(exc), 200)}") from exc
     except Exception as exc:  # Pillow raises many types for garbage input
         raise JobError(
             code,
-            f"{what} file {path.name} is not a readable image ({', '.join(f.lower() for f in READ_FORMATS)}): {shorten(str(exc), 200)}",
+            f"{what} file {_shown(path)} is not a readable image ({', '.join(f.lower() for f in READ_FORMATS)}): {shorten(str(exc), 200)}",
         ) from exc
 
 
@@ -384,6 +394,16 @@ def _decode(im: Image.Image, code: str, what: str) -> None:
             im.load()
     except Exception as exc:  # truncated data, bad compression stream, ...
         raise JobError(code, f"{what} data is corrupt or truncated: {shorten(str(exc), 200)}") from exc
+
+
+def _check_jpeg_data(data: bytes, im: Image.Image, code: str, what: str) -> None:
+    """A JPEG cut short but still ending in EOI decodes without an error, its missing MCUs grey:
+    libjpeg only warns, and Pillow drops the warning, so libjpeg is asked again (jpegtran)."""
+    if im.format not in ("JPEG", "MPO"):
+        return
+    problem = jpeg_lossless.entropy_problem(data)
+    if problem is not None:
+        raise JobError(code, f"{what} data is corrupt or truncated: {problem}", {"libjpeg": problem})
 
 
 # TIFF tags that describe the file's own layout; never copied into an output's EXIF.

@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from ..core import config, presets
+from ..core import config as config_mod
+from ..core import presets
 from ..core.config import Config, LimitsConfig, RoiConfig
 from ..core.errors import ConfigError, JobError
 from ..core.jobs import InpaintParams, JobRequest
@@ -116,6 +117,16 @@ def build_request(
             f"steps x strength = {params.steps} x {params.strength:g} runs no denoising step; raise steps or strength",
             {"steps": params.steps, "strength": params.strength},
         )
+    # The merged pair: the job, the config and the model's defaults may each supply one of them.
+    problem = config_mod.scheduler_steps_problem(params.scheduler, params.steps)
+    if problem:
+        raise JobError(
+            "options_invalid",
+            f"{problem} (steps from the {sources['steps']}, scheduler from the {sources['scheduler']})",
+            {"steps": params.steps, "scheduler": params.scheduler,
+             "max_steps": config_mod.SCHEDULER_MAX_STEPS[params.scheduler],
+             "sources": {"steps": sources["steps"], "scheduler": sources["scheduler"]}},
+        )
     roi_overrides = {key: checked[key] for key in _ROI_KEYS if key in checked}
     return JobRequest(
         name=name,
@@ -140,7 +151,7 @@ def _check_option(key: str, value: Any) -> Any:
     if key == "seed" and value is None:
         return None
     try:
-        return config.check_field(dotted, value, kind)
+        return config_mod.check_field(dotted, value, kind)
     except ConfigError as exc:
         raise JobError("options_invalid", f"option {key!r} {exc.message}", {"key": key}) from exc
 

@@ -29,6 +29,11 @@ separate process, so a crafted file that upsets it cannot corrupt the daemon's m
 cost is a subprocess and a temporary file per painted box (the drop image has to be a file).
 Under the systemd unit the temporary files go to the service's PrivateTmp /tmp.
 
+`entropy_problem` says whether a JPEG's scans are whole: libjpeg decodes a file cut short but
+still ending in EOI without an error (the missing MCUs come out flat grey), and Pillow never
+shows its warnings. Counted from the markers (restart markers per scan, progressive scans
+that complete every coefficient), then asked of libjpeg itself (jpegtran, its first warning).
+
 `carry_markers` copies the input's metadata segments into a re-encoded JPEG (the fallback),
 so EXIF, ICC, XMP and comments survive byte for byte there too.
 """
@@ -38,6 +43,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -111,8 +117,12 @@ def inspect(data: bytes) -> JpegLayout:
     """The layout of an input JPEG, or Unsupported with the reason the splice cannot keep it exact."""
     frame = None
     transform = None  # Adobe APP14 colour transform: 0 = none (RGB/CMYK), 1 = YCbCr, 2 = YCCK
+    jfif = False
+    ids: tuple[int, ...] = ()
     for marker, seg in segments(data):
         body = seg[4:]
+        if marker == 0xE0 and body.startswith(b"JFIF\x00"):
+            jfif = True
         if marker == 0xE2 and body.startswith(b"MPF\x00"):
             raise Unsupported("multi-picture (MPO) file: its extra frames and their offsets would not survive")
         if marker == 0xEE and body.startswith(b"Adobe") and len(body) >= 12:
@@ -124,6 +134,7 @@ def inspect(data: bytes) -> JpegLayout:
             if precision != 8:
                 raise Unsupported(f"{precision}-bit JPEG")
             comps = tuple((body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count))
+            ids = tuple(body[6 + 3 * i] for i in range(count))
             frame = (_SOF_OK[marker], comps, int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big"))
     if frame is None:
         raise Unsupported("no frame header before the first scan")
@@ -132,11 +143,166 @@ def inspect(data: bytes) -> JpegLayout:
         raise Unsupported("CMYK JPEG" if transform != 2 else "YCCK JPEG")
     if len(comps) == 1:
         return JpegLayout(width, height, kind, ((1, 1),), 0)
-    if len(comps) == 3 and transform == 0:
-        raise Unsupported("RGB-coded JPEG (Adobe transform 0); only YCbCr and greyscale are spliced")
+    if len(comps) == 3:
+        rgb = _rgb_coded(jfif, transform, ids)
+        if rgb:
+            raise Unsupported(f"RGB-coded JPEG ({rgb}): its painted MCUs would be written as YCbCr; "
+                              "only YCbCr and greyscale are spliced")
     if len(comps) != 3 or comps[1] != (1, 1) or comps[2] != (1, 1) or comps[0] not in _SUBSAMPLING:
         raise Unsupported(f"sampling factors {list(comps)} (only 4:4:4, 4:2:2 and 4:2:0 are written with the input's layout)")
     return JpegLayout(width, height, kind, comps, _SUBSAMPLING[comps[0]])
+
+
+def _rgb_coded(jfif: bool, transform: int | None, ids: tuple[int, ...]) -> str | None:
+    """Why libjpeg decodes a 3-component frame as RGB, or None when it decodes it as YCbCr.
+
+    The same precedence as libjpeg-turbo's default_decompress_parms, since that is how the
+    input will be read: a JFIF marker means YCbCr; else an Adobe marker's transform decides
+    (0 = RGB); else component ids 'R', 'G', 'B' mean RGB.
+    """
+    if jfif:
+        return None
+    if transform is not None:
+        return "Adobe transform 0" if transform == 0 else None
+    if ids == (ord("R"), ord("G"), ord("B")):
+        return "component ids R, G, B and no JFIF or Adobe marker"
+    return None
+
+
+# libjpeg's warnings that mean the entropy-coded data is not what the frame promises (jerror.h:
+# JWRN_HIT_MARKER, JWRN_HUFF_BAD_CODE, JWRN_ARITH_BAD_CODE, JWRN_MUST_RESYNC, JWRN_JPEG_EOF,
+# JWRN_EXTRANEOUS_DATA, JWRN_BOGUS_PROGRESSION). The others (an unknown JFIF revision or Adobe
+# transform, a bogus ICC chunk, odd SOS parameters) are about metadata; the pixels are whole.
+_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file", "Inconsistent progression sequence")
+# A few bytes between the last scan and EOI are a known encoder quirk (cameras, webcams) and
+# decode whole. Only before EOI: anywhere else they mean a scan lost its end. Since EOI is the
+# last marker, tolerating that warning hides no later one (only the first warning is printed).
+_TRAILING_OK = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$")
+_TRAILING_OK_BYTES = 16
+
+
+def entropy_problem(data: bytes) -> str | None:
+    """libjpeg's own complaint about a JPEG's entropy-coded data (cut short, corrupt), or None.
+
+    None too when jpegtran is not installed: then a file truncated before an EOI is decoded
+    as libjpeg fills it (flat grey MCUs), as before. jpegtran reads every scan's coefficients
+    in a separate process (no IDCT, no colour conversion): a fraction of a full decode.
+    """
+    try:
+        missing = _missing_scans(data)
+    except (IndexError, ValueError):  # a header too broken to count against: Pillow judged it
+        missing = None
+    if missing:
+        return missing
+    tool = available()
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run(
+            [tool, "-copy", "none", "-outfile", os.devnull], input=data, capture_output=True,
+            timeout=_TIMEOUT, check=False, close_fds=True,
+        )
+    except subprocess.TimeoutExpired:
+        return f"libjpeg took over {_TIMEOUT:g} s to read its scans"
+    except OSError:
+        return None  # could not start the checker: not a verdict on the file
+    # Only the first warning is printed (libjpeg's emit_message): the first is what decides.
+    message = done.stderr.decode("utf-8", "replace").strip()
+    message = message.removeprefix("jpegtran: ").splitlines()[0] if message else ""
+    if not message.startswith(_CORRUPT):
+        return None
+    trailing = _TRAILING_OK.match(message)
+    if trailing and int(trailing.group(1)) <= _TRAILING_OK_BYTES:
+        return None
+    return message[:200]
+
+
+@dataclass(frozen=True)
+class _Scan:
+    header: bytes  # the SOS body: components, Ss, Se, Ah/Al
+    restart_interval: int  # DRI in effect (0: none)
+    restarts: int  # RSTn markers in its entropy-coded data
+
+
+def _scans(data: bytes) -> tuple[bytes | None, list[_Scan]]:
+    """(the frame header body, every scan) of the whole file, stepping over entropy-coded data."""
+    frame: bytes | None = None
+    scans: list[_Scan] = []
+    interval = 0
+    pos = 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 3 >= len(data):
+            return frame, scans
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # stuffed byte, TEM, RSTn
+            if 0xD0 <= marker <= 0xD7 and scans:
+                last = scans[-1]
+                scans[-1] = _Scan(last.header, last.restart_interval, last.restarts + 1)
+            pos += 2
+            continue
+        if marker == 0xD9:
+            return frame, scans
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        body = data[pos + 4 : pos + 2 + length]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and frame is None:
+            frame = bytes([marker]) + body
+        elif marker == 0xDD and len(body) >= 2:
+            interval = int.from_bytes(body[:2], "big")
+        elif marker == 0xDA:
+            scans.append(_Scan(body, interval, 0))
+        pos += 2 + max(length, 2)
+
+
+def _missing_scans(data: bytes) -> str | None:
+    """How a JPEG's scans fall short of its frame, from marker structure alone, or None.
+
+    Two losses libjpeg decodes without a word: a progressive file that lost its last scans
+    (a complete one codes each coefficient of each component down to bit 0, Al = 0), and
+    restart intervals cut out whole (each scan holds exactly ceil(units / interval) - 1
+    RST markers).
+    """
+    frame, scans = _scans(data)
+    if frame is None or len(frame) < 7:
+        return None
+    width, height = int.from_bytes(frame[4:6], "big"), int.from_bytes(frame[2:4], "big")
+    comps = {frame[7 + 3 * i]: (frame[8 + 3 * i] >> 4, frame[8 + 3 * i] & 15)
+             for i in range(frame[6]) if 8 + 3 * i < len(frame)}
+    if not comps or min(min(f) for f in comps.values()) < 1 or width == 0 or height == 0:
+        return None  # Pillow judges such a frame; nothing to count against
+    hmax, vmax = max(h for h, _ in comps.values()), max(v for _, v in comps.values())
+    done: set[tuple[int, int]] = set()
+    for scan in scans:
+        body = scan.header
+        count = body[0] if body else 0
+        if len(body) < 1 + 2 * count + 3:
+            return "a scan header is cut short"
+        members = [body[1 + 2 * i] for i in range(count)]
+        ss, se, al = body[1 + 2 * count], body[2 + 2 * count], body[3 + 2 * count] & 15
+        if al == 0 or frame[0] not in (0xC2, 0xCA):
+            done.update((c, k) for c in members for k in range(ss, min(se, 63) + 1))
+        if scan.restart_interval and count >= 1 and members[0] in comps:
+            if count == 1:  # non-interleaved: one block is one unit
+                h, v = comps[members[0]]
+                units = _ceil_div(_ceil_div(width * h, hmax), 8) * _ceil_div(_ceil_div(height * v, vmax), 8)
+            else:
+                units = _ceil_div(width, 8 * hmax) * _ceil_div(height, 8 * vmax)
+            expected = _ceil_div(units, scan.restart_interval) - 1
+            if scan.restarts != expected:
+                return f"a scan holds {scan.restarts} restart markers where its frame needs {expected}"
+    if frame[0] in (0xC2, 0xCA):
+        missing = sum(1 for c in comps for k in range(64) if (c, k) not in done)
+        if missing:
+            return (f"progressive JPEG whose scans end before every coefficient is complete "
+                    f"({missing} of {64 * len(comps)} missing)")
+    return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def stored_box(box: tuple[int, int, int, int], orientation: int, stored_size: tuple[int, int]) -> tuple[int, int, int, int]:
