@@ -74,7 +74,8 @@ def exercise(notifier: Notifier, listener: Listener) -> None:
     notifier.watchdog()
     notifier.reloading()
     notifier.stopping()
-    got = listener.messages(7)
+    notifier.status("\x1b]52;c;aGk=\x07evil\u202egpj.png: step 1/2 \u009b2J")  # a name from a drop
+    got = listener.messages(8)
     assert got[0] == "STATUS=warming up 1/3"
     assert got[1] == "EXTEND_TIMEOUT_USEC=90000000"
     assert got[2] == "READY=1"
@@ -82,6 +83,7 @@ def exercise(notifier: Notifier, listener: Listener) -> None:
     assert got[4] == "WATCHDOG=1"
     assert got[5].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert got[6] == "STOPPING=1"
+    assert got[7] == "STATUS=\\x1b]52;c;aGk=\\x07evil\\u202egpj.png: step 1/2 \\x9b2J"  # escaped, visible
     assert listener.nothing_pending()
 
 

@@ -22,6 +22,7 @@ from . import __version__
 from .core.config import SCHEDULERS, load_config
 from .core.errors import ConfigError, Interrupted, JobError, ModelError, TransientError
 from .core.presets import PRESETS, parse_defaults
+from .core.quoting import for_display, record_json
 from .demo.model import model_folder
 from .demo.run import run_demo
 from .engine.host import detect_dtype
@@ -178,9 +179,9 @@ def _cmd_process(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise TransientError("output_unwritable", f"cannot write {output}: {exc.strerror or exc}") from exc
     regions = ", ".join(f"{r.crop_box} @ {r.work_size[0]}x{r.work_size[1]}" for r in result.regions)
-    print(f"wrote {output}")
-    print(f"wrote {sidecar_path}")
-    print(f"seed {request.params.seed}; {len(result.regions)} region(s): {regions}")
+    _out(f"wrote {output}")
+    _out(f"wrote {sidecar_path}")
+    _out(f"seed {request.params.seed}; {len(result.regions)} region(s): {regions}")
     return EXIT_OK
 
 
@@ -210,17 +211,17 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         draft_decoder=args.draft_decoder,
     )
     manifest = prepare_model(args.source, args.destination, options)
-    print(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
+    _out(f"prepared {args.destination} ({manifest['dtype']}, id {manifest['id']})")
     for record in manifest.get("extras", {}).get("embeddings", []):
-        print(f"embedding {record['token']} ({record['vectors']} vector(s)) from {record['source']}")
+        _out(f"embedding {record['token']} ({record['vectors']} vector(s)) from {record['source']}")
     for record in manifest.get("loras", []):
-        print(f"LoRA fused: {lora_line(record)}")
+        _out(f"LoRA fused: {lora_line(record)}")
     if manifest.get("defaults"):
-        print("defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["defaults"].items())))
+        _out("defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["defaults"].items())))
     if "vae" in manifest.get("extras", {}):
-        print(f"VAE from {manifest['extras']['vae']['source']}")
+        _out(f"VAE from {manifest['extras']['vae']['source']}")
     if manifest.get("random_weights"):
-        print("note: RANDOM WEIGHTS model (for tests and benchmarks; paints noise)")
+        _out("note: RANDOM WEIGHTS model (for tests and benchmarks; paints noise)")
     return EXIT_OK
 
 
@@ -228,19 +229,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.config is not None:
-        print(f"config {args.config}: ok")
+        _out(f"config {args.config}: ok")
     model_path = args.model or config.model.path
     if model_path is None:
-        print("model: embedded tiny random model (generated on first use); nothing to check")
+        _out("model: embedded tiny random model (generated on first use); nothing to check")
         return EXIT_OK
     problems = check_model(Path(model_path))
     if problems:
         for problem in problems:
             _error(f"{model_path}: {problem}")
         return EXIT_MODEL
-    print(f"model {model_path}: ok")
+    _out(f"model {model_path}: ok")
     for line in format_summary(summarize(Path(model_path))):
-        print(f"  {line}")
+        _out(f"  {line}")
     return EXIT_OK
 
 
@@ -255,7 +256,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not config.fleet.enabled:
         state = status.read_status(config.paths.state)
-        print(json.dumps(state, indent=2) if args.json else status.format_status(state))
+        print(record_json(state) if args.json else status.format_status(state))
         return EXIT_OK
 
     me = fleet.device_id(config.fleet.device_id)
@@ -266,7 +267,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "current": (p.status.get("current") or {}).get("name"), "queue_length": p.status.get("queue_length")}
                for p in view.peers()]
     if args.json:
-        print(json.dumps({**state, "device": me, "devices": devices}, indent=2))
+        print(record_json({**state, "device": me, "devices": devices}))
     else:
         print(status.format_status(state))
         print(status.format_devices(me, devices))
@@ -302,12 +303,17 @@ def _end_progress() -> None:
         sys.stderr.write("\n")
 
 
+def _out(text: str) -> None:
+    """A line for the person at the terminal: paths and names may come from drops or downloads."""
+    print(for_display(text, 4000))
+
+
 def _say(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(for_display(message, 4000), file=sys.stderr)
 
 
 def _error(message: str) -> None:
-    print(f"inpaintd: {message}", file=sys.stderr)
+    print(for_display(f"inpaintd: {message}", 4000), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ..core import boundary
 from ..core.boundary import retry_delay
 from ..core.config import Config
 from ..core.errors import JobError
-from ..core.quoting import bounded, shorten
+from ..core.quoting import bounded, for_display, shorten
 from ..paint import images
 from ..store import fsutil, records
 from ..store.spool import Claim, Spool
@@ -259,7 +259,7 @@ class Intake(threading.Thread):
             self._backoff[name] = (now + delay, failures)
             log.error("job.intake_failed", job=name, code=verdict.code, error=verdict.message,
                       retry_in_seconds=delay, exc_info=verdict.unexpected)
-            self.status.update(health=shorten(f"cannot take {name}: {verdict.message}, retrying", 300))
+            self.status.update(health=for_display(f"cannot take {name}: {verdict.message}, retrying", 300))
             return
         self._recorded_unmovable.discard(name)
         if failures:

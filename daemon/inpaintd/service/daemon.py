@@ -42,7 +42,7 @@ from .. import __version__
 from ..core.buckets import bucket_shapes
 from ..core.config import Config, RoiConfig, load_config
 from ..core.errors import ConfigError
-from ..core.quoting import shorten
+from ..core.quoting import for_display, shorten
 from ..demo.model import model_folder
 from ..intake.intake import Intake
 from ..store import fleet as fleet_mod
@@ -353,8 +353,8 @@ class Service(Worker):
         names = self._queue_names()
         first = self.held.first()
         if first is not None:
-            text = shorten(f"{len(names)} queued; {len(self.held)} held, {first.claim.name}: {first.message}, retrying", 300)
-            health: str | None = shorten(f"{first.message}, retrying", 300)
+            text = f"{len(names)} queued; {len(self.held)} held, {first.claim.name}: {first.message}, retrying"
+            health: str | None = for_display(f"{first.message}, retrying", 300)
         else:
             text, health = f"idle, {len(names)} queued", None
         self.notifier.status(text)

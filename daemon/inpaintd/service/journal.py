@@ -29,6 +29,8 @@ import threading
 import traceback
 from typing import Any, Callable, TextIO
 
+from ..core.quoting import TRACEBACK_CHARS, for_display
+
 # syslog priorities (journald PRIORITY=)
 PRIORITIES = {
     "debug": 7,
@@ -233,7 +235,9 @@ def _traceback_text(event_dict: dict[str, Any]) -> str | None:
 def journal_fields(event_dict: dict[str, Any]) -> list[tuple[str, bytes]]:
     """The journal entry for one structlog event."""
     level = str(event_dict.get("level", "info")).lower()
-    message = sentence(event_dict)
+    # MESSAGE is for a person (journalctl prints it raw): names from drops are escaped there;
+    # the INPAINTD_* fields keep the exact values for machines.
+    message = for_display(sentence(event_dict), TRACEBACK_CHARS)
     tb = _traceback_text(event_dict)
     if tb:
         message = f"{message}\n{tb}"

@@ -30,7 +30,13 @@ from typing import Any, Callable, TextIO
 
 import structlog
 
-from ..core.quoting import LOG_VALUE_CHARS, TRACEBACK_CHARS, shorten
+from ..core.quoting import (
+    LOG_VALUE_CHARS,
+    TRACEBACK_CHARS,
+    for_display,
+    record_json,
+    shorten,
+)
 from .journal import (
     JournaldLogger,
     journal_processor,
@@ -85,6 +91,19 @@ def bound_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[s
             text = repr(value) if len(value) <= 10_000 else ""
             if not text or len(text) > limit:
                 event_dict[key] = shorten(text, limit) if text else f"<{type(value).__name__} of {len(value)} items>"
+    return event_dict
+
+
+def display_safe(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """For the console (a person's terminal): every string value with its hidden characters
+    escaped, so a file name holding ESC sequences or a bidi override cannot reach the terminal."""
+    for key, value in list(event_dict.items()):
+        if key == "exc_info":
+            continue
+        if isinstance(value, str):
+            event_dict[key] = for_display(value, TRACEBACK_CHARS if key == "exception" else LOG_VALUE_CHARS)
+        elif isinstance(value, (list, tuple)):
+            event_dict[key] = [for_display(v, LOG_VALUE_CHARS) if isinstance(v, str) else v for v in value]
     return event_dict
 
 
@@ -143,7 +162,7 @@ def configure_logging(
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             bound_fields,
-            structlog.processors.JSONRenderer(default=str),
+            structlog.processors.JSONRenderer(serializer=lambda data, **_kw: record_json(data, None)),
         ]
         factory = structlog.WriteLoggerFactory(file=out)
     else:
@@ -151,6 +170,7 @@ def configure_logging(
         processors = shared + [
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
             structlog.processors.StackInfoRenderer(),
+            display_safe,
             structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback),
         ]
         factory = structlog.WriteLoggerFactory(file=out)

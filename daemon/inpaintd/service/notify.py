@@ -23,9 +23,12 @@ from typing import Callable, Mapping
 
 import structlog
 
+from ..core.quoting import for_display
+
 log = structlog.get_logger("inpaintd.notify")
 
 BACKENDS = ("systemd-python", "socket", "none")
+STATUS_CHARS = 1000  # the STATUS= line (`systemctl status`): names in it come from drops, escaped
 
 
 def _systemd_python_notify() -> Callable[..., bool] | None:
@@ -107,7 +110,7 @@ class Notifier:
 
     def status(self, text: str) -> None:
         # One line only: a newline would start a new KEY=VALUE assignment.
-        self.send("STATUS=" + " ".join(str(text).splitlines()))
+        self.send("STATUS=" + for_display(" ".join(str(text).splitlines()), STATUS_CHARS))
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

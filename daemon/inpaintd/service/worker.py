@@ -29,7 +29,7 @@ from ..core.boundary import Action
 from ..core.config import Config
 from ..core.errors import Code, Interrupted, JobError, TakenOver, TransientError
 from ..core.jobs import JobResult, timestamp
-from ..core.quoting import shorten
+from ..core.quoting import for_display, shorten
 from ..intake.grouping import oversize_message
 from ..paint.job import run_job
 from ..paint.jobspec import build_request, load_job_options
@@ -262,7 +262,7 @@ class Worker:
         delay = round(entry.retry_at - time.monotonic(), 3)
         bound.error("job.retry_later", code=verdict.code, error=verdict.message, retry_in_seconds=delay,
                     held=len(self.held))
-        self.status.update(health=shorten(f"{verdict.message}, retrying", 300),
+        self.status.update(health=for_display(f"{verdict.message}, retrying", 300),
                            last_error=error_summary(claim.name, verdict.code, verdict.message))
 
     def _fail(self, claim: Claim, error: JobError, bound: Any) -> None:

@@ -31,6 +31,7 @@ from ..core.boundary import transient
 from ..core.digest import sha256_file
 from ..core.errors import TransientError
 from ..core.jobs import JobResult
+from ..core.quoting import record_json
 from .fsutil import TEMP_PREFIX, atomic_write_bytes, fsync_dir
 
 log = structlog.get_logger("inpaintd.outbox")
@@ -41,7 +42,8 @@ def host() -> str:
 
 
 def encode_record(data: Mapping[str, Any]) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8", "surrogateescape")
+    """A record's bytes (sidecar, error.json): exact values, no hidden character raw (record_json)."""
+    return (record_json(data) + "\n").encode("utf-8")
 
 
 def publish(

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Protocol
 import structlog
 
 from ..core.errors import ConfigError, JobError, StrEnum
+from ..core.quoting import record_json
 from .fsutil import atomic_write_bytes, fsync_dir, same_filesystem
 
 log = structlog.get_logger("inpaintd.spool")
@@ -312,7 +313,7 @@ class Spool:
 
     def _save_record(self, claim: Claim, record: dict[str, Any]) -> None:
         """Write record as the claim's job.json, then (only then) make it the claim's record."""
-        data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        data = record_json(record).encode("utf-8")
         atomic_write_bytes(claim.dir / "job.json", data)
         claim.record = record
 

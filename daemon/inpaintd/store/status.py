@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.quoting import shorten
+from ..core.quoting import for_display, record_json
 
 STATUS_FILE = "status.json"
 MIN_INTERVAL = 0.2  # seconds between two writes of the file
@@ -83,7 +83,7 @@ class StatusFile:
         self._dirty = False
         self.data["updated"] = _iso(now)
         self.data["updated_epoch"] = now
-        return json.dumps(self.data, indent=2, ensure_ascii=False, default=str).encode("utf-8", "replace")
+        return record_json(self.data).encode("utf-8")
 
     def _write(self, payload: bytes) -> None:
         tmp = self.path.with_name(f".{STATUS_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -103,9 +103,13 @@ class StatusFile:
         self.update()
 
 
+# A line of `inpaintd status`: names and messages in it come from drops (escaped, bounded).
+DISPLAY_LINE_CHARS = 1000
+
+
 def error_summary(name: str, code: str, message: str) -> dict[str, Any]:
     """The `last_error` of status.json: bounded whatever the job's name or message held."""
-    return {"job": shorten(name, 200), "code": code, "message": shorten(message, 300), "at": _iso(time.time())}
+    return {"job": for_display(name, 200), "code": code, "message": for_display(message, 300), "at": _iso(time.time())}
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -178,7 +182,7 @@ def format_status(data: dict[str, Any]) -> str:
         lines.append(f"last error: {error.get('job')}: [{error.get('code')}] {error.get('message')} ({error.get('at')})")
     if "jobs_done" in data:
         lines.append(f"jobs:       {data.get('jobs_done', 0)} done, {data.get('jobs_failed', 0)} failed since start")
-    return "\n".join(lines)
+    return "\n".join(for_display(line, DISPLAY_LINE_CHARS) for line in lines)
 
 
 def format_devices(me: str, devices: list[dict[str, Any]]) -> str:
@@ -193,4 +197,4 @@ def format_devices(me: str, devices: list[dict[str, Any]]) -> str:
         queued = d.get("queue_length")
         lines.append(f"  {d['device']}{' (this device)' if d['device'] == me else ''}: {beat}; "
                      f"{d.get('state') or 'unknown'}{current}, {queued if queued is not None else '?'} queued")
-    return "\n".join(lines)
+    return "\n".join(for_display(line, DISPLAY_LINE_CHARS) for line in lines)
