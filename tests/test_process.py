@@ -319,3 +319,43 @@ def test_a_published_sidecar_holds_exactly_the_documented_keys(tiny_engine, tmp_
     assert published == documented - absent, (sorted(published - documented), sorted(documented - published))
     for key in documented:  # and the module's docstring says what each holds
         assert re.search(rf"(?<![\w.]){key}(?![\w(])", schema.__doc__ or ""), key
+
+
+def _bytes_read() -> int:
+    """rchar of this process: every byte its read() calls returned."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("which", ["image", "mask"])
+def test_a_claimed_input_that_grew_after_its_check_is_never_read_past_the_limit(tiny_engine, tmp_path: Path,
+                                                                                which: str) -> None:
+    # An uploader who keeps a second write handle open can grow a claimed file after the
+    # daemon checked its size (to 8 TiB, sparse, at no cost to them). The job must fail
+    # input_too_large having read at most the limit, never hash or decode the rest.
+    limit = 4 * 2**20
+    cfg = config(limits={"max_input_bytes": limit})
+    image_path = save(tmp_path / "in.png", photo(64, 64))
+    mask_path = save(tmp_path / "in.mask.png", mask_with(64, 64, (20, 20, 30, 30)))
+    grown = image_path if which == "image" else mask_path
+    with open(grown, "r+b") as writer:  # the second handle
+        writer.truncate(8 * 2**40)
+    request = build_request("in", image_path, mask_path, {"seed": 7}, cfg)
+    before = _bytes_read()
+    with pytest.raises(JobError) as caught:
+        run_job(tiny_engine, request, cfg)
+    assert caught.value.code == "input_too_large" and "grew" in caught.value.message
+    assert _bytes_read() - before <= limit + 2 * 2**20 + (64 * 2**10 if which == "mask" else 0)
+
+
+def test_the_sidecar_hashes_the_bytes_that_were_decoded(tiny_engine, tmp_path: Path) -> None:
+    import hashlib
+
+    cfg = config()
+    result = run(tiny_engine, tmp_path, photo(64, 64), mask_with(64, 64, (20, 20, 30, 30)), cfg)
+    for role, path in (("image", tmp_path / "in.png"), ("mask", tmp_path / "in.mask.png")):
+        data = path.read_bytes()
+        assert result.sidecar["inputs"][role]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert result.sidecar["inputs"][role]["bytes"] == len(data)

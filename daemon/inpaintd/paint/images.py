@@ -25,6 +25,7 @@ and mode (L, RGB, RGBA), so the output has the same pixel layout and tags as the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -44,6 +45,7 @@ from PIL import (  # noqa: F401  imported to register exactly the plugins READ_F
     WebPImagePlugin,
 )
 
+from ..core.digest import FileDigest
 from ..core.errors import JobError
 from ..core.quoting import QUOTE_CHARS, for_display, quote, shorten
 from . import jpeg_lossless
@@ -92,10 +94,41 @@ class LoadedImage:
     jpeg_data: bytes | None = None  # the file itself when it is a JPEG: the lossless splice starts from it
 
 
+@dataclass(frozen=True)
+class Input:
+    """One input file's bytes, read once: what is decoded is what is hashed for the sidecar.
+
+    A claimed file may still have a writer (a second sftp or SMB handle kept open): reading it
+    once, bounded, and working only on these bytes means the daemon never decodes or hashes
+    more than it checked, nor something else than what it decoded.
+    """
+
+    path: Path
+    data: bytes
+    digest: FileDigest
+
+
+def read_input(path: Path, what: str, max_bytes: int | None = None) -> Input:
+    """The bytes of an input file (what: "image" | "mask"), at most max_bytes of them."""
+    path = Path(path)
+    data = _read_regular(path, f"{what}_unreadable", what, max_bytes)
+    return Input(path, data, FileDigest(hashlib.sha256(data).hexdigest(), len(data)))
+
+
 def load_image(path: Path, max_pixels: int) -> LoadedImage:
-    """Read an image file; JobError image_unreadable/image_too_large/image_unsupported/job_unsafe."""
-    data = _read_regular(Path(path), "image_unreadable", "image")
-    im = _open(data, "image_unreadable", "image", Path(path))
+    """Read and decode an image file (read_input, then decode_image)."""
+    return decode_image(read_input(path, "image"), max_pixels)
+
+
+def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """Read and decode a mask file (read_input, then decode_mask)."""
+    return decode_mask(read_input(path, "mask"), expected_size, max_pixels)
+
+
+def decode_image(source: Input, max_pixels: int) -> LoadedImage:
+    """Decode an image's bytes; JobError image_unreadable/image_too_large/image_unsupported/job_unsafe."""
+    data, path = source.data, source.path
+    im = _open(data, "image_unreadable", "image", path)
     width, height = im.size
     if width * height > max_pixels:
         raise JobError(
@@ -137,8 +170,8 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
     )
 
 
-def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """Read a mask file as uint8 HxW in display orientation (white = repaint).
+def decode_mask(source: Input, expected_size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """A mask's bytes as uint8 HxW in display orientation (white = repaint).
 
     Any mode is accepted and converted to 8-bit luminance; a mask with an alpha channel
     is composited over black first (value * alpha / 255), so transparent areas are kept
@@ -147,8 +180,7 @@ def load_mask(path: Path, expected_size: tuple[int, int], max_pixels: int) -> np
     (``mask_size_mismatch``; never resized silently). Checked from the header, before
     decoding; a mask of the right size is within max_pixels as the image was.
     """
-    path = Path(path)
-    data = _read_regular(path, "mask_unreadable", "mask")
+    data, path = source.data, source.path
     im = _open(data, "mask_unreadable", "mask", path)
     width, height = im.size
     if (width, height) != tuple(expected_size) and (height, width) != tuple(expected_size):
@@ -325,8 +357,9 @@ def _shown(path: Path) -> str:
     return for_display(path.name, QUOTE_CHARS)
 
 
-def _read_regular(path: Path, code: str, what: str) -> bytes:
-    """The bytes of a regular file; never blocks on a FIFO, never follows a symlink."""
+def _read_regular(path: Path, code: str, what: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file; never blocks on a FIFO, never follows a symlink, never
+    reads more than max_bytes (a file that grew past it fails input_too_large)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
@@ -340,11 +373,18 @@ def _read_regular(path: Path, code: str, what: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise JobError("job_unsafe", f"{what} file {_shown(path)} is not a regular file (FIFO, device or directory)")
         chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
+        left = None if max_bytes is None else max_bytes + 1
+        while left is None or left > 0:
+            chunk = os.read(fd, 1 << 20 if left is None else min(1 << 20, left))
             if not chunk:
                 break
             chunks.append(chunk)
+            if left is not None:
+                left -= len(chunk)
+        if left is not None and left <= 0:
+            raise JobError("input_too_large", f"{what} file {_shown(path)} grew past limits.max_input_bytes "
+                           f"({max_bytes}) after it was checked (a writer still has it open); not read further",
+                           {"max_input_bytes": max_bytes})
     except OSError as exc:
         raise JobError(code, f"cannot read {what} file {_shown(path)}: {exc.strerror or exc}") from exc
     finally:

@@ -52,9 +52,13 @@ def run_job(
     roi = effective_roi(config.roi, request.roi_overrides)
     limits = config.limits
 
-    source = images.load_image(request.image, limits.max_pixels)
+    # Each input is read once, bounded: what is decoded is what the sidecar hashes.
+    image_input = images.read_input(request.image, "image", limits.max_input_bytes)
+    source = images.decode_image(image_input, limits.max_pixels)
+    mask_input = None
     if request.mask is not None:
-        mask_values = images.load_mask(request.mask, source.size, limits.max_pixels)
+        mask_input = images.read_input(request.mask, "mask", limits.max_input_bytes)
+        mask_values = images.decode_mask(mask_input, source.size, limits.max_pixels)
         mask_source = "file"
     elif source.alpha is not None:
         mask_values = images.mask_from_alpha(source.alpha)
@@ -109,6 +113,8 @@ def run_job(
 
     sidecar = build_sidecar(
         request=request,
+        image_input=image_input,
+        mask_input=mask_input,
         engine=engine,
         ran=ran,
         source=source,

@@ -34,12 +34,9 @@ from __future__ import annotations
 import hashlib
 import resource
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Mapping
 
 from .. import __version__
-from ..core.digest import NotRegularFile, sha256_file
-from ..core.errors import JobError
 from ..core.jobs import JobRequest, Painter, RegionReport, timestamp
 from . import images
 
@@ -66,6 +63,8 @@ def peak_rss_bytes() -> int:
 def build_sidecar(
     *,
     request: JobRequest,
+    image_input: images.Input,
+    mask_input: images.Input | None,
     engine: Painter,
     ran: Mapping[str, Any],
     source: images.LoadedImage,
@@ -77,7 +76,7 @@ def build_sidecar(
     jpeg_report: dict[str, Any] | None,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    image_sha, image_size = _digest(request.image)
+    image_sha, image_size = image_input.digest
     inputs: dict[str, Any] = {
         "image": {
             "name": request.image.name,
@@ -90,8 +89,8 @@ def build_sidecar(
             "exif_orientation": source.orientation,
         }
     }
-    if request.mask is not None:
-        mask_sha, mask_size = _digest(request.mask)
+    if request.mask is not None and mask_input is not None:
+        mask_sha, mask_size = mask_input.digest
         inputs["mask"] = {"name": request.mask.name, "sha256": mask_sha, "bytes": mask_size}
     else:
         inputs["mask"] = {"source": mask_source}
@@ -158,10 +157,3 @@ def claim_fields(*, job_id: str, host: str, device: str, arrived: float, started
         "attempts": attempts,
         "inputs_received_as": entries,
     }
-
-
-def _digest(path: Path) -> tuple[str, int]:
-    try:
-        return sha256_file(path)
-    except NotRegularFile:
-        raise JobError("job_unsafe", f"{path.name} is not a regular file") from None
