@@ -45,6 +45,7 @@ from PIL import Image
 
 from daemon_harness import FAST_SETTINGS, Daemon, Dirs, image_bytes, mask_bytes, merged
 from hostile_corpus import animated, billion_laughs_yaml, deep_json, jpeg_huge_sof, ztxt_bomb
+from inpaintd.intake.names import DERIVED_SUFFIX_BYTES
 
 RECORD_LIMIT = 1 << 20
 FAULT_NAMES = {"fs": "inbox/state/outbox disk full", "afs": "archive disk (another filesystem) full",
@@ -263,9 +264,9 @@ def _name(rng: random.Random, index: int, kind: str) -> str:
         alphabet = "äöüßéñçøåžšłđ中文日本語한국어Ωλπ🙂🎨 -_+.,()[]'"
         return base + "-" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24)))
     if roll < 0.22:
-        # Near NAME_MAX in bytes: up to 245 fits beside its derived names (NAME-9999.webp), 246
-        # does not; NAME.mask.png itself must still fit in 255 bytes to be dropped at all.
-        target = rng.choice([200, 240, 245, 246])
+        # Near NAME_MAX in bytes: up to 241 fits beside its longest derived name (NAME-<8 hex>.webp,
+        # core.jobs.distinct_names), 242 does not; NAME.mask.png itself must still fit in 255 bytes.
+        target = rng.choice([200, 236, 241, 242])
         fill = rng.choice(["x", "é", "中"])
         name = base + "-"
         while len((name + fill).encode()) <= target:
@@ -291,7 +292,7 @@ def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, di
         name = f"c{index:04d}-ctl\x07name"
     seed = rng.randrange(1 << 16)
     files: dict[str, bytes | None] = {}
-    drop = Drop(name=name, kind=kind, good=kind.startswith("good") and len(name.encode()) <= 245,
+    drop = Drop(name=name, kind=kind, good=kind.startswith("good") and len(name.encode()) <= 255 - DERIVED_SUFFIX_BYTES,
                 may_succeed=kind == "ztxt")
     prompt = b"a small red house"
     if kind in ("good", "good-late", "good-rewritten") or not kind.startswith("good") and kind in (

@@ -41,6 +41,7 @@ from inpaintd.core.errors import JobError
 from inpaintd.core.quoting import LOG_VALUE_CHARS, MESSAGE_CHARS, TRACEBACK_CHARS
 from inpaintd.intake import grouping
 from inpaintd.intake.grouping import NAME_TOO_LONG, JobGroup, Kind, Rules, Seen, Stat
+from inpaintd.core.jobs import DISTINCT_SUFFIX_CHARS
 from inpaintd.intake.names import DERIVED_SUFFIX_BYTES, junk_reason
 from inpaintd.paint.images import encode_image, load_image, load_mask, probe_alpha
 from inpaintd.paint.jobspec import build_request, load_job_options
@@ -104,7 +105,7 @@ def test_a_job_is_ready_only_when_every_name_derived_from_it_fits(name: str, nam
     rules = Rules(settle_seconds=0, incomplete_timeout=60, name_max=name_max)
     plan = grouping.plan(seen, 100.0, rules)
     for job in plan.ready:
-        longest = max(len(f"{job.name}-9999.{ext}".encode()) for ext in ("webp", "tiff", "json"))
+        longest = max(len(f"{job.name}-12345678.{ext}".encode()) for ext in ("webp", "tiff", "json"))
         assert longest <= name_max
     for rejected in plan.rejected:
         if rejected.code == NAME_TOO_LONG:
@@ -115,8 +116,8 @@ def test_a_job_is_ready_only_when_every_name_derived_from_it_fits(name: str, nam
 @given(name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=300))
 def test_record_folder_names_always_fit_with_their_distinct_suffix(name: str) -> None:
     folder = record_dir_name(name)
-    assert len(os.fsencode(folder)) + len("-9999") <= 255
-    if len(name.encode()) <= 250:
+    assert len(os.fsencode(folder)) + DISTINCT_SUFFIX_CHARS <= 255
+    if len(name.encode()) <= 255 - DISTINCT_SUFFIX_CHARS:
         assert folder == name
 
 

@@ -259,3 +259,26 @@ def test_a_failure_recorded_before_a_stop_is_not_written_twice(place, monkeypatc
     assert path is None  # the record was in place before the stop: only the drop was left
     assert sorted(os.listdir(root / "failed" / "cat")) == ["cat.mask.png", "cat.png", "error.json"]
     assert sorted(os.listdir(root / "failed")) == ["cat"] and not claim.dir.exists()
+
+
+def test_distinct_names_never_run_out_in_the_outbox_or_failed(tmp_path: Path) -> None:
+    # A client that always uploads scan.jpg takes scan-9999 in about a week at one job a minute:
+    # the next result and the next record still get a name of their own (with the job's token),
+    # and nothing is left outside the folder the contract promises.
+    from inpaintd.core.jobs import JobResult, distinct_names
+    from inpaintd.store.fsutil import rename_distinct
+    from inpaintd.store.outbox import publish
+
+    outbox, failed = tmp_path / "outbox", tmp_path / "failed"
+    outbox.mkdir()
+    failed.mkdir()
+    for stem in list(distinct_names("scan", "20261204T000000Z-00000000"))[:-1]:  # scan .. scan-9999
+        (outbox / f"{stem}.png").write_bytes(b"")
+        (failed / stem).mkdir()
+    result = JobResult(name="scan", image_bytes=b"png", extension="png", sidecar={})
+    image, sidecar = publish(outbox, result, {"job_id": "20261204T120000Z-1234abcd"})
+    assert (image.name, sidecar.name) == ("scan-1234abcd.png", "scan-1234abcd.json")
+    record = tmp_path / "staging"
+    record.mkdir()
+    assert rename_distinct(record, failed, "scan", "20261204T120000Z-1234abcd") == failed / "scan-1234abcd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed", "outbox"]

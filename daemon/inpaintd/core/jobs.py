@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,23 @@ class Painter(Protocol):
 def timestamp(epoch: float) -> str:
     """ISO 8601 in UTC with milliseconds: how every record inpaintd writes says a time."""
     return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# A result, record or archive folder never overwrites: NAME, then NAME-1 ... NAME-9999, then
+# NAME-<the job id's 8 random hex digits>, so distinct names never run out (a client that always
+# uploads scan.jpg takes NAME-9999 in a week at one job a minute).
+NUMBERED_NAMES = 10_000
+DISTINCT_SUFFIX_CHARS = len("-") + 8  # the longest suffix distinct_names adds
+
+
+def distinct_names(name: str, job_id: str) -> Iterator[str]:
+    """The names to try, in order, for a job's output or record named `name`."""
+    yield name
+    for index in range(1, NUMBERED_NAMES):
+        yield f"{name}-{index}"
+    yield f"{name}-{job_token(job_id)}"
+
+
+def job_token(job_id: str) -> str:
+    """The random part of a job id ("20261204T172742Z-81ad309a" -> "81ad309a")."""
+    return job_id.rsplit("-", 1)[-1][-8:]

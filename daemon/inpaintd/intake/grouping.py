@@ -392,7 +392,7 @@ def _decide(
                 group.name,
                 NAME_TOO_LONG,
                 f"the job name is {name_bytes} bytes; names of at most {longest} bytes (UTF-8) leave room "
-                f"for the output names derived from them (NAME-9999.webp); rename and send again",
+                f"for the output names derived from them (NAME-1234abcd.webp); rename and send again",
                 entries,
                 {"name_bytes": name_bytes, "max_name_bytes": longest},
             )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from ..core.jobs import DISTINCT_SUFFIX_CHARS
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")
 PROMPT_EXTENSIONS = ("txt", "yaml", "json")
 FOLDER_PROMPT_NAMES = ("prompt.txt", "prompt.yaml", "prompt.json", "job.txt", "job.yaml", "job.json")
@@ -14,9 +16,9 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 JUNK_SUFFIXES = (".part", ".partial", ".tmp", ".filepart", ".crdownload")
 
 
-# The longest name derived from a job's NAME: a distinct output "NAME-9999.webp"/".json" (outbox)
-# and "NAME-9999" (failed/, archive/).
-DERIVED_SUFFIX_BYTES = len("-9999.webp")
+# The longest name derived from a job's NAME: a distinct output NAME<suffix>.webp (outbox) or a
+# record NAME<suffix> (failed/, archive/), the suffix from core.jobs.distinct_names.
+DERIVED_SUFFIX_BYTES = DISTINCT_SUFFIX_CHARS + len(".webp")
 
 
 def junk_reason(name: str) -> str | None:

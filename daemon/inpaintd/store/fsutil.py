@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..core.jobs import distinct_names, job_token
+
 TEMP_PREFIX = ".inpaintd-tmp-"
 _writer = ""  # this device's id in its temp names, on a folder several devices share
 
@@ -109,16 +111,17 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         raise
 
 
-def rename_distinct(src: Path, parent: Path, name: str) -> Path:
-    """Rename src to parent/name, or name-1, name-2 ... where taken; the name it got."""
-    for index in range(10_000):
-        candidate = parent / (name if index == 0 else f"{name}-{index}")
+def rename_distinct(src: Path, parent: Path, name: str, job_id: str) -> Path:
+    """Rename src to the first free of core.jobs.distinct_names (name, name-1 ... then a name
+    with the job's token); the path it got."""
+    for candidate_name in distinct_names(name, job_id):
+        candidate = parent / candidate_name
         try:
             rename_noreplace(src, candidate)
             return candidate
         except FileExistsError:
             continue
-    raise OSError(errno.EEXIST, f"no free name for {name}", str(parent))
+    raise OSError(errno.EEXIST, f"no free name for {name} (even {name}-{job_token(job_id)} is taken)", str(parent))
 
 
 def same_filesystem(a: Path, b: Path) -> bool:

@@ -17,6 +17,7 @@ a kill left in the middle of an atomic write.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ import structlog
 from ..core.boundary import transient
 from ..core.digest import sha256_file
 from ..core.errors import TransientError
-from ..core.jobs import JobResult
+from ..core.jobs import JobResult, distinct_names
 from ..core.quoting import record_json
 from .fsutil import TEMP_PREFIX, atomic_write_bytes, fsync_dir
 
@@ -61,8 +62,7 @@ def publish(
     if not outbox.is_dir():
         raise TransientError("outbox_unwritable", f"outbox folder {outbox} is missing")
     digest = hashlib.sha256(result.image_bytes).hexdigest()
-    for index in range(10_000):
-        stem = result.name if index == 0 else f"{result.name}-{index}"
+    for stem in distinct_names(result.name, str(extra.get("job_id") or secrets.token_hex(4))):
         image = outbox / f"{stem}.{result.extension}"
         sidecar_path = outbox / f"{stem}.json"
         if os.path.lexists(image) or os.path.lexists(sidecar_path):
@@ -74,7 +74,7 @@ def publish(
             "output_file": image.name,
             "sidecar_file": sidecar_path.name,
         }
-        if index:
+        if stem != result.name:
             sidecar["renamed_from"] = f"{result.name}.{result.extension}"
         if record is not None:
             # Outside the outbox's error mapping: this writes the claim in the state folder.

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from .. import __version__
 from ..core.boundary import transient
 from ..core.errors import JobError
-from ..core.jobs import timestamp
+from ..core.jobs import DISTINCT_SUFFIX_CHARS, timestamp
 from ..core.quoting import bounded, shorten
 from .fsutil import (
     TEMP_PREFIX,
@@ -39,8 +39,9 @@ ERROR_SCHEMA = "inpaintd.error/1"
 
 def record_dir_name(name: str, name_max: int = 255) -> str:
     """The folder name a job's record gets in failed/ or archive/: its name, cut (by UTF-8
-    bytes, on a character boundary, with a short hash) where name-9999 would not fit."""
-    room = name_max - len("-9999")
+    bytes, on a character boundary, with a short hash) where its longest distinct name
+    (core.jobs.distinct_names) would not fit."""
+    room = name_max - DISTINCT_SUFFIX_CHARS
     raw = os.fsencode(name)
     if len(raw) <= room:
         return name
@@ -108,7 +109,7 @@ def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] 
             record = {**error, "renamed_inputs": renamed} if renamed else dict(error)
             atomic_write_bytes(staging / "error.json", encode_record(record))
         fsync_dir(staging)
-        final = rename_distinct(staging, root, record_dir_name(claim.name))
+        final = rename_distinct(staging, root, record_dir_name(claim.name), claim.job_id)
         fsync_dir(root)
     spool.drop(claim)
     return final
@@ -190,7 +191,7 @@ def record_without_inputs(failed: Path, name: str, error: JobError, now: float) 
             if read_record(final / "error.json").get("code") == error.code:
                 shutil.rmtree(staging)  # recorded already (another daemon on this inbox, or before a restart)
                 return final
-            final = rename_distinct(staging, failed, record_dir_name(name))
+            final = rename_distinct(staging, failed, record_dir_name(name), secrets.token_hex(4))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
