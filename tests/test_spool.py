@@ -8,6 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inpaintd.core.errors import ConfigError, JobError
 from inpaintd.intake.grouping import JobGroup, Kind
@@ -209,3 +211,60 @@ def test_recovering_interrupted_claims_never_touches_a_claim_still_being_made(tm
         assert [c.job_id for c in spool.recover_claiming(inbox)] == [claim.job_id]
     finally:
         spool.close()
+
+
+# A claim read back from disk (after a restart, or taken over from another device on a shared
+# state folder) is as untrusted as the inbox: a forged job.json must never make a path leave its
+# claim or the share.
+HOSTILE_TEXT = ["../../pwned", "/etc/passwd", "a/../../b", "..", ".", "", "x\x1b[2J", "ok.png", "x\0y", "\udcff",
+                "C:\\\\evil", "inputs/../../../x", 7, None, [], {}, 1e309, -1, True]
+
+
+def _claim_paths_stay_inside(claim) -> bool:
+    inputs = claim.inputs.resolve()
+    paths = [claim.inputs / e for e in claim.entries()] + [claim.input_path(r) for r in ("image", "mask", "prompt")]
+    return all(p is None or os.path.normpath(p).startswith(str(inputs) + os.sep) for p in paths)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(["job_id", "name", "entries", "folder", "files", "state", "arrived", "attempts", "schema"]),
+       value=st.one_of(st.sampled_from(HOSTILE_TEXT), st.lists(st.sampled_from(HOSTILE_TEXT), max_size=3),
+                       st.dictionaries(st.sampled_from(["image", "mask", "prompt", "../x"]),
+                                       st.sampled_from(HOSTILE_TEXT), max_size=3)))
+def test_a_forged_claim_record_is_refused_or_keeps_every_path_inside_its_claim(key: str, value) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        _forge_and_load(Path(root), key, value)
+
+
+def _forge_and_load(root: Path, key: str, value) -> None:
+    inbox = root / "inbox"
+    inbox.mkdir()
+    spool = Spool(root / "state")
+    spool.open(inbox)
+    (inbox / "cat.png").write_bytes(b"png")
+    (inbox / "cat.mask.png").write_bytes(b"png")
+    claim = spool.claim(inbox, group("cat", "cat.png", "cat.mask.png"), arrived=1.0)
+    assert claim is not None
+    record = json.loads((claim.dir / "job.json").read_text())
+    record[key] = value
+    (claim.dir / "job.json").write_text(json.dumps(record))
+    loaded = spool.load(claim.dir)
+    assert loaded is None or _claim_paths_stay_inside(loaded)
+    if key == "name" and value != "ok.png":
+        assert loaded is None  # every hostile NAME is refused (it becomes outbox and record names)
+    spool.close()
+
+
+def test_a_forged_claim_named_to_escape_the_share_is_not_adopted(dirs) -> None:
+    inbox, spool = dirs
+    ghost = spool.claimed / "20261204T000000Z-deadbeef"
+    (ghost / "inputs").mkdir(parents=True)
+    (ghost / "inputs" / "secret.txt").write_text("the prompt of someone else")
+    (ghost / "job.json").write_text(json.dumps({
+        "schema": "inpaintd.claim/1", "job_id": "20261204T000000Z-deadbeef", "name": "../../pwned",
+        "folder": None, "entries": ["secret.txt"], "files": {"image": "../../../etc/hostname", "prompt": "secret.txt"},
+        "arrived": 1.0, "claimed": 1.0, "attempts": 0, "state": "claimed"}))
+    assert spool.load(ghost) is None and spool.adopt(ghost, inbox) is None
+    assert spool.recover(inbox) == []

@@ -9,6 +9,7 @@ handed one (tests hand it a fake).
 from __future__ import annotations
 
 import datetime as _dt
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
@@ -115,3 +116,17 @@ def distinct_names(name: str, job_id: str) -> Iterator[str]:
 def job_token(job_id: str) -> str:
     """The random part of a job id ("20261204T172742Z-81ad309a" -> "81ad309a")."""
     return job_id.rsplit("-", 1)[-1][-8:]
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name (an inbox entry, a job's NAME) cannot be used safely: it escapes its folder or
+    holds control characters or undecodable bytes; None when it is fine. The intake applies it
+    to what is dropped, the spool to claims read back from disk (a shared state folder is as
+    untrusted as the inbox)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return "name escapes the inbox"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "name is not valid UTF-8"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "name contains control characters"
+    return None

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable, Mapping
 
+from ..core.jobs import name_problem
 from .names import (
     DERIVED_SUFFIX_BYTES,
     job_key,
     junk_reason,
-    name_problem,
     parse_folder_member,
     parse_name,
 )

@@ -38,17 +38,6 @@ def junk_reason(name: str) -> str | None:
     return None
 
 
-def name_problem(name: str) -> str | None:
-    """Why a name cannot be used safely (escapes the inbox, unprintable), or None."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        return "name escapes the inbox"
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
-        return "name is not valid UTF-8"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "name contains control characters"
-    return None
-
-
 def job_key(stem: str) -> str:
     """What two stems must share to be one job: canonically equivalent ignoring case.
 

@@ -17,9 +17,9 @@ a kill left in the middle of an atomic write.
 from __future__ import annotations
 
 import hashlib
-import secrets
 import json
 import os
+import secrets
 import shutil
 import socket
 import stat as stat_mod

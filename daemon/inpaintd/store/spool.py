@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import stat as stat_mod
@@ -35,7 +37,8 @@ from typing import Any, Mapping, Protocol
 import structlog
 
 from ..core.errors import ConfigError, JobError, StrEnum
-from ..core.quoting import record_json
+from ..core.jobs import name_problem
+from ..core.quoting import quote, record_json
 from .fsutil import atomic_write_bytes, fsync_dir, same_filesystem
 
 log = structlog.get_logger("inpaintd.spool")
@@ -293,9 +296,10 @@ class Spool:
 
     def load(self, path: Path) -> Claim | None:
         try:
-            record = json.loads((path / "job.json").read_text(encoding="utf-8"))
-            if record.get("schema") != CLAIM_SCHEMA:
-                raise ValueError(f"unknown schema {record.get('schema')!r}")
+            record = json.loads(_read_bounded(path / "job.json", MAX_RECORD_BYTES).decode("utf-8"))
+            problem = record_problem(record, path.name)
+            if problem:
+                raise ValueError(problem)
         except FileNotFoundError:
             inputs = path / INPUTS
             if not inputs.exists() or not any(inputs.iterdir()):
@@ -378,6 +382,73 @@ class Spool:
             elif st.st_nlink > 1:
                 problems[rel] = "is a hard link to another file"
         return problems
+
+
+# A claim's job.json is a few hundred bytes; one read back from a shared state folder is as
+# untrusted as the inbox (issue 22: a forged state/ghost/job.json named ../../pwned).
+MAX_RECORD_BYTES = 1 << 20
+_JOB_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+_ROLES = ("image", "mask", "prompt")
+
+
+def record_problem(record: Any, folder_name: str) -> str | None:
+    """Why a claim record read back from disk cannot be trusted, or None.
+
+    Everything that becomes a path (the name, each entry, each role's file) must be a plain
+    name inside the claim, as the intake would have accepted it; the job id must be the
+    claim folder's own name; the state and the counters must be what the spool writes.
+    """
+    if not isinstance(record, dict):
+        return "job.json is not a JSON object"
+    if record.get("schema") != CLAIM_SCHEMA:
+        return f"unknown schema {quote(record.get('schema'))}"
+    job_id = record.get("job_id")
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or job_id != folder_name:
+        return f"job_id {quote(job_id)} is not this claim folder's id"
+    name = record.get("name")
+    if not isinstance(name, str) or name_problem(name):
+        return f"name {quote(name)}: {name_problem(name) if isinstance(name, str) else 'not a string'}"
+    entries = record.get("entries")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) and not name_problem(e) for e in entries):
+        return "entries are not plain inbox names"
+    folder = record.get("folder")
+    if folder is not None and folder not in entries:
+        return "folder is not one of the entries"
+    files = record.get("files")
+    if not isinstance(files, dict) or set(files) - set(_ROLES):
+        return "files is not a mapping of image, mask, prompt"
+    for role, rel in files.items():
+        if rel is None:
+            continue
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if not 1 <= len(parts) <= 2 or any(name_problem(part) for part in parts) or parts[0] not in entries:
+            return f"{role} {quote(rel)} is not a file among the entries"
+    try:
+        ClaimState(record.get("state", ClaimState.CLAIMED))
+    except ValueError:
+        return f"unknown state {quote(record.get('state'))}"
+    for key in ("arrived", "claimed"):
+        value = record.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return f"{key} is not a time"
+    attempts = record.get("attempts", 0)
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+        return "attempts is not a count"
+    return None
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """A small record file, never following a link nor reading past `limit`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("job.json is not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"job.json is larger than {limit} bytes")
+    return data
 
 
 def _walk(root: Path):  # type: ignore[no-untyped-def]
