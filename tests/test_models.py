@@ -288,3 +288,43 @@ def test_make_random_model_script(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (out / "model_index.json").is_file()
     assert check_model(tmp_path / "m-bf16") == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_prepare_and_reported_by_check_and_a_job_fails_clearly(
+        tiny_model_raw: Path, tmp_path: Path, bad: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from inpaintd.core.config import ModelConfig
+    from inpaintd.core.errors import JobError, ModelError
+    from inpaintd.core.jobs import InpaintParams
+    from inpaintd.engine.engine import Engine
+    from inpaintd.modelprep.check import check_model
+    from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
+    from PIL import Image
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_raw, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    state["conv_out.weight"][0, 0, 0, 0] = bad
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        prepare_model(broken, tmp_path / "out", PrepareOptions(dtype="fp32"))
+    assert not (tmp_path / "out").exists()
+
+    # A folder prepared before this check existed (or changed after): check says so, a job fails.
+    good = tmp_path / "good"
+    prepare_model(tiny_model_raw, good, PrepareOptions(dtype="fp32"))
+    target = next((good / "unet").glob("*.safetensors"))
+    state = load_file(str(target))
+    state["conv_out.weight"][0, 0, 0, 0] = bad
+    save_file(state, str(target), metadata={"format": "pt"})
+    assert any("NaN or infinite" in p for p in check_model(good))
+    engine = Engine.load(ModelConfig(path=good, dtype="fp32", threads=1, cache_dir=tmp_path / "cache"))
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    mask = Image.new("L", (64, 64), 255)
+    params = InpaintParams(prompt="x", negative_prompt="", scheduler="euler", steps=2, guidance=7.5, strength=1.0, seed=1)
+    with pytest.raises(JobError) as caught:
+        engine.inpaint(image, mask, params)
+    assert caught.value.code == "output_not_finite"

@@ -58,6 +58,7 @@ class Code(StrEnum):
     JOB_TOO_COSTLY = "job_too_costly", "regions x steps exceed limits.max_region_steps, or the job ran past limits.max_job_seconds"
     RETRIES_EXHAUSTED = "retries_exhausted", "the job could not be finished for limits.hold_timeout seconds (disk full, folder unwritable); inputs kept"
     POISON_JOB = "poison_job", "the job crashed the daemon too many times"
+    OUTPUT_NOT_FINITE = "output_not_finite", "the model produced NaN or infinite values (broken weights, or an overflow at this dtype); nothing was published"
     INTERNAL_ERROR = "internal_error", "an unexpected error inside inpaintd; see the log for the traceback"
 
     # Nothing is wrong with the input: the job is held and retried (TransientError).

@@ -58,7 +58,7 @@ import torch
 
 from ..core import presets
 from ..core.config import ModelConfig
-from ..core.errors import ModelError
+from ..core.errors import Code, JobError, ModelError
 from ..core.jobs import InpaintParams, Painted, StepCallback
 from ..weights.folder import (
     DRAFT_DECODER,
@@ -366,6 +366,14 @@ class Engine:
 
         def callback(pipeline: Any, index: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             total = int(getattr(pipeline, "_num_timesteps", 0) or params.steps)
+            latents = kwargs.pop("latents", None)
+            if latents is not None and not bool(torch.isfinite(latents).all()):
+                # NaN weights (or an overflow) paint pure black and would be published as done.
+                error = JobError(Code.OUTPUT_NOT_FINITE, f"the model's latents are NaN or infinite after step "
+                                 f"{index + 1}/{total}; check the model with `inpaintd check`",
+                                 {"step": index + 1, "total": total})
+                step_error.append(error)
+                raise error
             if cache is not None and cache.start_timestep is not None:
                 counts["full"] += (cache.cur_timestep - cache.start_timestep) % params.step_cache == 0
             if pipeline.do_classifier_free_guidance:
@@ -400,7 +408,7 @@ class Engine:
                     generator=generator,
                     output_type="latent" if draft else "pil",
                     callback_on_step_end=callback,
-                    callback_on_step_end_tensor_inputs=list(CUT_TENSORS),
+                    callback_on_step_end_tensor_inputs=[*CUT_TENSORS, "latents"],
                 ).images
 
         if cache is not None:

@@ -27,7 +27,7 @@ def check_model(path: Path) -> list[str]:
 
     Checks: the manifest exists and has the known schema; every file it lists exists with
     the recorded sha256; no weight file exists that it does not list; the floating tensors
-    hold the manifest's dtype; the UNet has 9 or 4 input channels.
+    hold the manifest's dtype and only finite values; the UNet has 9 or 4 input channels.
     """
     path = Path(path)
     problems: list[str] = []
@@ -77,4 +77,27 @@ def check_model(path: Path) -> list[str]:
             problems.append(f"the UNet has {in_channels} input channels; inpaintd needs 9 or 4")
     except ModelError as exc:
         problems.append(str(exc))
+    for weight in non_finite_tensors(path):
+        problems.append(f"{weight}: holds NaN or infinite values (such a model paints black)")
     return problems
+
+
+def non_finite_tensors(folder: Path, limit: int = 5) -> list[str]:
+    """'FILE: TENSOR' for (up to `limit`) weights holding NaN or infinity in a model folder.
+
+    Such weights load and run, and paint pure black: prepare-model refuses them and `check`
+    reports them. Read tensor by tensor through safetensors' mapping, so memory stays one tensor.
+    """
+    import torch
+    from safetensors import safe_open
+
+    found: list[str] = []
+    for weights in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    found.append(f"{weights.relative_to(folder)}: {name}")
+                    if len(found) >= limit:
+                        return found
+    return found

@@ -34,6 +34,7 @@ from ..weights.folder import (
     manifest_id,
 )
 from . import lora, merge
+from .check import non_finite_tensors
 from .checkpoints import convert_checkpoint
 from .convert import convert_folder, count_params
 from .draft_decoder import apply_draft_decoder
@@ -126,6 +127,10 @@ def prepare_model(src: Path, dst: Path, options: PrepareOptions = PrepareOptions
         if o.embeddings:
             parsed = [s if isinstance(s, EmbeddingSpec) else EmbeddingSpec.parse(str(s)) for s in o.embeddings]
             baked["embeddings"] = apply_embeddings(out, parsed, dtype, allow_pickle=o.allow_pickle)
+        broken = non_finite_tensors(out)
+        if broken:
+            raise ModelError(f"weights hold NaN or infinite values (the model would paint black): {', '.join(broken)}; "
+                             "the source file (or a LoRA fused into it) is broken")
         checked_defaults = check_defaults(o.defaults or {}, has_draft_decoder="draft_decoder" in baked)
         origin = _origin(checkpoint, use_ema=o.use_ema, custom_configs=o.config_dir is not None,
                          merge=o.make_inpainting)
