@@ -27,6 +27,7 @@ jobs; a changed model section is logged as needing a restart.
 from __future__ import annotations
 
 import os
+import pwd
 import queue
 import signal
 import socket
@@ -105,7 +106,7 @@ class Service(Worker):
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier if notifier is not None else _notifier()
-        self.jobs = ArrivalQueue()
+        self.jobs = ArrivalQueue(fair=config.limits.fair_share)
         self.held = HeldJobs(config.limits.hold_timeout)
         self.device = fleet_mod.device_id(config.fleet.device_id)
         self.fleet: fleet_mod.Fleet | None = None
@@ -309,6 +310,7 @@ class Service(Worker):
             getattr(applied.paths, key).mkdir(parents=True, exist_ok=True)
         self.config = applied
         self.held.hold_timeout = applied.limits.hold_timeout
+        self.jobs.set_fair(applied.limits.fair_share)
         if self.intake is not None:
             self.intake.reconfigure(applied)
         log.info("config.reloaded", path=str(self.config_path))
@@ -359,7 +361,28 @@ class Service(Worker):
             text, health = f"idle, {len(names)} queued", None
         self.notifier.status(text)
         self.status.update(state="idle" if first is None else "retrying", current=None, queue_length=len(names),
-                           queued=names[:100], held=self.held.names()[:100], health=health)
+                           queued=names[:100], held=self.held.names()[:100], health=health,
+                           queue_by_owner=self._queue_by_owner())
+
+    def _queue_by_owner(self) -> list[dict[str, Any]]:
+        """Queued claims per owner, the most first, with user names where the uid resolves."""
+        return owner_rows(self.jobs.per_owner())
+
+
+def owner_rows(counts: dict[int, int]) -> list[dict[str, Any]]:
+    rows = []
+    for uid, queued in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        rows.append({"uid": uid, "user": _user_name(uid), "queued": queued})
+    return rows
+
+
+def _user_name(uid: int) -> str | None:
+    if uid < 0:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):  # a uid with no passwd entry (an SMB-mapped id, a container's)
+        return None
 
 def run_service(config: Config, config_path: str | os.PathLike[str] | None) -> int:
     """`inpaintd run`: configure logging, run until SIGTERM; the exit code."""

@@ -89,6 +89,11 @@ class Claim:
         return float(self.record["arrived"])
 
     @property
+    def owner(self) -> int:
+        """The uid that dropped the job (-1: unknown, a claim from before owners were recorded)."""
+        return int(self.record.get("owner", -1))
+
+    @property
     def state(self) -> ClaimState:
         return ClaimState(self.record.get("state", ClaimState.CLAIMED))
 
@@ -182,6 +187,7 @@ class Spool:
                 "arrived": arrived,
                 "claimed": now,
                 "attempts": 0,
+                "owner": _owner(inbox, folder or files.get("image") or entries[0]),
                 "state": ClaimState.CLAIMING,
                 "then": dict(final),
             },
@@ -377,6 +383,14 @@ class Spool:
             elif st.st_nlink > 1:
                 problems[rel] = "is a hard link to another file"
         return problems
+
+
+def _owner(inbox: Path, entry: str) -> int:
+    """Who dropped a job: the owner of its folder, else of its image (fair turns, queues.py)."""
+    try:
+        return os.lstat(inbox / entry).st_uid
+    except OSError:
+        return -1
 
 
 def _walk(root: Path):  # type: ignore[no-untyped-def]
