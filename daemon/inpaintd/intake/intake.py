@@ -88,7 +88,7 @@ class Intake(threading.Thread):
         self.watcher: Watcher | None = None
         self._restart_watcher = True
         self._wall_offset: float | None = None
-        self._guard: str | None = None  # why the low-disk guard stops claiming; None: it does not
+        self.disk_guard: str | None = None  # why the low-disk guard stops claiming; None: it does not
 
     # watcher callbacks (observer thread)
     def on_change(self, change: Change) -> None:
@@ -203,7 +203,7 @@ class Intake(threading.Thread):
                 continue
             self._guarded(group.name, group.entries, now, self._claim, inbox, group, group.arrived + offset)
             queued[owner] = queued.get(owner, 0) + 1
-        if self._guard is not None and plan.ready:
+        if self.disk_guard is not None and plan.ready:
             left_ready = True  # look again soon: claiming resumes as soon as space is back
         if len(plan.waiting) != self._waiting_count:
             self._waiting_count = len(plan.waiting)
@@ -244,14 +244,14 @@ class Intake(threading.Thread):
         folders = {name: path for name, path in self.config.folders().items() if name in space.WRITTEN}
         low = space.low_space(space.free_space(folders), limits.min_free_bytes, limits.min_free_fraction)
         guard = "; ".join(low.values()) if low else None
-        if guard != self._guard:
+        if guard != self.disk_guard:
             if guard is not None:
                 log.warning("disk.low", reason=guard, note="no new job is claimed; they wait in the inbox")
                 self.status.update(disk_guard=shorten(f"{guard}: not claiming new jobs", 300))
             else:
                 log.info("disk.ok", note="space is back; claiming resumes")
                 self.status.update(disk_guard=None)
-            self._guard = guard
+            self.disk_guard = guard
         return guard is not None
 
     def _wall_clock_offset(self) -> float:

@@ -52,6 +52,8 @@ from ..store.spool import Claim, ClaimState, Spool
 from ..store.status import StatusFile
 from . import logs
 from .notify import Notifier, watchdog_interval
+from ..store import retention as retention_mod
+from .metrics import Metrics, free_space
 from .queues import ArrivalQueue, Held, HeldJobs
 from .worker import JobContext, Worker
 
@@ -130,6 +132,11 @@ class Service(Worker):
         self._ping_every = _ping_period()
         self._last_ping = 0.0
         self._last_step_status = 0.0
+        self._next_prune = 0.0  # monotonic; the first pass runs as soon as the loop does
+        self._last_step_at: float | None = None
+        self.metrics: Metrics | None = None
+        if config.metrics.textfile is not None:
+            self.metrics = Metrics(config.metrics.textfile, config.metrics.interval_seconds)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -148,6 +155,7 @@ class Service(Worker):
                     # Between jobs: no write of ours is in flight.
                     self.keeper.clean_due = False
                     self._clean_outbox()
+                self._maintain()
                 claim, held = self._next()
                 if claim is not None:
                     self.process(claim, held)
@@ -160,6 +168,8 @@ class Service(Worker):
     def start(self) -> None:
         config = self.config
         paths = config.paths
+        if self.metrics is not None:
+            logs.add_listener(self.metrics.on_event)
         for key in ("inbox", "outbox", "failed", "archive", "state"):
             path = getattr(paths, key)
             try:
@@ -194,6 +204,8 @@ class Service(Worker):
         self.notifier.extend_timeout(300_000_000)
         self.status.update(state="loading model")
         self.engine = Engine.load(replace(config.model, path=model_folder(config.model)))
+        if self.metrics is not None:
+            self.metrics.set_model(self.engine.info.model_id, self.engine.info.random_weights)
         _adopt_library_loggers()
         shapes = warm_shapes(config.roi, config.model.compile)
         began = time.monotonic()
@@ -228,6 +240,9 @@ class Service(Worker):
 
     def shutdown(self) -> int:
         log.info("service.stopping", queued=self.jobs.qsize())
+        if self.metrics is not None:
+            self.metrics.write(time.time(), self._metrics_snapshot)
+            logs.remove_listener(self.metrics.on_event)
         self.notifier.stopping()
         if self.intake is not None:
             self.intake.stop()
@@ -331,6 +346,40 @@ class Service(Worker):
             return self.jobs.get(timeout=0.5 if wait is None else min(0.5, max(0.01, wait))), None
         except queue.Empty:
             return None, None
+
+    def _maintain(self) -> None:
+        """Between jobs: retention when its pass is due, the metrics file when it is due."""
+        retention = self.config.retention
+        if retention.enabled and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + retention.interval_seconds
+            folders = {"outbox": self.config.paths.outbox, "archive": self.config.paths.archive,
+                       "failed": self.config.paths.failed}
+            retention_mod.prune(folders, retention_mod.budgets(retention), time.time(), self._ping)
+        if self.metrics is not None and self.metrics.due(time.time()):
+            self.metrics.write(time.time(), self._metrics_snapshot)
+
+    def _on_step(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:
+            # From the second step on: the first also holds the prompt's encoding.
+            if done > 1 and self._last_step_at is not None:
+                self.metrics.step(now - self._last_step_at)
+            if self.metrics.due(time.time()):
+                self.metrics.write(time.time(), self._metrics_snapshot)
+        self._last_step_at = now
+        super()._on_step(done, total)
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        owners = {(row["user"] or str(row["uid"])): row["queued"] for row in self._queue_by_owner()}
+        values: dict[str, Any] = {
+            "queue_by_owner": owners, "held": len(self.held),
+            "space": free_space(self.config.folders()),
+            "disk_guard": self.intake is not None and self.intake.disk_guard is not None,
+            "waiting": self.status.data.get("waiting_in_inbox", 0) if self.status is not None else 0,
+        }
+        if self.fleet is not None:
+            values["peers"] = {p.device: p.age for p in self.fleet.peers()}
+        return values
 
     def _ping(self) -> None:
         """WATCHDOG=1 (a few times per watchdog interval) only while the intake thread ticks too."""
