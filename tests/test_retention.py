@@ -137,3 +137,20 @@ def test_two_pruners_on_one_folder_remove_nothing_twice_or_wrongly(tmp_path):
     assert not first & second, "a record removed twice"
     assert sorted(first | second) == [f"j{i:04d}" for i in range(400)]  # exactly the 400 oldest
     assert sorted(p.name for p in outbox.glob("*.json")) == [f"j{i:04d}.json" for i in range(400, 600)]
+
+
+def test_a_simulated_season_stays_under_budget_and_removes_nothing_unrequested(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simulate_year", Path(__file__).parents[1] / "scripts/simulate_year.py")
+    sim = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules["simulate_year"] = sim  # its dataclass looks its module up
+    spec.loader.exec_module(sim)
+    # Budgets tight enough that the byte budgets, not only the ages, do the removing.
+    plan = {"outbox": Budget(20 * DAY, 40 * 2504, DAY), "archive": Budget(10 * DAY, 30 * 3000, DAY),
+            "failed": Budget(30 * DAY, 5 * 3000, DAY)}
+    r = sim.simulate(tmp_path, days=40, per_day=10, plan=plan)
+    assert r.unrequested == 0 and r.half_records == 0
+    assert all(r.removed[k] > 0 for k in plan), r.removed
+    assert all(r.peak_bytes[k] <= plan[k].max_bytes for k in plan), r.peak_bytes
