@@ -87,13 +87,15 @@ def check(root: Path, now: float, plan: dict[str, Budget], before: dict, removed
     for kind, budget in plan.items():
         gone = [r for r in removed if r.folder == kind]
         records = list_records(root / kind, kind)
-        ages = sorted(before[kind], key=lambda r: r.mtime)
-        total = sum(r.size for r in ages)
+        total = sum(r.size for r in before[kind])
+        gone_names = {g.record.name for g in gone}
+        kept_oldest = min((r.mtime for r in before[kind] if r.name not in gone_names), default=float("inf"))
         for removal in gone:
             age = now - removal.record.mtime
             too_old = budget.max_age and age > budget.max_age
-            oldest = all(r.mtime >= removal.record.mtime for r in ages if r.name not in {g.record.name for g in gone})
-            if age < budget.min_age or not (too_old or (total > budget.max_bytes and oldest)):
+            # removed for size: the folder was over its budget and nothing older was kept
+            for_size = budget.max_bytes and total > budget.max_bytes and kept_oldest >= removal.record.mtime
+            if age < budget.min_age or not (too_old or for_size):
                 unrequested += 1
         young = sum(r.size for r in records if now - r.mtime < budget.min_age)
         if budget.max_bytes and sum(r.size for r in records) > max(budget.max_bytes, young):

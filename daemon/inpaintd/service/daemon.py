@@ -317,8 +317,11 @@ class Service(Worker):
             log.warning("config.reload_needs_restart", section="logging", note="applies after a restart")
         if new.fleet != self.config.fleet:
             log.warning("config.reload_needs_restart", section="fleet", note="applies after a restart")
+        if new.metrics != self.config.metrics:
+            log.warning("config.reload_needs_restart", section="metrics", note="applies after a restart")
         applied = replace(
             new, model=self.config.model, logging=self.config.logging, fleet=self.config.fleet,
+            metrics=self.config.metrics,
             paths=replace(new.paths, state=self.config.paths.state),
         )
         for key in ("inbox", "outbox", "failed", "archive"):

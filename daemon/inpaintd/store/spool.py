@@ -187,7 +187,7 @@ class Spool:
                 "arrived": arrived,
                 "claimed": now,
                 "attempts": 0,
-                "owner": _owner(inbox, folder or files.get("image") or entries[0]),
+                "owner": _owner(inbox, folder or files.get("image") or (entries[0] if entries else name)),
                 "state": ClaimState.CLAIMING,
                 "then": dict(final),
             },
