@@ -11,6 +11,8 @@
 #     inbox setgid and writable by the drop group, outbox/failed/archive readable by it,
 #     state private to the daemon; a default ACL on the inbox keeps dropped files readable
 #     by the daemon whatever the uploader's umask (when setfacl is installed);
+#   - /var/lib/inpaintd-metrics (same tmpfiles): the metrics textfile's folder (metrics.textfile),
+#     the service user's and world-readable, for node_exporter's textfile collector;
 #   - a venv in /opt/inpaintd/venv: torch==2.13.0 first, then this project, and the optional
 #     systemd-python when libsystemd-dev and pkg-config are installed;
 #   - /etc/inpaintd/config.yaml from config.example.yaml, only if it does not exist yet;

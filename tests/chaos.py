@@ -49,7 +49,8 @@ from inpaintd.intake.names import DERIVED_SUFFIX_BYTES
 
 RECORD_LIMIT = 1 << 20
 FAULT_NAMES = {"fs": "inbox/state/outbox disk full", "afs": "archive disk (another filesystem) full",
-               "ro": "outbox read-only"}
+               "ro": "outbox read-only", "low": "inbox/state/outbox disk low (low-disk guard)"}
+LOW_FREE = 4 << 20  # what the "low" fault leaves free: below the guard's limit, room for any write
 TEMP_MARK = ".inpaintd-tmp-"
 JUNK = (".DS_Store", "._junk", "Thumbs.db", "upload.part")
 
@@ -72,7 +73,9 @@ SETTINGS = merged(FAST_SETTINGS, {
     # Late parts come at most 2.5 s after the first, held up by a full disk (<= 3 s) and a restart
     # blocking the dropper (a few s) at worst: well inside the timeout, so a good job stays good.
     "watch": {"settle_seconds": 0.3, "rescan_interval": 2, "incomplete_timeout": 12},
-    "limits": {"max_regions": 8, "max_region_steps": 40, "max_job_seconds": 60, "hold_timeout": 3600},
+    "limits": {"max_regions": 8, "max_region_steps": 40, "max_job_seconds": 60, "hold_timeout": 3600,
+               # The low-disk guard, scaled to the 96 MiB tmpfs: a "low" or "fs" fault stops claiming.
+               "min_free_bytes": 8 << 20, "min_free_fraction": 0.0},
     "logging": {"format": "json", "level": "info"},
 })
 
@@ -158,10 +161,16 @@ class World:
         return self.holder is not None
 
     def fill(self, which: str) -> None:
-        """Fill a filesystem ("fs" or "afs") to the last byte with a filler file."""
-        target = self.view((self.fs if which == "fs" else self.afs) / ".filler")
+        """Fill a filesystem ("fs" or "afs") to the last byte with a filler file; "low": the
+        main filesystem to LOW_FREE bytes free (the low-disk guard's case: writes still fit)."""
+        target = self.view((self.afs if which == "afs" else self.fs) / ".filler")
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
+            if which == "low":
+                st = os.statvfs(target)
+                os.write(fd, b"\0" * max(0, st.f_bavail * st.f_frsize - LOW_FREE))
+                self.filled.add(which)
+                return
             for block in (1 << 20, 4096, 1):
                 data = b"\0" * block
                 try:
@@ -174,7 +183,7 @@ class World:
         self.filled.add(which)
 
     def unfill(self, which: str) -> None:
-        (self.view((self.fs if which == "fs" else self.afs) / ".filler")).unlink(missing_ok=True)
+        (self.view((self.afs if which == "afs" else self.fs) / ".filler")).unlink(missing_ok=True)
         self.filled.discard(which)
 
     def outbox_read_only(self, on: bool) -> None:
@@ -517,9 +526,11 @@ def _chaos(run: Run, rng: random.Random, log: Callable[[str], None]) -> None:
                 run.kills += 1
                 restarts.append((now + rng.uniform(0.2, 2.0), victim))
         elif what == "fault":
-            fault = rng.choice(["fs", "afs", "ro"])
+            fault = rng.choice(["fs", "afs", "ro", "low"])
             if fault == "ro":
                 world.outbox_read_only(True)
+            elif fault == "low" and "fs" in world.filled:
+                continue  # the main filesystem is full already
             else:
                 world.fill(fault)
             run.faults[fault] = run.faults.get(fault, 0) + 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import Daemon, Dirs, image_bytes, mask_bytes, outcomes, put, wait_for
+from daemon_harness import Daemon, Dirs, image_bytes, mask_bytes, put, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -75,7 +75,7 @@ class Daemon:
             "logging": {"format": "json", "level": "info"},
         }
         for section, values in overrides.items():
-            self.config[section].update(values)
+            self.config.setdefault(section, {}).update(values)
         self.config_path = root / "config.yaml"
         self.write_config()
         self.proc: subprocess.Popen[bytes] | None = None

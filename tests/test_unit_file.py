@@ -111,8 +111,9 @@ def test_timeouts_fit_the_measured_work() -> None:
 
 def test_writable_paths_tmpfiles_and_config_defaults_agree() -> None:
     writable = [p for v in directives()["ReadWritePaths"] for p in v.split()]
-    # One path, so inbox -> state -> archive renames never cross a mount (EXDEV).
-    assert writable == ["/var/lib/inpaintd"]
+    # One path for the daemon's tree, so inbox -> state -> archive renames never cross a mount
+    # (EXDEV); the metrics textfile's own folder beside it, optional.
+    assert writable == ["/var/lib/inpaintd", "-/var/lib/inpaintd-metrics"]
     tmpfiles = {line.split()[1]: line.split() for line in TMPFILES.read_text().splitlines() if line.startswith("d ")}
     for name in ("inbox", "outbox", "failed", "archive", "state"):
         default = str(getattr(PathsConfig(), name))
@@ -121,6 +122,7 @@ def test_writable_paths_tmpfiles_and_config_defaults_agree() -> None:
     assert tmpfiles["/var/lib/inpaintd/inbox"][2:5] == ["2770", "inpaintd", "inpaintd-drop"]
     assert tmpfiles["/var/lib/inpaintd/outbox"][2:5] == ["2750", "inpaintd", "inpaintd-drop"]
     assert tmpfiles["/var/lib/inpaintd/state"][2:5] == ["0700", "inpaintd", "inpaintd"]
+    assert tmpfiles["/var/lib/inpaintd-metrics"][2:5] == ["0755", "inpaintd", "inpaintd"]
 
 
 PROBE = """

@@ -159,6 +159,16 @@ class LimitsConfig:
     # A job held by a transient error (disk full, unwritable folder) is retried beside the queue
     # for this long, then fails with retries_exhausted, its inputs kept.
     hold_timeout: float = 86400.0
+    # Claims take turns by owner (the uid that dropped the job; service/queues.py), so one
+    # user's flood delays another user's next job by one job. false: one FIFO by arrival.
+    fair_share: bool = True
+    # Claimed-and-queued jobs per owner; the rest wait in the inbox (nothing fails). 0 = no cap.
+    max_queued_per_owner: int = 0
+    # The low-disk guard: while a folder the daemon writes has less free than either, no job is
+    # claimed (they wait in the inbox) and it resumes by itself. Room for a few outputs and
+    # failure records on a small card; 0 turns either check off.
+    min_free_bytes: int = 256 * 1024 * 1024
+    min_free_fraction: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,35 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """What is removed, oldest first, from outbox/, archive/ and failed/ (store/retention.py).
+
+    Ages in days, sizes in bytes, 0 = no limit. The defaults keep a year unattended on a 32 GB
+    card: together at most 13 GiB (outbox 8 + archive 4 + failed 1) beside the system, the
+    model (2-4 GB) and its cache (1.3 GB); results stay in the outbox for 90 days, which is
+    longer than anyone waits to collect them, and the inputs of successful jobs (archive, the
+    least useful copy: the result's sidecar names them with their sha256) go first, after 30.
+    """
+
+    enabled: bool = True
+    min_age_days: float = 1.0  # nothing younger is ever removed, whatever a budget says
+    interval_seconds: float = 600.0  # how often the folders are looked at (between jobs)
+    outbox_max_days: float = 90.0
+    outbox_max_bytes: int = 8 * 1024**3
+    archive_max_days: float = 30.0
+    archive_max_bytes: int = 4 * 1024**3
+    failed_max_days: float = 90.0
+    failed_max_bytes: int = 1024**3
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # A node_exporter textfile-collector file (*.prom), rewritten atomically; null = none.
+    textfile: Path | None = None
+    interval_seconds: float = 5.0  # rewritten at most this often
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = "auto"  # auto | console | json | journald
     level: str = "info"
@@ -203,6 +242,8 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def folders(self) -> dict[str, Path]:
         """Our folders by the name errors about them use (boundary.classify)."""
@@ -262,6 +303,18 @@ _RANGES: dict[str, tuple[float, float]] = {
     "fleet.lease_seconds": (2.0, 86400.0),
     "fleet.heartbeat_seconds": (0.2, 3600.0),
     "fleet.prefetch": (0, 1000),
+    "limits.max_queued_per_owner": (0, 1_000_000),
+    "limits.min_free_bytes": (0, 2**50),
+    "limits.min_free_fraction": (0.0, 0.5),
+    "retention.min_age_days": (0.0, 3650.0),
+    "retention.interval_seconds": (1.0, 86400.0),
+    "retention.outbox_max_days": (0.0, 36500.0),
+    "retention.archive_max_days": (0.0, 36500.0),
+    "retention.failed_max_days": (0.0, 36500.0),
+    "retention.outbox_max_bytes": (0, 2**50),
+    "retention.archive_max_bytes": (0, 2**50),
+    "retention.failed_max_bytes": (0, 2**50),
+    "metrics.interval_seconds": (0.5, 3600.0),
 }
 
 
@@ -440,4 +493,5 @@ def _resolve_relative_paths(config: Config, base: Path) -> Config:
 
     paths = PathsConfig(**{f.name: fix(getattr(config.paths, f.name)) for f in dataclasses.fields(PathsConfig)})
     model = dataclasses.replace(config.model, path=fix(config.model.path), cache_dir=fix(config.model.cache_dir))
-    return dataclasses.replace(config, paths=paths, model=model)
+    metrics = dataclasses.replace(config.metrics, textfile=fix(config.metrics.textfile))
+    return dataclasses.replace(config, paths=paths, model=model, metrics=metrics)

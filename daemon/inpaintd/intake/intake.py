@@ -26,9 +26,10 @@ from ..core import boundary
 from ..core.boundary import retry_delay
 from ..core.config import Config
 from ..core.errors import JobError
+from ..core.ordering import fair_order
 from ..core.quoting import bounded, for_display, shorten
 from ..paint import images
-from ..store import fsutil, records
+from ..store import fsutil, records, space
 from ..store.spool import Claim, Spool
 from ..store.status import StatusFile, error_summary
 from . import grouping
@@ -87,6 +88,7 @@ class Intake(threading.Thread):
         self.watcher: Watcher | None = None
         self._restart_watcher = True
         self._wall_offset: float | None = None
+        self.disk_guard: str | None = None  # why the low-disk guard stops claiming; None: it does not
 
     # watcher callbacks (observer thread)
     def on_change(self, change: Change) -> None:
@@ -180,11 +182,14 @@ class Intake(threading.Thread):
 
         # Each rejection and each claim runs inside its own boundary: whatever one job's files
         # raise, the job waits (with back-off) and every other job flows on.
-        for rejected in plan.rejected:
+        disk_low = self._disk_low()
+        for rejected in plan.rejected if not disk_low else ():
             self._guarded(rejected.name, rejected.entries, now, self._reject, inbox, rejected)
         offset = self._wall_clock_offset()
         left_ready = False
-        for group in plan.ready:
+        queued = self._queued_per_owner()
+        cap = config.limits.max_queued_per_owner
+        for group, owner in self._fair_order(plan.ready, inbox, queued) if not disk_low else ():
             if self.stop_event.is_set():
                 break
             if config.fleet.enabled and self.jobs.qsize() >= config.fleet.prefetch:
@@ -193,7 +198,13 @@ class Intake(threading.Thread):
                 # fastest poller.
                 left_ready = True
                 break
+            if cap and queued.get(owner, 0) >= cap:
+                left_ready = True  # waits in the inbox until this owner's queue shrinks
+                continue
             self._guarded(group.name, group.entries, now, self._claim, inbox, group, group.arrived + offset)
+            queued[owner] = queued.get(owner, 0) + 1
+        if self.disk_guard is not None and plan.ready:
+            left_ready = True  # look again soon: claiming resumes as soon as space is back
         if len(plan.waiting) != self._waiting_count:
             self._waiting_count = len(plan.waiting)
             self.status.update(waiting_in_inbox=len(plan.waiting))
@@ -212,6 +223,36 @@ class Intake(threading.Thread):
         if pending:
             return max(0.05, min(0.25, config.watch.settle_seconds / 4))
         return config.watch.rescan_interval
+
+    def _queued_per_owner(self) -> dict[int, int]:
+        per_owner = getattr(self.jobs, "per_owner", None)
+        return dict(per_owner()) if per_owner is not None else {}
+
+    def _fair_order(self, ready: tuple[grouping.JobGroup, ...], inbox: Path,
+                    queued: dict[int, int]) -> list[tuple[grouping.JobGroup, int]]:
+        """Ready jobs with their owners, in the order to claim them: owners in turn (the fewest
+        queued first), so that claiming a flood never makes another owner's job wait for it."""
+        owned = [(group, _owner(inbox, group.folder or group.image)) for group in ready]
+        if not self.config.limits.fair_share:
+            return owned
+        order = fair_order([(owner, index) for index, (_, owner) in enumerate(owned)], queued)
+        return [owned[i] for i in order]
+
+    def _disk_low(self) -> bool:
+        """The low-disk guard (store/space.py), looked at once per look at the inbox."""
+        limits = self.config.limits
+        folders = {name: path for name, path in self.config.folders().items() if name in space.WRITTEN}
+        low = space.low_space(space.free_space(folders), limits.min_free_bytes, limits.min_free_fraction)
+        guard = "; ".join(low.values()) if low else None
+        if guard != self.disk_guard:
+            if guard is not None:
+                log.warning("disk.low", reason=guard, note="no new job is claimed; they wait in the inbox")
+                self.status.update(disk_guard=shorten(f"{guard}: not claiming new jobs", 300))
+            else:
+                log.info("disk.ok", note="space is back; claiming resumes")
+                self.status.update(disk_guard=None)
+            self.disk_guard = guard
+        return guard is not None
 
     def _wall_clock_offset(self) -> float:
         """Wall time minus monotonic time, to date arrivals (first seen, monotonic) for claims.
@@ -340,3 +381,9 @@ class Intake(threading.Thread):
         self.status.update(last_error=error_summary(rejected.name, rejected.code, rejected.message))
 
 
+def _owner(inbox: Path, entry: str) -> int:
+    """Who dropped a job: the owner of its folder, else of its image (-1 when it is gone)."""
+    try:
+        return os.lstat(inbox / entry).st_uid
+    except OSError:
+        return -1

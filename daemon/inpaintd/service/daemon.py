@@ -27,6 +27,7 @@ jobs; a changed model section is logged as needing a restart.
 from __future__ import annotations
 
 import os
+import pwd
 import queue
 import signal
 import socket
@@ -47,9 +48,11 @@ from ..demo.model import model_folder
 from ..intake.intake import Intake
 from ..store import fleet as fleet_mod
 from ..store import fsutil, outbox
+from ..store import retention as retention_mod
 from ..store.spool import Claim, ClaimState, Spool
 from ..store.status import StatusFile
 from . import logs
+from .metrics import Metrics, free_space
 from .notify import Notifier, watchdog_interval
 from .queues import ArrivalQueue, Held, HeldJobs
 from .worker import JobContext, Worker
@@ -105,7 +108,7 @@ class Service(Worker):
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier if notifier is not None else _notifier()
-        self.jobs = ArrivalQueue()
+        self.jobs = ArrivalQueue(fair=config.limits.fair_share)
         self.held = HeldJobs(config.limits.hold_timeout)
         self.device = fleet_mod.device_id(config.fleet.device_id)
         self.fleet: fleet_mod.Fleet | None = None
@@ -129,6 +132,11 @@ class Service(Worker):
         self._ping_every = _ping_period()
         self._last_ping = 0.0
         self._last_step_status = 0.0
+        self._next_prune = 0.0  # monotonic; the first pass runs as soon as the loop does
+        self._last_step_at: float | None = None
+        self.metrics: Metrics | None = None
+        if config.metrics.textfile is not None:
+            self.metrics = Metrics(config.metrics.textfile, config.metrics.interval_seconds)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -147,6 +155,7 @@ class Service(Worker):
                     # Between jobs: no write of ours is in flight.
                     self.keeper.clean_due = False
                     self._clean_outbox()
+                self._maintain()
                 claim, held = self._next()
                 if claim is not None:
                     self.process(claim, held)
@@ -159,6 +168,8 @@ class Service(Worker):
     def start(self) -> None:
         config = self.config
         paths = config.paths
+        if self.metrics is not None:
+            logs.add_listener(self.metrics.on_event)
         for key in ("inbox", "outbox", "failed", "archive", "state"):
             path = getattr(paths, key)
             try:
@@ -193,6 +204,8 @@ class Service(Worker):
         self.notifier.extend_timeout(300_000_000)
         self.status.update(state="loading model")
         self.engine = Engine.load(replace(config.model, path=model_folder(config.model)))
+        if self.metrics is not None:
+            self.metrics.set_model(self.engine.info.model_id, self.engine.info.random_weights)
         _adopt_library_loggers()
         shapes = warm_shapes(config.roi, config.model.compile)
         began = time.monotonic()
@@ -227,6 +240,9 @@ class Service(Worker):
 
     def shutdown(self) -> int:
         log.info("service.stopping", queued=self.jobs.qsize())
+        if self.metrics is not None:
+            self.metrics.write(time.time(), self._metrics_snapshot)
+            logs.remove_listener(self.metrics.on_event)
         self.notifier.stopping()
         if self.intake is not None:
             self.intake.stop()
@@ -301,14 +317,18 @@ class Service(Worker):
             log.warning("config.reload_needs_restart", section="logging", note="applies after a restart")
         if new.fleet != self.config.fleet:
             log.warning("config.reload_needs_restart", section="fleet", note="applies after a restart")
+        if new.metrics != self.config.metrics:
+            log.warning("config.reload_needs_restart", section="metrics", note="applies after a restart")
         applied = replace(
             new, model=self.config.model, logging=self.config.logging, fleet=self.config.fleet,
+            metrics=self.config.metrics,
             paths=replace(new.paths, state=self.config.paths.state),
         )
         for key in ("inbox", "outbox", "failed", "archive"):
             getattr(applied.paths, key).mkdir(parents=True, exist_ok=True)
         self.config = applied
         self.held.hold_timeout = applied.limits.hold_timeout
+        self.jobs.set_fair(applied.limits.fair_share)
         if self.intake is not None:
             self.intake.reconfigure(applied)
         log.info("config.reloaded", path=str(self.config_path))
@@ -329,6 +349,40 @@ class Service(Worker):
             return self.jobs.get(timeout=0.5 if wait is None else min(0.5, max(0.01, wait))), None
         except queue.Empty:
             return None, None
+
+    def _maintain(self) -> None:
+        """Between jobs: retention when its pass is due, the metrics file when it is due."""
+        retention = self.config.retention
+        if retention.enabled and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + retention.interval_seconds
+            folders = {"outbox": self.config.paths.outbox, "archive": self.config.paths.archive,
+                       "failed": self.config.paths.failed}
+            retention_mod.prune(folders, retention_mod.budgets(retention), time.time(), self._ping)
+        if self.metrics is not None and self.metrics.due(time.time()):
+            self.metrics.write(time.time(), self._metrics_snapshot)
+
+    def _on_step(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:
+            # From the second step on: the first also holds the prompt's encoding.
+            if done > 1 and self._last_step_at is not None:
+                self.metrics.step(now - self._last_step_at)
+            if self.metrics.due(time.time()):
+                self.metrics.write(time.time(), self._metrics_snapshot)
+        self._last_step_at = now
+        super()._on_step(done, total)
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        owners = {(row["user"] or str(row["uid"])): row["queued"] for row in self._queue_by_owner()}
+        values: dict[str, Any] = {
+            "queue_by_owner": owners, "held": len(self.held),
+            "space": free_space(self.config.folders()),
+            "disk_guard": self.intake is not None and self.intake.disk_guard is not None,
+            "waiting": self.status.data.get("waiting_in_inbox", 0) if self.status is not None else 0,
+        }
+        if self.fleet is not None:
+            values["peers"] = {p.device: p.age for p in self.fleet.peers()}
+        return values
 
     def _ping(self) -> None:
         """WATCHDOG=1 (a few times per watchdog interval) only while the intake thread ticks too."""
@@ -359,7 +413,28 @@ class Service(Worker):
             text, health = f"idle, {len(names)} queued", None
         self.notifier.status(text)
         self.status.update(state="idle" if first is None else "retrying", current=None, queue_length=len(names),
-                           queued=names[:100], held=self.held.names()[:100], health=health)
+                           queued=names[:100], held=self.held.names()[:100], health=health,
+                           queue_by_owner=self._queue_by_owner())
+
+    def _queue_by_owner(self) -> list[dict[str, Any]]:
+        """Queued claims per owner, the most first, with user names where the uid resolves."""
+        return owner_rows(self.jobs.per_owner())
+
+
+def owner_rows(counts: dict[int, int]) -> list[dict[str, Any]]:
+    rows = []
+    for uid, queued in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        rows.append({"uid": uid, "user": _user_name(uid), "queued": queued})
+    return rows
+
+
+def _user_name(uid: int) -> str | None:
+    if uid < 0:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):  # a uid with no passwd entry (an SMB-mapped id, a container's)
+        return None
 
 def run_service(config: Config, config_path: str | os.PathLike[str] | None) -> int:
     """`inpaintd run`: configure logging, run until SIGTERM; the exit code."""

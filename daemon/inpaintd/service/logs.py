@@ -107,6 +107,38 @@ def display_safe(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[s
     return event_dict
 
 
+_listeners: list[Callable[[dict[str, Any]], None]] = []
+
+
+def add_listener(listener: Callable[[dict[str, Any]], None]) -> None:
+    """Have `listener` see every event (a copy of its fields) as it is logged: the metrics count
+    outcomes from the same events the journal gets, so the two never disagree."""
+    _listeners.append(listener)
+
+
+def remove_listener(listener: Callable[[dict[str, Any]], None]) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def _tell_listeners(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for listener in list(_listeners):
+        try:
+            listener(dict(event_dict))
+        except Exception:  # noqa: BLE001 - a listener never costs an event its line
+            pass
+    return event_dict
+
+
+def _below(numeric: int) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
+    def drop(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        if LEVELS.get(str(event_dict.get("level", "")), numeric) < numeric:
+            raise structlog.DropEvent
+        return event_dict
+
+    return drop
+
+
 def configure_logging(
     fmt: str = "auto",
     level: str = "info",
@@ -137,6 +169,8 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         bound_fields,
+        _tell_listeners,
+        _below(numeric),
     ]
     transport: str | None = None
     sender: Any = None
@@ -177,7 +211,8 @@ def configure_logging(
 
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        # Info events reach the listeners (metrics) whatever the level; _below drops them after.
+        wrapper_class=structlog.make_filtering_bound_logger(min(numeric, logging.INFO)),
         logger_factory=factory,
         # Not cached: module-level loggers must follow a later configure_logging() (tests).
         cache_logger_on_first_use=False,

@@ -1,4 +1,10 @@
-"""The worker's two lines: claims waiting in arrival order, and held jobs waiting out an error.
+"""The worker's two lines: claims waiting their turn, and held jobs waiting out an error.
+
+Claims take turns by owner (the uid that dropped the job, `Claim.owner`): the owner served
+least recently goes next, an owner never served before first, and within one owner the oldest
+arrival first (`fair_pick`). So one user's flood of 500 jobs delays another user's next job
+by at most the job in progress plus one turn of each other owner. `limits.fair_share: false`
+gives one FIFO by arrival.
 
 A job that hit a transient error (disk full, an unwritable folder) leaves the arrival queue
 and waits in `HeldJobs` with its own back-off; the jobs behind it keep flowing. After
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.boundary import retry_delay
+from ..core.ordering import fair_order, fair_pick
 from ..store.spool import Claim
 
 # Painted results kept in memory for held jobs, so a full outbox costs a retry of the write,
@@ -22,31 +29,76 @@ from ..store.spool import Claim
 HELD_RESULT_BYTES = 64 * 1024 * 1024
 
 
-class ArrivalQueue(queue.Queue):  # type: ignore[type-arg]
-    """Claims waiting for the engine, oldest arrival first: FIFO by arrival, not by readiness.
+ANYONE = -1  # the owner every claim has under plain FIFO
 
-    A job whose files took longer to be confirmed complete (a close lost in an inotify overflow,
-    a slower upload of one part) goes ahead of queued jobs that arrived after it. Equal
-    arrivals keep the order they were put in (the intake puts them oldest first).
+
+class ArrivalQueue(queue.Queue):  # type: ignore[type-arg]
+    """Claims waiting for the engine: owners take turns (`fair_pick`), each owner's oldest
+    arrival first; with fair=False one line, oldest arrival first.
+
+    By arrival, not by readiness: a job whose files took longer to be confirmed complete (a
+    close lost in an inotify overflow, a slower upload of one part) goes ahead of that owner's
+    jobs that arrived after it. Equal arrivals keep the order they were put in (the intake
+    puts them oldest first).
     """
 
+    def __init__(self, maxsize: int = 0, fair: bool = True) -> None:
+        self.fair = fair
+        super().__init__(maxsize)
+
     def _init(self, maxsize: int) -> None:
-        self.queue: list[tuple[float, int, Claim]] = []  # type: ignore[assignment]
+        self.queue: dict[Any, list[tuple[float, int, Claim]]] = {}  # type: ignore[assignment]
         self._order = itertools.count()
+        self._turns = itertools.count()
+        self._served: dict[Any, int] = {}  # owner -> the turn it last had
+
+    def _owner(self, claim: Claim) -> Any:
+        return claim.owner if self.fair else ANYONE
 
     def _qsize(self) -> int:
-        return len(self.queue)
+        return sum(len(line) for line in self.queue.values())
 
     def _put(self, claim: Claim) -> None:
-        heapq.heappush(self.queue, (claim.arrived, next(self._order), claim))
+        heapq.heappush(self.queue.setdefault(self._owner(claim), []), (claim.arrived, next(self._order), claim))
 
     def _get(self) -> Claim:
-        return heapq.heappop(self.queue)[2]
+        owner = fair_pick({o: line[0][:2] for o, line in self.queue.items()}, self._served)
+        line = self.queue[owner]
+        claim = heapq.heappop(line)[2]
+        if not line:
+            del self.queue[owner]
+        self._served[owner] = next(self._turns)
+        return claim
+
+    def _in_order(self) -> list[Claim]:
+        items = [(owner, entry) for owner, line in self.queue.items() for entry in line]
+        order = fair_order([(owner, entry[:2]) for owner, entry in items], self._served)
+        return [items[i][1][2] for i in order]
 
     def names(self) -> list[str]:
         """Job names in the order they will run."""
         with self.mutex:
-            return [claim.name for _, _, claim in sorted(self.queue)]
+            return [claim.name for claim in self._in_order()]
+
+    def per_owner(self) -> dict[int, int]:
+        """Queued claims by owner uid (every claim's, whatever the fair switch says)."""
+        with self.mutex:
+            counts: dict[int, int] = {}
+            for line in self.queue.values():
+                for _, _, claim in line:
+                    counts[claim.owner] = counts.get(claim.owner, 0) + 1
+            return counts
+
+    def set_fair(self, fair: bool) -> None:
+        """Switch between turns by owner and one FIFO (a reload); the queued claims are kept."""
+        with self.mutex:
+            if fair == self.fair:
+                return
+            claims = [claim for line in self.queue.values() for _, _, claim in line]
+            self.fair = fair
+            self.queue = {}
+            for claim in claims:
+                self._put(claim)
 
 
 @dataclass

@@ -92,7 +92,8 @@ class Worker:
             self._last_step_status = now
             self.notifier.status(f"{claim.name}: step {done}/{total}, {len(names)} queued")
         current = dict(self.status.data.get("current") or {}, step=done, total=total)
-        self.status.update(throttle=0.25, current=current, queue_length=len(names), queued=names[:100])
+        self.status.update(throttle=0.25, current=current, queue_length=len(names), queued=names[:100],
+                           queue_by_owner=self._queue_by_owner())
 
     # -- one job: the boundary ------------------------------------------------------------------
 

@@ -108,6 +108,7 @@ def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] 
             renamed = _set_aside(staging / "error.json", claim.job_id)
             record = {**error, "renamed_inputs": renamed} if renamed else dict(error)
             atomic_write_bytes(staging / "error.json", encode_record(record))
+        os.utime(staging)  # retention ages a record from its filing, not from the uploader's mtimes
         fsync_dir(staging)
         final = rename_distinct(staging, root, record_dir_name(claim.name), claim.job_id)
         fsync_dir(root)

@@ -93,6 +93,11 @@ class Claim:
         return float(self.record["arrived"])
 
     @property
+    def owner(self) -> int:
+        """The uid that dropped the job (-1: unknown, a claim from before owners were recorded)."""
+        return int(self.record.get("owner", -1))
+
+    @property
     def state(self) -> ClaimState:
         return ClaimState(self.record.get("state", ClaimState.CLAIMED))
 
@@ -186,6 +191,7 @@ class Spool:
                 "arrived": arrived,
                 "claimed": now,
                 "attempts": 0,
+                "owner": _owner(inbox, folder or files.get("image") or (entries[0] if entries else name)),
                 "state": ClaimState.CLAIMING,
                 "then": dict(final),
             },
@@ -434,6 +440,9 @@ def record_problem(record: Any, folder_name: str) -> str | None:
     attempts = record.get("attempts", 0)
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
         return "attempts is not a count"
+    owner = record.get("owner")
+    if owner is not None and (not isinstance(owner, int) or isinstance(owner, bool) or owner < -1):  # -1: unknown
+        return "owner is not a uid"
     return None
 
 
@@ -449,6 +458,14 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise ValueError(f"job.json is larger than {limit} bytes")
     return data
+
+
+def _owner(inbox: Path, entry: str) -> int:
+    """Who dropped a job: the owner of its folder, else of its image (fair turns, queues.py)."""
+    try:
+        return os.lstat(inbox / entry).st_uid
+    except OSError:
+        return -1
 
 
 def _walk(root: Path):  # type: ignore[no-untyped-def]

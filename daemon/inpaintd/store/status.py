@@ -171,6 +171,13 @@ def format_status(data: dict[str, Any]) -> str:
         shown = f" ({', '.join(queued[:5])}{', ...' if len(queued) > 5 else ''})" if queued else ""
         lines.append(f"queue:      {data.get('queue_length', 0)} claimed{shown}, "
                      f"{data.get('waiting_in_inbox', 0)} waiting in the inbox")
+        owners = data.get("queue_by_owner") or []
+        if owners:
+            lines.append("by owner:   " + ", ".join(
+                f"{_owner_label(o)} {o.get('queued')}" for o in owners[:8])
+                + (", ..." if len(owners) > 8 else ""))
+        if data.get("disk_guard"):
+            lines.append(f"disk guard: {data['disk_guard']}")
     held = data.get("held") or []
     if held:
         lines.append(f"held:       {len(held)} waiting out an error, retried beside the queue "
@@ -183,6 +190,13 @@ def format_status(data: dict[str, Any]) -> str:
     if "jobs_done" in data:
         lines.append(f"jobs:       {data.get('jobs_done', 0)} done, {data.get('jobs_failed', 0)} failed since start")
     return "\n".join(for_display(line, DISPLAY_LINE_CHARS) for line in lines)
+
+
+def _owner_label(row: dict[str, Any]) -> str:
+    uid = row.get("uid")
+    if row.get("user"):
+        return str(row["user"])
+    return "unknown owner" if not isinstance(uid, int) or uid < 0 else f"uid {uid}"
 
 
 def format_devices(me: str, devices: list[dict[str, Any]]) -> str:
