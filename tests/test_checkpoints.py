@@ -552,3 +552,32 @@ def test_a_clip_tokenizer_in_the_local_hugging_face_cache_is_found(
     assert find_cached_tokenizer(49408) == snapshot
     prepare_model(tmp_path / "big-vocab.safetensors", tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     assert (tmp_path / "out" / "tokenizer" / "merges.txt").read_bytes() == (snapshot / "merges.txt").read_bytes()
+
+
+def _hostile_header_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header,data", [
+    (b"[" * 100_000 + b"]" * 100_000, b""),  # nesting deep enough to exhaust the parser's recursion
+    (b'["a", "list"]', b""),  # a header that is not an object
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', b"\0" * 8),  # reversed offsets
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}', b"\0" * 8),  # shape and bytes disagree
+    (b'{"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}', b"\0" * 8),  # an unknown dtype
+    (b'{"w": {"dtype": "F32", "shape": "x", "data_offsets": [0, 8]}}', b"\0" * 8),
+    (b'{"w": 5}', b""),
+])
+def test_a_hostile_header_is_a_model_error_with_exit_3_never_a_traceback(tmp_path: Path, header: bytes,
+                                                                         data: bytes) -> None:
+    from inpaintd.weights.safetensors import read_header
+
+    path = _hostile_header_file(tmp_path / "hostile.safetensors", header, data)
+    with pytest.raises(ModelError):
+        read_header(path)
+    run = subprocess.run([sys.executable, "-m", "inpaintd", "prepare-model", str(path), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr
+    assert "Traceback" not in run.stderr and "model error" in run.stderr

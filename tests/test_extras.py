@@ -21,7 +21,7 @@ from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.testing.single_file import vae_to_original
 from inpaintd.core.config import ModelConfig
 from inpaintd.engine.engine import Engine
-from inpaintd.core.errors import ModelError
+from inpaintd.core.errors import JobError, ModelError
 from inpaintd.core.jobs import InpaintParams
 
 PARAMS = InpaintParams(prompt="a door", negative_prompt="", scheduler="ddim", steps=3, guidance=7.5, strength=1.0, seed=11)
@@ -212,6 +212,11 @@ def test_prompts_with_the_tokens_encode_like_diffusers_load_textual_inversion(
     assert torch.equal(got, expected) and torch.equal(got_negative, expected_negative)
     plain, _ = ours.encode("a wall in , ", "")
     assert not torch.equal(plain, got)  # the tokens mean something
+    # Naming a 3-vector token 155 times expands the prompt by 310 tokens (CLIP reads 77): refused
+    # before diffusers' conversion loop, which runs outside any denoising step.
+    with pytest.raises(JobError) as caught:
+        ours.encode("mystyle " * 155, "")
+    assert caught.value.code == "prompt_invalid" and "expand" in caught.value.message
     image, mask = inputs()
     assert ours.inpaint(image, mask, PARAMS.__class__(**{**PARAMS.__dict__, "prompt": prompt})).image.size == (64, 64)
 
@@ -225,6 +230,8 @@ def test_prompts_with_the_tokens_encode_like_diffusers_load_textual_inversion(
         (lambda d: _embed(d / "many.safetensors", {"w1": (2, 32), "w2": (2, 32)}), "not a textual-inversion embedding"),
         (lambda d: _embed(d / "int.safetensors", {"emb_params": (2, 2, 32)}), "1-D or 2-D float"),
         (lambda d: _pickled(d / "emb.pt"), "pickle"),
+        (lambda d: _embed(d / "huge.safetensors", {"emb_params": (76, 32)}), "76 vectors; a prompt holds at most 75"),
+        (lambda d: _nan(d / "nan.safetensors"), "NaN or infinite"),
         (lambda d: d / "missing.safetensors", "does not exist"),
     ],
 )
@@ -238,6 +245,13 @@ def test_embedding_refusals_leave_nothing(make, message: str, tiny_model_raw: Pa
 
 def _embed(path: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
     save_file({k: torch.randn(shape) for k, shape in tensors.items()}, str(path))
+    return path
+
+
+def _nan(path: Path) -> Path:
+    vectors = torch.randn(2, 32)
+    vectors[1, 3] = float("nan")
+    save_file({"emb_params": vectors}, str(path))
     return path
 
 

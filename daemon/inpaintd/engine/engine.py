@@ -127,6 +127,7 @@ class Engine:
         self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
         self.has_draft_decoder = False  # the folder holds an AutoencoderTiny for decoder: draft
         self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
+        self._multi_vector_tokens = multi_vector_tokens(getattr(pipeline.tokenizer, "added_tokens_encoder", {}))
         if config.compile == "inductor":
             self._compile_unet()
 
@@ -304,6 +305,13 @@ class Engine:
             self.embedding_hits += 1
             return cached
         self.embedding_misses += 1
+        for text in (prompt, negative_prompt):
+            extra = expanded_extra_tokens(text, self._multi_vector_tokens)
+            if extra > MAX_EXPANDED_EXTRA_TOKENS:
+                # diffusers expands each multi-vector token in a loop outside any denoising step
+                # (no watchdog ping, quadratic in the count): refused before it starts.
+                raise JobError(Code.PROMPT_INVALID, f"the prompt names multi-vector embedding tokens that expand to "
+                               f"{extra} more tokens; CLIP reads 77 in all", {"expanded_extra_tokens": extra})
         with torch.inference_mode():
             embeds, negative = self.pipeline.encode_prompt(
                 prompt,
@@ -527,3 +535,24 @@ def _raw_id(path: Path) -> str:
     return "raw-" + digest.hexdigest()[:12]
 
 
+# A prompt may name an embedding's tokens a few times over (CLIP reads 77 tokens in all).
+MAX_EXPANDED_EXTRA_TOKENS = 4 * 77
+
+
+def multi_vector_tokens(added: Any) -> dict[str, int]:
+    """Textual-inversion tokens stored as TOKEN, TOKEN_1 ... TOKEN_{n-1} (prepare-model's layout,
+    diffusers' load_textual_inversion's too): TOKEN -> n, for n > 1."""
+    names = set(added)
+    counts: dict[str, int] = {}
+    for token in names:
+        n = 1
+        while f"{token}_{n}" in names:
+            n += 1
+        if n > 1:
+            counts[token] = n
+    return counts
+
+
+def expanded_extra_tokens(prompt: str, tokens: dict[str, int]) -> int:
+    """How many tokens diffusers' prompt conversion adds (each TOKEN becomes n of them); an upper bound."""
+    return sum(prompt.count(token) * (n - 1) for token, n in tokens.items())

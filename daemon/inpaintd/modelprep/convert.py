@@ -32,7 +32,7 @@ from ..weights.folder import (
     read_json,
     weight_files,
 )
-from ..weights.safetensors import read_header
+from ..weights.safetensors import ITEM_BYTES, read_header
 
 
 def convert_folder(layout: ModelFolder, out: Path, dtype: str, fusion: Any = None) -> None:
@@ -101,7 +101,6 @@ def torch_dtype(dtype: str) -> Any:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def convert_file(src: Path, dst: Path, dtype: str, transform: Callable[[str, Any], Any] | None = None) -> None:
@@ -124,12 +123,12 @@ def convert_file(src: Path, dst: Path, dtype: str, transform: Callable[[str, Any
     for name in names:
         info = header[name]
         st = target_st if info["dtype"] in FLOAT_ST else info["dtype"]
-        if st not in ST_ITEMSIZE:
+        if st not in ITEM_BYTES:
             raise ModelError(f"{src}: tensor {name} has unsupported dtype {info['dtype']}")
         count = 1
         for dim in info["shape"]:
             count *= int(dim)
-        size = count * ST_ITEMSIZE[st]
+        size = count * ITEM_BYTES[st]
         out_header[name] = {"dtype": st, "shape": info["shape"], "data_offsets": [offset, offset + size]}
         offset += size
     with safe_open(str(src), framework="pt") as handle:

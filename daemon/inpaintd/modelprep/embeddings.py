@@ -22,6 +22,8 @@ from ..weights.folder import PICKLE_SUFFIXES
 from . import checkpoints, keymaps
 
 _SDXL_KEYS = {"clip_l", "clip_g"}
+# CLIP reads 77 tokens, two of them start and end: no prompt can use a longer embedding.
+MAX_VECTORS = 75
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,11 @@ def load_embedding(spec: EmbeddingSpec, *, allow_pickle: bool = False) -> tuple[
         raise ModelError(f"--embedding {path}: the vectors are not a 1-D or 2-D float tensor")
     if vectors.dim() == 1:
         vectors = vectors[None, :]
+    if vectors.shape[0] > MAX_VECTORS:
+        raise ModelError(f"--embedding {path}: {vectors.shape[0]} vectors; a prompt holds at most {MAX_VECTORS} tokens "
+                         "(CLIP's 77 less its start and end), so such an embedding could never be used whole")
+    if not bool(vectors.isfinite().all()):
+        raise ModelError(f"--embedding {path}: its vectors hold NaN or infinite values")
     if not token.strip() or any(c.isspace() for c in token):
         raise ModelError(f"--embedding {path}: token {token!r} must be one word without spaces")
     return token, vectors, fmt

@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ModelError
+from ..core.quoting import quote
+
+# Bytes per value of each safetensors dtype (the format's own list).
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+              "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -32,8 +37,8 @@ def read_header_and_metadata(path: Path) -> tuple[dict[str, dict[str, Any]], dic
             raise ModelError(f"{path} is not a safetensors file (its header claims {length} bytes)")
         try:
             header = json.loads(handle.read(length))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{path} is not a safetensors file (unreadable header: {exc})") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting a hostile file chose
+            raise ModelError(f"{path} is not a safetensors file (unreadable header: {type(exc).__name__})") from exc
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file (the header is not a JSON object)")
     metadata = header.pop("__metadata__", None)
@@ -43,9 +48,17 @@ def read_header_and_metadata(path: Path) -> tuple[dict[str, dict[str, Any]], dic
         try:
             start, stop = (int(x) for x in info["data_offsets"])
             info["shape"] = [int(d) for d in info["shape"]]
-            str(info["dtype"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise ModelError(f"{path} is not a safetensors file (tensor {name!r} is malformed)") from exc
+            dtype = info["dtype"]
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{path} is not a safetensors file (tensor {quote(name)} is malformed)") from exc
+        if not isinstance(dtype, str) or dtype not in ITEM_BYTES:
+            raise ModelError(f"{path}: tensor {quote(name)} has an unknown dtype {quote(dtype)}")
+        if not 0 <= start <= stop or any(d < 0 for d in info["shape"]) or stop - start != count * ITEM_BYTES[dtype]:
+            raise ModelError(f"{path} is not a safetensors file (tensor {quote(name)}: offsets {start}..{stop} do not "
+                             f"hold {info['shape']} {dtype} values)")
         end = max(end, stop)
     available = size - 8 - length
     if end > available:
