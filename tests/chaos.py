@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import unicodedata
 import os
 import random
 import shutil
@@ -285,9 +286,9 @@ def _name(rng: random.Random, index: int, kind: str) -> str:
 
 
 GOOD_KINDS = ("good", "good-jpg", "good-yaml", "good-folder", "good-folder-renamed", "good-alpha", "good-late",
-              "good-rewritten")
+              "good-rewritten", "good-spellings", "good-bidi")
 HOSTILE_KINDS = ("random-bytes", "truncated", "odd-format", "dds-no-mask", "unreadable", "unreadable-no-mask",
-                 "billion-laughs", "deep-json", "huge-key", "control-name", "ambiguous", "symlink",
+                 "billion-laughs", "deep-json", "huge-key", "control-name", "escape-name", "ambiguous", "symlink",
                  "size-mismatch", "fragmented", "costly", "animated", "ztxt", "huge-sof", "incomplete")
 
 
@@ -299,6 +300,12 @@ def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, di
     name = _name(rng, index, kind)
     if kind == "control-name":
         name = f"c{index:04d}-ctl\x07name"
+    elif kind == "escape-name":  # a terminal escape (OSC 52 clipboard write, ESC[2J) or a C1 CSI
+        name = f"c{index:04d}-" + rng.choice(["\x1b]52;c;aGk=\x07", "\x1b[2J\x1b[H", "\u009b31m"]) + "esc"
+    elif kind == "good-bidi":  # printable to a filesystem: painted, and shown escaped to a person
+        name = f"c{index:04d}-invoice\u202egnp"
+    elif kind == "good-spellings":  # one job, its parts spelled by different clients
+        name = f"C{index:04d}-Café"
     seed = rng.randrange(1 << 16)
     files: dict[str, bytes | None] = {}
     drop = Drop(name=name, kind=kind, good=kind.startswith("good") and len(name.encode()) <= 255 - DERIVED_SUFFIX_BYTES,
@@ -306,20 +313,29 @@ def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, di
     prompt = b"a small red house"
     if kind in ("good", "good-late", "good-rewritten") or not kind.startswith("good") and kind in (
             "random-bytes", "truncated", "odd-format", "unreadable", "size-mismatch", "animated", "ztxt",
-            "huge-sof", "control-name", "symlink"):
+            "huge-sof", "control-name", "escape-name", "symlink") or kind == "good-bidi":
         image = {
             "good": _png(seed=seed), "good-late": _png(seed=seed), "good-rewritten": _png(seed=seed),
-            "random-bytes": os.urandom(rng.randint(1, 4096)),
+            "good-bidi": _png(seed=seed), "random-bytes": os.urandom(rng.randint(1, 4096)),
             "truncated": _png(seed=seed)[: rng.randint(20, 400)],
             "odd-format": rng.choice([DDS_HEADER, PSD_HEADER, b"%!PS-Adobe-3.0 EPSF-3.0\n" + b"0" * 64,
                                       b"\x00\x00\x01\x00\x01\x00" + b"\0" * 64]),
             "unreadable": _png(seed=seed), "size-mismatch": _png((80, 48), seed=seed), "animated": animated("GIF"),
             "ztxt": ztxt_bomb(), "huge-sof": jpeg_huge_sof(), "control-name": _png(seed=seed),
+            "escape-name": _png(seed=seed),
             "symlink": b"",
         }[kind]
         files[f"{name}.png"] = image
         files[f"{name}.mask.png"] = _mask()
         files[f"{name}.txt"] = prompt
+    elif kind == "good-spellings":
+        # NFD and mixed case from macOS scp, NFC lower case from Windows SMB: grouped as one job
+        # (NFC, case-folded stems), named after the image's own spelling.
+        nfd = unicodedata.normalize("NFD", name)
+        files[f"{nfd}.png"] = _png(seed=seed)
+        files[f"{unicodedata.normalize('NFC', name).lower()}.mask.png"] = _mask()
+        files[f"{name.upper()}.TXT"] = prompt
+        drop.name = nfd
     elif kind == "good-jpg":
         files[f"{name}.jpg"] = image_bytes((64, 64), "JPEG", seed=seed)
         files[f"{name}.mask.png"] = _mask()
@@ -696,6 +712,16 @@ def check(run: Run) -> Report:
                     if len(line) > RECORD_LIMIT:
                         v.append(f"log line over 1 MiB in {daemon.dirs.log.name}: {len(line)} bytes")
                         break
+    # No hidden character (terminal escape, C1, bidi) raw in a log line or a status file: names
+    # from drops are escaped wherever a person may read them (records keep them JSON-escaped).
+    for daemon in world.daemons:
+        texts = [daemon.dirs.log] if daemon.dirs.log.exists() else []
+        texts += [daemon.dirs.state / "status.json"] if (daemon.dirs.state / "status.json").exists() else []
+        for path in texts:
+            text = path.read_bytes().decode("utf-8", "surrogateescape")
+            raw = sorted({repr(c) for c in text if c not in "\n\t" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs")})
+            if raw:
+                v.append(f"hidden characters raw in {path.name}: {raw[:5]}")
     if run.drained_after is None:
         v.append(f"not drained within {run.profile.drain_bound:g} s after the chaos")
 

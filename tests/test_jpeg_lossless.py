@@ -380,3 +380,18 @@ def test_an_rgb_coded_jpeg_job_says_why_it_was_reencoded(tiny_engine, tmp_path):
     result = run_job(tiny_engine, tmp_path, image_path, (96, 80), (40, 30, 50, 40))
     output = result.sidecar["output"]
     assert output["jpeg_mode"] == "reencoded" and "component ids R, G, B" in output["jpeg_reason"], output
+
+
+def test_a_splice_leaves_no_file_on_disk_even_if_killed(tiny_engine, tmp_path, monkeypatch) -> None:
+    # The painted MCUs reach jpegtran as a memory file: nothing is created in the temp folder,
+    # so a kill -9 in the middle of a splice cannot leave a file behind for good.
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    image_path = write_jpeg(tmp_path / "in.jpg", photo(328, 248), 1)
+    result = run_job(tiny_engine, tmp_path, image_path, (328, 248), (150, 100, 168, 114))
+    assert result.sidecar["output"]["jpeg_mode"] == "lossless-outside"
+    assert list(scratch.iterdir()) == []

@@ -46,7 +46,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
 from PIL import Image
@@ -369,15 +368,19 @@ def splice(original: bytes, final: Image.Image, boxes: list[tuple[int, int, int,
         options.append("-optimize")  # the input had optimised tables: keep its size, not the defaults'
 
     current = original
-    with tempfile.TemporaryDirectory(prefix="inpaintd-jpeg-") as tmp:
-        drop_path = os.path.join(tmp, "drop.jpg")
-        for x0, y0, x1, y1 in boxes:
-            patch = final.crop((x0, y0, x1, y1))
-            with open(drop_path, "wb") as handle:
-                # Same tables and sampling as the input: jpegtran would otherwise requantize.
-                patch.save(handle, format="JPEG", qtables=qtables, subsampling=layout.subsampling)
-            _check_same_quantization(drop_path, source)
-            current = _run(tool, [*options, "-drop", f"+{x0}+{y0}", drop_path], current)
+    for x0, y0, x1, y1 in boxes:
+        patch = io.BytesIO()
+        # Same tables and sampling as the input: jpegtran would otherwise requantize.
+        final.crop((x0, y0, x1, y1)).save(patch, format="JPEG", qtables=qtables, subsampling=layout.subsampling)
+        _check_same_quantization(patch.getvalue(), source)
+        # The drop image goes to jpegtran as a memory file, not a temp file: a kill mid-splice
+        # leaves nothing behind on disk.
+        fd = os.memfd_create("inpaintd-jpeg-drop", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, patch.getvalue())
+            current = _run(tool, [*options, "-drop", f"+{x0}+{y0}", f"/dev/fd/{fd}"], current, pass_fds=(fd,))
+        finally:
+            os.close(fd)
     result = Image.open(io.BytesIO(current))
     if result.size != (layout.width, layout.height) or len(result.getbands()) != len(layout.sampling):
         raise Unsupported(f"jpegtran produced a {result.size} {result.mode} image")
@@ -445,18 +448,19 @@ def _standard_huffman(data: bytes) -> bool:
     return set(_huffman_tables(data)) <= _default_tables()
 
 
-def _check_same_quantization(path: str, source: Image.Image) -> None:
+def _check_same_quantization(data: bytes, source: Image.Image) -> None:
     """The drop image must quantize each component with the input's table, or jpegtran requantizes."""
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data)) as im:
         same_layout = [layer[1:] for layer in im.layer] == [layer[1:] for layer in source.layer]
         if im.quantization != source.quantization or not same_layout:
             raise Unsupported("Pillow could not write the input's quantization tables and sampling for the painted MCUs")
 
 
-def _run(tool: str, args: list[str], data: bytes) -> bytes:
+def _run(tool: str, args: list[str], data: bytes, pass_fds: tuple[int, ...] = ()) -> bytes:
     try:
         done = subprocess.run(
-            [tool, *args], input=data, capture_output=True, timeout=_TIMEOUT, check=False, close_fds=True
+            [tool, *args], input=data, capture_output=True, timeout=_TIMEOUT, check=False, close_fds=True,
+            pass_fds=pass_fds,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Unsupported(f"jpegtran could not run: {exc}") from exc
