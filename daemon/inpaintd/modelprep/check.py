@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..core.digest import sha256_file
 from ..core.errors import ModelError
+from ..core.quoting import shorten
 from ..weights.folder import (
     DTYPES,
     FLOAT_ST,
@@ -14,12 +15,14 @@ from ..weights.folder import (
     PICKLE_SUFFIXES,
     ST_DTYPE,
     UNET_IN_CHANNELS,
+    WEIGHT_COMPONENTS,
     list_files,
     manifest_id,
     read_json,
     read_manifest,
 )
 from ..weights.safetensors import read_header
+from .checkpoints import build_meta
 
 
 def check_model(path: Path) -> list[str]:
@@ -77,8 +80,43 @@ def check_model(path: Path) -> list[str]:
             problems.append(f"the UNet has {in_channels} input channels; inpaintd needs 9 or 4")
     except ModelError as exc:
         problems.append(str(exc))
+    problems += component_problems(path)
     for weight in non_finite_tensors(path):
         problems.append(f"{weight}: holds NaN or infinite values (such a model paints black)")
+    return problems
+
+
+def component_problems(folder: Path, shown: int = 3) -> list[str]:
+    """Why a component would not load: its weight files must hold exactly the tensors, of the
+    shapes, that its config.json describes (compared on the meta device, no weights read)."""
+    problems: list[str] = []
+    for component in WEIGHT_COMPONENTS:
+        try:
+            config = read_json(folder / component / "config.json", f"the {component} config")
+            expected = {k: tuple(v.shape) for k, v in build_meta(component, config).state_dict().items()}
+        except ModelError as exc:
+            problems.append(str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - diffusers/transformers refuse a config many ways
+            problems.append(f"{component}/config.json does not describe a model diffusers can build: "
+                            f"{type(exc).__name__}: {shorten(str(exc), 200)}")
+            continue
+        actual: dict[str, tuple[int, ...]] = {}
+        try:
+            for weights in sorted((folder / component).glob("*.safetensors")):
+                actual.update({k: tuple(v["shape"]) for k, v in read_header(weights).items()})
+        except ModelError as exc:
+            problems.append(str(exc))
+            continue
+        missing = sorted(set(expected) - set(actual))
+        extra = sorted(set(actual) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+        if missing:
+            problems.append(f"{component}: {len(missing)} weights its config needs are missing (e.g. {', '.join(missing[:shown])})")
+        if extra:
+            problems.append(f"{component}: {len(extra)} weights its config does not have (e.g. {', '.join(extra[:shown])})")
+        for key in wrong[:shown]:
+            problems.append(f"{component}: {key} has shape {list(actual[key])}, its config needs {list(expected[key])}")
     return problems
 
 
