@@ -40,16 +40,24 @@ def unavailable() -> str | None:
     return None
 
 
+# The sshfs options the README recommends for a share (attribute and directory caches off), and
+# sshfs's defaults (attributes and listings cached ~20 s) as a new user would mount it.
+RECOMMENDED = ["cache=no", "ServerAliveInterval=2"]
+DEFAULTS: list[str] = []
+
+
 class Nas:
     """One shared folder served over SFTP, mounted once per client with sshfs."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, options: list[str] | None = None) -> None:
+        from inpaintd.store.fleet import init_share
+
         self.root = root
+        self.options = RECOMMENDED if options is None else options
         self.server = SshServer(root / "sshd").start()
         self.share = root / "nas"
         self.share.mkdir()
-        for name in ("inbox", "outbox", "failed", "archive", "state"):
-            (self.share / name).mkdir()
+        init_share(self.share)  # the five folders and the marker, as `inpaintd init-share` makes them
         self.mounts: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
 
     def mount(self, name: str) -> Path:
@@ -57,7 +65,7 @@ class Nas:
         point.mkdir(exist_ok=True)
         options = ",".join([
             f"IdentityFile={self.server.key}", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null",
-            "BatchMode=yes", f"port={self.server.port}", "dir_cache=no", "ServerAliveInterval=2",
+            "BatchMode=yes", f"port={self.server.port}", *self.options,
         ])
         proc = subprocess.Popen(["sshfs", "-f", "-o", options, f"{self.server.user}@127.0.0.1:{self.share}", str(point)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -94,22 +102,24 @@ def _mounted(point: Path) -> bool:
 
 
 class Fleet:
-    def __init__(self, root: Path, model: Path, devices: int) -> None:
-        self.nas = Nas(root)
+    def __init__(self, root: Path, model: Path, devices: int, options: list[str] | None = None,
+                 settings: dict | None = None, start: bool = True) -> None:
+        self.nas = Nas(root, options)
         self.client = self.nas.mount("client")
         self.daemons: dict[str, Daemon] = {}
         for index in range(devices):
             device = f"dev{index}"
             point = self.nas.mount(device)
-            data = merged(FAST_SETTINGS, FLEET_SETTINGS)
+            data = merged(merged(FAST_SETTINGS, FLEET_SETTINGS), settings or {})
             data["fleet"] = {**data["fleet"], "device_id": device}
             dirs = Dirs.make(root / f"local-{device}", model, data)
             dirs.rewrite_config({"paths": {k: str(point / k) for k in ("inbox", "outbox", "failed", "archive",
                                                                          "state")},
                                  "fleet": data["fleet"]})
             self.daemons[device] = Daemon(dirs)
-        for daemon in self.daemons.values():
-            daemon.start(timeout=180)
+        if start:
+            for daemon in self.daemons.values():
+                daemon.start(timeout=180)
 
     def outcomes(self) -> dict[str, list[tuple[str, dict]]]:
         found: dict[str, list[tuple[str, dict]]] = {}

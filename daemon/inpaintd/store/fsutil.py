@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import stat as stat_mod
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -294,9 +295,33 @@ class OsFs:
         base = int(sa.st_mtime)
         for delta in (1, 2):
             os.utime(a, (base - delta, base - delta), follow_symlinks=False)
-            if int(os.lstat(b).st_mtime) != base - delta:
+            if fresh_mtime(b) != base - delta:
                 return False
         return True
+
+
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_STATX_FORCE_SYNC = 0x2000  # ask the server, not the client's attribute cache (FUSE, NFS, SMB)
+_STATX_MTIME = 0x40
+_STATX_MTIME_OFFSET = 112  # struct statx: stx_mtime.tv_sec
+
+
+def fresh_mtime(path: Path) -> int:
+    """path's mtime in whole seconds as the server has it now (statx AT_STATX_FORCE_SYNC);
+    lstat's (perhaps cached) where statx is not there."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    statx = getattr(_libc, "statx", None)
+    if statx is not None:
+        buf = ctypes.create_string_buffer(256)
+        at_fdcwd = -100
+        if statx(at_fdcwd, os.fsencode(path), _AT_SYMLINK_NOFOLLOW | _AT_STATX_FORCE_SYNC, _STATX_MTIME, buf) == 0:
+            return int.from_bytes(buf.raw[_STATX_MTIME_OFFSET:_STATX_MTIME_OFFSET + 8], sys.byteorder, signed=True)
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(path))
+    return int(os.lstat(path).st_mtime)
 
 
 def _fuse_dev(dev: int) -> bool:
