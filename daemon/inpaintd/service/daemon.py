@@ -168,8 +168,12 @@ class Service(Worker):
     def start(self) -> None:
         config = self.config
         paths = config.paths
-        if self.fleet is not None and not self._wait_for_share():
-            return  # stopped while waiting
+        if self.fleet is not None:
+            # The model first, while the share may not be mounted yet: nothing of it is on the
+            # share, and a device that boots before its file server takes jobs as soon as it is.
+            self._load_engine()
+            if not self._wait_for_share():
+                return  # stopped while waiting
         for key in ("inbox", "outbox", "failed", "archive", "state"):
             path = getattr(paths, key)
             try:
@@ -199,12 +203,26 @@ class Service(Worker):
                 except Exception as exc:  # noqa: BLE001 - settled again when its turn comes
                     log.warning("job.publication_unsettled", job=claim.name, error=shorten(str(exc)))
             self.jobs.put(claim)
+        if self.engine is None:
+            self._load_engine()
+        self.intake = Intake(config, self.spool, self.jobs, self.status)
+        self.intake.watch()
+        self.intake.start()
+        if self.fleet is not None:
+            self.keeper = fleet_mod.Keeper(self.fleet, self.spool, paths.inbox, self.jobs.put)
+            self.keeper.start()
 
+    def _status(self, **fields: Any) -> None:
+        if self.status is not None:
+            self.status.update(**fields)
+
+    def _load_engine(self) -> None:
+        config = self.config
         from ..engine.engine import Engine  # deferred: imports torch
 
         self.notifier.status("loading the model")
         self.notifier.extend_timeout(300_000_000)
-        self.status.update(state="loading model")
+        self._status(state="loading model")
         self.engine = Engine.load(replace(config.model, path=model_folder(config.model)))
         _adopt_library_loggers()
         shapes = warm_shapes(config.roi, config.model.compile)
@@ -215,19 +233,12 @@ class Service(Worker):
             per_shape = (time.monotonic() - began) / max(done, 1)
             self.notifier.status(f"warming up {done}/{total}")
             self.notifier.extend_timeout(int(max(60.0, 3 * per_shape) * 1_000_000))
-            self.status.update(state=f"warming up {done}/{total}")
+            self._status(state=f"warming up {done}/{total}")
             log.info("service.warming", done=done, total=total)
 
         self.notifier.status(f"warming up 0/{len(shapes)}")
-        self.status.update(state=f"warming up 0/{len(shapes)}")
+        self._status(state=f"warming up 0/{len(shapes)}")
         self.engine.warm(shapes, warmed)
-
-        self.intake = Intake(config, self.spool, self.jobs, self.status)
-        self.intake.watch()
-        self.intake.start()
-        if self.fleet is not None:
-            self.keeper = fleet_mod.Keeper(self.fleet, self.spool, paths.inbox, self.jobs.put)
-            self.keeper.start()
 
     def _wait_for_share(self) -> bool:
         """Fleet: wait until the share's marker is there (the share is mounted); nothing is

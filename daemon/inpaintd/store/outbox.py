@@ -293,6 +293,8 @@ def publish(
         raise TransientError("outbox_unwritable", f"outbox folder {outbox} is missing")
     own_stage = claim_dir is None
     folder = claim_dir if claim_dir is not None else outbox / f"{own_temp_prefix()}stage-{secrets.token_hex(4)}"
+    if own_stage:
+        folder.mkdir()
     try:
         try:
             progress = stage(folder, result, extra)
