@@ -160,3 +160,84 @@ def mount_alive(fleet: Fleet, name: str) -> bool:
     """Whether a client's sshfs process still runs (False after Nas.cut until reconnect)."""
     _, proc = fleet.nas.mounts[name]
     return proc.poll() is None
+
+
+# ---------------------------------------------------------------------------- pausing devices (issue 19)
+
+POINTS = ("painting", "before the image", "between image and sidecar", "archiving", "between jobs")
+
+
+def claim_point(share: Path, device: str) -> str:
+    """Where a (stopped) device is in its jobs, from its claims on the server."""
+    folder = share / "state" / device / "claimed"
+    best = "between jobs"
+    for job in sorted(os.listdir(folder)) if folder.exists() else []:
+        try:
+            record = json.loads((folder / job / "job.json").read_text())
+        except (OSError, ValueError):
+            continue
+        state, publishing = record.get("state"), record.get("publishing") or {}
+        if state == "published":
+            return "archiving"
+        if state == "publishing":
+            return "between image and sidecar" if publishing.get("linked") else "before the image"
+        if state == "claimed" and record.get("attempts", 0) >= 1:
+            best = "painting"
+    return best
+
+
+def stop_at(fleet: "Fleet", device: str, want: str, timeout: float = 20.0) -> str:
+    """SIGSTOP a device once its claims show `want` (polled on the server), else at the timeout;
+    the point where it actually stopped."""
+    daemon = fleet.daemons[device]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and claim_point(fleet.nas.share, device) != want:
+        time.sleep(0.003)
+    os.kill(daemon.pid, 19)  # SIGSTOP
+    return claim_point(fleet.nas.share, device)
+
+
+def pause_run(fleet: "Fleet", plan: list[tuple[str, str, float]], names: list[str], lease: float,
+              timeout: float = 300.0) -> dict:
+    """Pause devices as planned ((device, point wanted, pause in leases) each), while the jobs
+    `names` flow; then the figures and every violation of the invariants."""
+    import signal as _signal
+
+    landed: list[tuple[str, str, float]] = []
+    for device, want, leases in plan:
+        point = stop_at(fleet, device, want)
+        time.sleep(leases * lease)
+        os.kill(fleet.daemons[device].pid, _signal.SIGCONT)
+        landed.append((device, point, leases))
+        time.sleep(0.5)
+    found = fleet.wait(names, timeout)
+    deadline = time.monotonic() + 3 * lease  # let every claim settle (archives, take-overs)
+    while time.monotonic() < deadline and any(fleet.claims(d) for d in fleet.daemons):
+        time.sleep(0.3)
+    found = fleet.outcomes()
+    return {"landed": landed, **verdict(fleet, found, names, plan, lease)}
+
+
+def verdict(fleet: "Fleet", found: dict, names: list[str], plan: list[tuple[str, str, float]], lease: float) -> dict:
+    outbox = fleet.nas.share / "outbox"
+    lost = sorted(set(names) - set(found))
+    duplicated = sorted(n for n in names if len(found.get(n, [])) > 1)
+    failed = sorted(n for n in names if found.get(n) and found[n][0][0] != "done")
+    referenced = set()
+    without_image = []
+    for path in outbox.glob("*.json"):
+        data = json.loads(path.read_text())
+        referenced.add(data["output_file"])
+        if not (outbox / data["output_file"]).is_file():
+            without_image.append(path.name)
+    orphans = sorted(p.name for p in outbox.iterdir() if not p.name.startswith(".") and p.suffix != ".json"
+                     and p.name not in referenced)
+    long_paused = {d for d, _w, leases in plan if leases > 1.0}
+    took = [(d, e.get("from_device")) for d, daemon in fleet.daemons.items() for e in daemon.events()
+            if e.get("event") == "fleet.took_over"]
+    live_taken = [t for t in took if t[1] not in long_paused]
+    foreign_removed = [e for daemon in fleet.daemons.values() for e in daemon.events()
+                       if e.get("event") == "outbox.foreign_image_kept"]
+    return {"jobs": len(names), "lost": lost, "duplicated": duplicated, "failed": failed,
+            "sidecars_without_image": without_image, "orphan_images": orphans, "take_overs": len(took),
+            "take_overs_of_live_devices": live_taken, "foreign_files_taken": foreign_removed}
