@@ -197,19 +197,40 @@ def stop_at(fleet: "Fleet", device: str, want: str, timeout: float = 20.0) -> st
     return claim_point(fleet.nas.share, device)
 
 
-def pause_run(fleet: "Fleet", plan: list[tuple[str, str, float]], names: list[str], lease: float,
-              timeout: float = 300.0) -> dict:
-    """Pause devices as planned ((device, point wanted, pause in leases) each), while the jobs
-    `names` flow; then the figures and every violation of the invariants."""
+def pause_run(fleet: "Fleet", plan: list[tuple[str, str, float]], prefix: str, lease: float,
+              timeout: float = 300.0, every: float = 0.25) -> dict:
+    """Pause devices as planned ((device, point wanted, pause in leases) each) while a client
+    drops a job every `every` seconds (so that every device always has work); then the figures
+    and every violation of the invariants."""
     import signal as _signal
+    import threading
 
+    from daemon_harness import drop_job
+
+    names: list[str] = []
+    done = threading.Event()
+
+    def feed() -> None:
+        while not done.is_set():
+            name = f"{prefix}{len(names):04d}"
+            drop_job(fleet.client / "inbox", name, size=(128, 128))
+            names.append(name)
+            done.wait(every)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     landed: list[tuple[str, str, float]] = []
-    for device, want, leases in plan:
-        point = stop_at(fleet, device, want)
-        time.sleep(leases * lease)
-        os.kill(fleet.daemons[device].pid, _signal.SIGCONT)
-        landed.append((device, point, leases))
-        time.sleep(0.5)
+    try:
+        time.sleep(2.0)
+        for device, want, leases in plan:
+            point = stop_at(fleet, device, want, timeout=8.0)
+            time.sleep(leases * lease)
+            os.kill(fleet.daemons[device].pid, _signal.SIGCONT)
+            landed.append((device, point, leases))
+            time.sleep(0.3)
+    finally:
+        done.set()
+        feeder.join()
     found = fleet.wait(names, timeout)
     deadline = time.monotonic() + 3 * lease  # let every claim settle (archives, take-overs)
     while time.monotonic() < deadline and any(fleet.claims(d) for d in fleet.daemons):

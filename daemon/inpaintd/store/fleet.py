@@ -1,4 +1,4 @@
-"""Several devices on one shared folder: who is alive, by the file server's clock, and take-over.
+"""Several devices on one shared folder: who is alive (a beat counter, by our own clock), and take-over.
 
 With `fleet.enabled`, `paths.state` is a folder on the share and each device keeps its own state
 in `paths.state/<device id>/` (claims are renames, and a rename cannot cross filesystems, so the
@@ -6,17 +6,24 @@ state must be on the share with the inbox). The file server is the only arbiter:
 
 - **Claims.** A job is a device's when its rename into `<id>/claimed/` succeeded (spool); the
   server lets exactly one rename of a file win.
-- **Heartbeats.** Every `fleet.heartbeat_seconds` a device rewrites `<id>/heartbeat`; the server
-  sets its mtime. Ages are differences of server-set mtimes (our own fresh heartbeat's mtime
-  stands for the server's "now"), so no device's clock matters.
-- **Take-over.** A device whose heartbeat is older than `fleet.lease_seconds` is presumed dead;
-  a live device renames each of its claim folders into its own `claimed/` (one rename wins, so
-  each job is taken once) and queues it, in whatever state it was left: a half-published job
-  is settled from its recorded names (spool/outbox), never painted twice.
-- **Coming back.** A device only publishes, archives or fails a job while its own lease is fresh
-  (a heartbeat written less than half a lease ago) and the job's claim folder is still where it
-  put it. A device cut off or frozen past its lease finds its claims gone and drops its work on
-  them without writing anything.
+- **The share.** `inpaintd init-share` writes `.inpaintd-share` in the share's root; a device
+  works only while it is there (checked at start, where the daemon waits for it, and before every
+  heartbeat), so an empty mount point is never mistaken for the share, and nothing (no folder,
+  no heartbeat) is ever created on the local disk under it.
+- **Heartbeats.** Every `fleet.heartbeat_seconds` a device rewrites `<id>/heartbeat`: a file of
+  fixed length with a counter that changes at every beat. The others read the counter through a
+  fresh open and presume a device dead once they have watched it not change for
+  `fleet.lease_seconds` by their own monotonic clock (`watch_beats`): no device's clock and no
+  attribute a client may cache (sshfs ~20 s, NFS actimeo) is trusted. The server-set mtimes are
+  only shown by `inpaintd status`.
+- **Take-over.** A live device renames each claim folder of a dead one into its own `claimed/`
+  (one rename wins, so each job is taken once) and queues it, in whatever state it was left: a
+  half-published job goes on from what its claim records (store/outbox.py), never painted twice.
+- **Fencing.** Every step that changes the shared outbox, failed/ or archive/ starts from inside
+  the claim folder by its path (outbox.py, records.py); once a take-over renamed the folder away,
+  the old owner's next step fails and it drops the job (`job.taken_over`). The lease check (a
+  heartbeat written less than half a lease ago) comes on top, to stop early; correctness does
+  not rest on it, nor on any clock.
 
 What a user must not do: give two devices one id (their heartbeats would look alive for each
 other: `beat` refuses to start a device whose id is beating from another host), or put one
