@@ -76,6 +76,21 @@ def share_present(root: Path) -> bool:
     return record.get("schema") == SHARE_SCHEMA
 
 
+def _check_share(root: Path) -> None:
+    """Raise ShareMissing when the marker is not there (an empty mount point), the OSError
+    itself when it cannot be read (the share is mounted but does not answer)."""
+    marker = root / SHARE_MARKER
+    try:
+        record = json.loads(marker.read_bytes()[:100_000])
+    except FileNotFoundError:
+        record = None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("schema") != SHARE_SCHEMA:
+        raise ShareMissing(2, f"{marker} is missing: the share is not mounted "
+                              "(or was never set up with `inpaintd init-share`)", str(root))
+
+
 def init_share(root: Path) -> tuple[Path, bool]:
     """`inpaintd init-share`: the five folders and the marker in an existing, mounted root;
     (marker path, whether it was made now). Run again, it keeps the marker and adds what is missing."""
@@ -212,9 +227,8 @@ class Fleet:
         attribute the client may cache; the length never changes, so a client that caches
         the size cannot cut the read short.
         """
-        if self.share is not None and not share_present(self.share):
-            raise ShareMissing(2, f"{self.share / SHARE_MARKER} is missing: the share is not mounted "
-                                  "(or was never set up with `inpaintd init-share`)", str(self.share))
+        if self.share is not None:
+            _check_share(self.share)
         path = self.my_dir / HEARTBEAT
         if not self.my_dir.is_dir():
             self.my_dir.mkdir()  # never with parents: a share that is not mounted is not created
