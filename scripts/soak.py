@@ -18,6 +18,11 @@ Phases:
   fleet    issue 13: three daemons on three sshfs mounts of one share (tests/fleet_harness.py);
            FLEET_JOBS dropped by a fourth client while one device is killed for good and another
            is cut off the share and remounted: each job once, throughput per device.
+  pauses   issue 19: three devices on sshfs, frozen with SIGSTOP at every point of a job (painting,
+           before the image, between image and sidecar, archiving) for 0.5, 0.8, 1.3 and 3
+           leases, PAUSE_REPEATS times each, with the recommended mount options and with sshfs
+           defaults: 0 lost, 0 duplicated, 0 sidecars without their image, 0 take-overs of a
+           live device, 0 files of another job taken (the fast profile is in tests/test_fleet.py).
   chaos    the long profile of tests/chaos.py (issue 10): two daemons on one inbox, random
            interleavings of good jobs and hostile material, SIGKILLs at random moments, the disk
            filled, the archive's disk filled, the outbox made read-only; then every invariant of
@@ -413,6 +418,51 @@ def phase_chaos(model: Path, work: Path, seed: int, drops: int, kills: int, faul
     return result
 
 
+def phase_pauses(model: Path, work: Path, repeats: int, rng: random.Random) -> PhaseResult:
+    """Issue 19: devices frozen (SIGSTOP) at every point of a job for 0.5, 0.8, 1.3 and 3 leases,
+    `repeats` times each, with the recommended sshfs options and with sshfs defaults."""
+    import fleet_harness
+
+    result = PhaseResult("fleet pauses: SIGSTOP at every point of a job, 0.5-3 leases")
+    reason = fleet_harness.unavailable()
+    if reason:
+        result.problems.append(f"skipped: {reason}")
+        return result
+    started = time.monotonic()
+    lease = fleet_harness.LEASE
+    wanted = [p for p in fleet_harness.POINTS if p != "between jobs"]
+    landed: dict[str, int] = {}
+    for profile, options in (("recommended", fleet_harness.RECOMMENDED), ("sshfs defaults", fleet_harness.DEFAULTS)):
+        # Only dev2 is paused past the lease: a take-over from dev0/dev1 is one of a live device.
+        plan = [("dev2" if leases > 1 else rng.choice(["dev0", "dev1"]), point, leases)
+                for point in wanted for leases in (0.5, 0.8, 1.3, 3.0) for _ in range(repeats)]
+        rng.shuffle(plan)
+        fleet = fleet_harness.Fleet(work / f"pauses-{profile.replace(' ', '-')}", model, 3, options=options)
+        try:
+            run = fleet_harness.pause_run(fleet, plan, "p", lease, timeout=1800)
+        finally:
+            fleet.close()
+        for device, point, leases in run["landed"]:
+            key = f"{point}, {leases:g} lease"
+            landed[key] = landed.get(key, 0) + 1
+        result.jobs += run["jobs"]
+        result.lost += len(run["lost"])
+        result.duplicated += len(run["duplicated"])
+        result.done += run["jobs"] - len(run["lost"]) - len(run["failed"])
+        for name in run["failed"]:
+            result.failed["failed"] = result.failed.get("failed", 0) + 1
+        result.faults[f"SIGSTOP ({profile})"] = len(run["landed"])
+        result.checks[f"{profile}: 0 sidecars without their image"] = not run["sidecars_without_image"]
+        result.checks[f"{profile}: 0 take-overs of a live device"] = not run["take_overs_of_live_devices"]
+        result.checks[f"{profile}: 0 files of another job taken"] = not run["foreign_files_taken"]
+        if profile == "recommended":
+            result.checks["recommended: 0 images left without a sidecar"] = not run["orphan_images"]
+        result.figures[f"{profile}: take-overs, orphan images"] = f"{run['take_overs']}, {len(run['orphan_images'])}"
+    result.figures["pauses by point and length"] = "; ".join(f"{k}: {v}" for k, v in sorted(landed.items()))
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def phase_fleet(model: Path, work: Path, jobs: int) -> PhaseResult:
     """Issue 13: three devices on three sshfs mounts of one share, one killed for good, one cut off."""
     import fleet_harness
@@ -522,9 +572,11 @@ def table(results: list[PhaseResult], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phases", default="kill,load,hostile,chaos,fleet",
+    parser.add_argument("--phases", default="kill,load,hostile,chaos,fleet,pauses",
                         help="comma list of kill, load, hostile, chaos, fleet")
     parser.add_argument("--fleet-jobs", type=int, default=600, help="jobs in the fleet phase (default 600)")
+    parser.add_argument("--pause-repeats", type=int, default=5,
+                        help="pauses per point and length in the pauses phase (default 5)")
     parser.add_argument("--chaos-drops", type=int, default=400, help="drops in the chaos phase (default 400)")
     parser.add_argument("--chaos-kills", type=int, default=30, help="SIGKILLs in the chaos phase (default 30)")
     parser.add_argument("--chaos-faults", type=int, default=24, help="filesystem faults in the chaos phase (default 24)")
@@ -555,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(phase_hostile(model, work, args.rounds))
         elif phase == "fleet":
             results.append(phase_fleet(model, work, args.fleet_jobs))
+        elif phase == "pauses":
+            results.append(phase_pauses(model, work, args.pause_repeats, rng))
         elif phase == "chaos":
             results.append(phase_chaos(model, work, args.seed, args.chaos_drops, args.chaos_kills, args.chaos_faults,
                                        args.chaos_seconds))

@@ -29,24 +29,29 @@ from __future__ import annotations
 
 import io
 import json
-import unicodedata
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import yaml
-from PIL import Image
-
 from daemon_harness import FAST_SETTINGS, Daemon, Dirs, image_bytes, mask_bytes, merged
-from hostile_corpus import animated, billion_laughs_yaml, deep_json, jpeg_huge_sof, ztxt_bomb
+from hostile_corpus import (
+    animated,
+    billion_laughs_yaml,
+    deep_json,
+    jpeg_huge_sof,
+    ztxt_bomb,
+)
 from inpaintd.intake.names import DERIVED_SUFFIX_BYTES
+from PIL import Image
 
 RECORD_LIMIT = 1 << 20
 FAULT_NAMES = {"fs": "inbox/state/outbox disk full", "afs": "archive disk (another filesystem) full",

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
-from inpaintd.testing.models import build_random_model
 from inpaintd.store.spool import Spool
+from inpaintd.testing.models import build_random_model
 
 
 @pytest.fixture(scope="session")

@@ -40,16 +40,24 @@ def unavailable() -> str | None:
     return None
 
 
+# The sshfs options the README recommends for a share (attribute and directory caches off), and
+# sshfs's defaults (attributes and listings cached ~20 s) as a new user would mount it.
+RECOMMENDED = ["cache=no", "ServerAliveInterval=2"]
+DEFAULTS: list[str] = []
+
+
 class Nas:
     """One shared folder served over SFTP, mounted once per client with sshfs."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, options: list[str] | None = None) -> None:
+        from inpaintd.store.fleet import init_share
+
         self.root = root
+        self.options = RECOMMENDED if options is None else options
         self.server = SshServer(root / "sshd").start()
         self.share = root / "nas"
         self.share.mkdir()
-        for name in ("inbox", "outbox", "failed", "archive", "state"):
-            (self.share / name).mkdir()
+        init_share(self.share)  # the five folders and the marker, as `inpaintd init-share` makes them
         self.mounts: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
 
     def mount(self, name: str) -> Path:
@@ -57,7 +65,7 @@ class Nas:
         point.mkdir(exist_ok=True)
         options = ",".join([
             f"IdentityFile={self.server.key}", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null",
-            "BatchMode=yes", f"port={self.server.port}", "dir_cache=no", "ServerAliveInterval=2",
+            "BatchMode=yes", f"port={self.server.port}", *self.options,
         ])
         proc = subprocess.Popen(["sshfs", "-f", "-o", options, f"{self.server.user}@127.0.0.1:{self.share}", str(point)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -94,22 +102,24 @@ def _mounted(point: Path) -> bool:
 
 
 class Fleet:
-    def __init__(self, root: Path, model: Path, devices: int) -> None:
-        self.nas = Nas(root)
+    def __init__(self, root: Path, model: Path, devices: int, options: list[str] | None = None,
+                 settings: dict | None = None, start: bool = True) -> None:
+        self.nas = Nas(root, options)
         self.client = self.nas.mount("client")
         self.daemons: dict[str, Daemon] = {}
         for index in range(devices):
             device = f"dev{index}"
             point = self.nas.mount(device)
-            data = merged(FAST_SETTINGS, FLEET_SETTINGS)
+            data = merged(merged(FAST_SETTINGS, FLEET_SETTINGS), settings or {})
             data["fleet"] = {**data["fleet"], "device_id": device}
             dirs = Dirs.make(root / f"local-{device}", model, data)
             dirs.rewrite_config({"paths": {k: str(point / k) for k in ("inbox", "outbox", "failed", "archive",
                                                                          "state")},
                                  "fleet": data["fleet"]})
             self.daemons[device] = Daemon(dirs)
-        for daemon in self.daemons.values():
-            daemon.start(timeout=180)
+        if start:
+            for daemon in self.daemons.values():
+                daemon.start(timeout=180)
 
     def outcomes(self) -> dict[str, list[tuple[str, dict]]]:
         found: dict[str, list[tuple[str, dict]]] = {}
@@ -150,3 +160,105 @@ def mount_alive(fleet: Fleet, name: str) -> bool:
     """Whether a client's sshfs process still runs (False after Nas.cut until reconnect)."""
     _, proc = fleet.nas.mounts[name]
     return proc.poll() is None
+
+
+# ---------------------------------------------------------------------------- pausing devices (issue 19)
+
+POINTS = ("painting", "before the image", "between image and sidecar", "archiving", "between jobs")
+
+
+def claim_point(share: Path, device: str) -> str:
+    """Where a (stopped) device is in its jobs, from its claims on the server."""
+    folder = share / "state" / device / "claimed"
+    best = "between jobs"
+    for job in sorted(os.listdir(folder)) if folder.exists() else []:
+        try:
+            record = json.loads((folder / job / "job.json").read_text())
+        except (OSError, ValueError):
+            continue
+        state, publishing = record.get("state"), record.get("publishing") or {}
+        if state == "published":
+            return "archiving"
+        if state == "publishing":
+            return "between image and sidecar" if publishing.get("linked") else "before the image"
+        if state == "claimed" and record.get("attempts", 0) >= 1:
+            best = "painting"
+    return best
+
+
+def stop_at(fleet: "Fleet", device: str, want: str, timeout: float = 20.0) -> str:
+    """SIGSTOP a device once its claims show `want` (polled on the server), else at the timeout;
+    the point where it actually stopped."""
+    daemon = fleet.daemons[device]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and claim_point(fleet.nas.share, device) != want:
+        time.sleep(0.003)
+    os.kill(daemon.pid, 19)  # SIGSTOP
+    return claim_point(fleet.nas.share, device)
+
+
+def pause_run(fleet: "Fleet", plan: list[tuple[str, str, float]], prefix: str, lease: float,
+              timeout: float = 300.0, every: float = 0.25) -> dict:
+    """Pause devices as planned ((device, point wanted, pause in leases) each) while a client
+    drops a job every `every` seconds (so that every device always has work); then the figures
+    and every violation of the invariants."""
+    import signal as _signal
+    import threading
+
+    from daemon_harness import drop_job
+
+    names: list[str] = []
+    done = threading.Event()
+
+    def feed() -> None:
+        while not done.is_set():
+            name = f"{prefix}{len(names):04d}"
+            drop_job(fleet.client / "inbox", name, size=(128, 128))
+            names.append(name)
+            done.wait(every)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    landed: list[tuple[str, str, float]] = []
+    try:
+        time.sleep(2.0)
+        for device, want, leases in plan:
+            point = stop_at(fleet, device, want, timeout=8.0)
+            time.sleep(leases * lease)
+            os.kill(fleet.daemons[device].pid, _signal.SIGCONT)
+            landed.append((device, point, leases))
+            time.sleep(0.3)
+    finally:
+        done.set()
+        feeder.join()
+    found = fleet.wait(names, timeout)
+    deadline = time.monotonic() + 3 * lease  # let every claim settle (archives, take-overs)
+    while time.monotonic() < deadline and any(fleet.claims(d) for d in fleet.daemons):
+        time.sleep(0.3)
+    found = fleet.outcomes()
+    return {"landed": landed, **verdict(fleet, found, names, plan, lease)}
+
+
+def verdict(fleet: "Fleet", found: dict, names: list[str], plan: list[tuple[str, str, float]], lease: float) -> dict:
+    outbox = fleet.nas.share / "outbox"
+    lost = sorted(set(names) - set(found))
+    duplicated = sorted(n for n in names if len(found.get(n, [])) > 1)
+    failed = sorted(n for n in names if found.get(n) and found[n][0][0] != "done")
+    referenced = set()
+    without_image = []
+    for path in outbox.glob("*.json"):
+        data = json.loads(path.read_text())
+        referenced.add(data["output_file"])
+        if not (outbox / data["output_file"]).is_file():
+            without_image.append(path.name)
+    orphans = sorted(p.name for p in outbox.iterdir() if not p.name.startswith(".") and p.suffix != ".json"
+                     and p.name not in referenced)
+    long_paused = {d for d, _w, leases in plan if leases > 1.0}
+    took = [(d, e.get("from_device")) for d, daemon in fleet.daemons.items() for e in daemon.events()
+            if e.get("event") == "fleet.took_over"]
+    live_taken = [t for t in took if t[1] not in long_paused]
+    foreign_removed = [e for daemon in fleet.daemons.values() for e in daemon.events()
+                       if e.get("event") == "outbox.foreign_image_kept"]
+    return {"jobs": len(names), "lost": lost, "duplicated": duplicated, "failed": failed,
+            "sidecars_without_image": without_image, "orphan_images": orphans, "take_overs": len(took),
+            "take_overs_of_live_devices": live_taken, "foreign_files_taken": foreign_removed}

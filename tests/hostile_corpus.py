@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
-
 from daemon_harness import image_bytes, mask_bytes
+from PIL import Image
 
 DONE = "done"
 IGNORED = "ignored"  # left alone in the inbox, never opened (e.g. a symlinked folder)

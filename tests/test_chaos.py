@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from chaos import FAST, run_chaos
 
 pytestmark = pytest.mark.slow

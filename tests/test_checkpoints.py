@@ -18,18 +18,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from inpaintd import cli
+from inpaintd.core.errors import ModelError
 from inpaintd.modelprep.check import check_model
-from inpaintd.modelprep.checkpoints import CONFIGS_DIR, KINDS, build_meta, inspect_checkpoint
-from inpaintd.modelprep.keymaps import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, text_canonical
+from inpaintd.modelprep.checkpoints import (
+    CONFIGS_DIR,
+    KINDS,
+    build_meta,
+    inspect_checkpoint,
+)
+from inpaintd.modelprep.keymaps import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    text_canonical,
+)
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.modelprep.tokenizer import find_cached_tokenizer
+from inpaintd.testing import models as testmodels
 from inpaintd.testing.single_file import to_original, write_single_file
 from inpaintd.weights.folder import WEIGHT_COMPONENTS, architecture_name, read_manifest
-from inpaintd.testing import models as testmodels
-from inpaintd.core.errors import ModelError
+from safetensors.torch import load_file, save_file
 
 PRESETS = ("tiny", "tiny-sd15", "tiny-sd2-inpaint")
 KIND = {"tiny": "sd15-inpaint", "tiny-sd15": "sd15", "tiny-sd2-inpaint": "sd2-inpaint"}
@@ -109,11 +119,10 @@ def test_our_conversion_equals_diffusers_from_single_file(
 def test_the_same_job_paints_the_same_pixels_from_the_folder_and_from_its_single_file(
     tiny_model: Path, single_files: dict[str, Path], raws: dict[str, Path], tmp_path: Path
 ) -> None:
-    from PIL import Image
-
     from inpaintd.core.config import ModelConfig
-    from inpaintd.engine.engine import Engine
     from inpaintd.core.jobs import InpaintParams
+    from inpaintd.engine.engine import Engine
+    from PIL import Image
 
     prepare_model(single_files["tiny"], tmp_path / "from-file", PrepareOptions(dtype="fp32", config_dir=raws["tiny"]))
     rng = np.random.default_rng(3)
@@ -390,11 +399,10 @@ def test_sd2_inpainting_from_a_single_file_paints_what_diffusers_paints(
     # per-block head counts, epsilon prediction; the reference is diffusers' pipeline on the
     # source folder, same inputs and seed.
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
-    from PIL import Image
-
     from inpaintd.core.config import ModelConfig
-    from inpaintd.engine.engine import Engine
     from inpaintd.core.jobs import InpaintParams
+    from inpaintd.engine.engine import Engine
+    from PIL import Image
 
     prepare_model(single_files["tiny-sd2-inpaint"], tmp_path / "out", PrepareOptions(dtype="fp32", config_dir=raws["tiny-sd2-inpaint"]))
     engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path, channels_last=False))

@@ -17,7 +17,6 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import Daemon, Dirs, image_bytes, mask_bytes, put, wait_for
 
 pytestmark = pytest.mark.slow

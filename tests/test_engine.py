@@ -13,16 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
-
-from inpaintd.engine.host import versions
-from inpaintd.engine.speedups import inductor_cache_dir
 from inpaintd.core.config import SCHEDULERS, ModelConfig
-from inpaintd.engine.engine import Engine
-from inpaintd.engine.host import detect_dtype, physical_cores
 from inpaintd.core.errors import Interrupted, ModelError
 from inpaintd.core.jobs import InpaintParams
+from inpaintd.engine.engine import Engine
+from inpaintd.engine.host import detect_dtype, physical_cores, versions
+from inpaintd.engine.speedups import inductor_cache_dir
+from PIL import Image
+from safetensors.torch import load_file
 
 SIZE = (64, 64)
 

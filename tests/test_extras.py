@@ -9,20 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-
 from inpaintd import cli
+from inpaintd.core.config import ModelConfig
 from inpaintd.core.digest import sha256_file
+from inpaintd.core.errors import JobError, ModelError
+from inpaintd.core.jobs import InpaintParams
+from inpaintd.engine.engine import Engine
 from inpaintd.modelprep.check import check_model
 from inpaintd.modelprep.embeddings import EmbeddingSpec
 from inpaintd.modelprep.keymaps import UNET_PREFIX, VAE_PREFIX
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.testing.single_file import vae_to_original
-from inpaintd.core.config import ModelConfig
-from inpaintd.engine.engine import Engine
-from inpaintd.core.errors import JobError, ModelError
-from inpaintd.core.jobs import InpaintParams
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 PARAMS = InpaintParams(prompt="a door", negative_prompt="", scheduler="ddim", steps=3, guidance=7.5, strength=1.0, seed=11)
 

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from inpaintd.core.ordering import fair_order
 from inpaintd.service.queues import ArrivalQueue
 from inpaintd.store.spool import Claim
 from inpaintd.store.status import format_status
-
 from test_service import Daemon, wait_until
 
 A, B = 4101, 4102  # uids with no passwd entry: shown as "uid N"

@@ -3,19 +3,26 @@ and step caching (DeepCache), on the real tiny engine."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import random
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-
+from inpaintd.core.config import (
+    BUILTIN_INFERENCE,
+    InferenceConfig,
+    ModelConfig,
+    config_from_dict,
+)
+from inpaintd.core.errors import ModelError
+from inpaintd.core.jobs import InpaintParams
 from inpaintd.core.presets import parse_defaults, resolve
+from inpaintd.engine.engine import Engine
 from inpaintd.engine.schedulers import TCD_ETA
 from inpaintd.engine.speedups import deepcache_helper
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
@@ -23,10 +30,6 @@ from inpaintd.paint.jobspec import build_request
 from inpaintd.testing.lora import build_random_lora
 from inpaintd.testing.vae import build_random_tiny_vae
 from inpaintd.weights.folder import MANIFEST_NAME, read_manifest
-from inpaintd.core.config import BUILTIN_INFERENCE, InferenceConfig, ModelConfig, config_from_dict
-from inpaintd.engine.engine import Engine
-from inpaintd.core.errors import ModelError
-from inpaintd.core.jobs import InpaintParams
 
 
 def _inputs(size: int = 64):
@@ -248,7 +251,11 @@ def test_the_draft_decoder_paints_what_diffusers_latents_through_autoencoder_tin
     tiny_model_raw: Path, tmp_path: Path
 ) -> None:
     import torch
-    from diffusers import AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+    from diffusers import (
+        AutoencoderTiny,
+        EulerDiscreteScheduler,
+        StableDiffusionInpaintPipeline,
+    )
 
     tiny_vae = build_random_tiny_vae(tmp_path / "taesd")
     manifest = prepare_model(tiny_model_raw, tmp_path / "m", PrepareOptions(dtype="fp32", draft_decoder=tiny_vae))
@@ -274,9 +281,9 @@ def test_the_draft_decoder_paints_what_diffusers_latents_through_autoencoder_tin
 
 
 def test_a_draft_job_on_a_model_without_a_draft_decoder_fails_with_a_reason(tiny_engine: Engine, tmp_path: Path) -> None:
+    from inpaintd.core.errors import JobError
     from inpaintd.paint.job import run_job
     from inpaintd.paint.jobspec import build_request
-    from inpaintd.core.errors import JobError
 
     image, mask = _inputs()
     image.save(tmp_path / "a.png")

@@ -18,12 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from chaos import namespace_unavailable
 from daemon_harness import (
     Daemon,
-    DirWatch,
     Dirs,
+    DirWatch,
     drop_job,
     missing_report,
     outcomes,

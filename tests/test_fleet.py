@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import drop_job
 from fleet_harness import LEASE, Fleet, unavailable
 
@@ -197,3 +196,116 @@ def test_a_heartbeat_slower_than_a_third_of_the_lease_is_a_config_error() -> Non
 
     with pytest.raises(ConfigError, match="fleet.heartbeat_seconds"):
         config_from_dict({"fleet": {"enabled": True, "lease_seconds": 10, "heartbeat_seconds": 5}})
+
+
+# ---------------------------------------------------------------------------- issue 19: pauses, caches, the share
+
+
+# A device frozen (SIGSTOP: a VM or GC pause) at each point of a job, for fractions and multiples
+# of the lease: only dev2 is ever paused past the lease, so a take-over from dev0 or dev1 would be
+# a take-over of a live device. The long profile is scripts/soak.py --fleet-pauses.
+FAST_PLAN = [
+    ("dev0", "painting", 0.5), ("dev1", "between image and sidecar", 0.8), ("dev2", "before the image", 1.3),
+    ("dev2", "between image and sidecar", 3.0), ("dev2", "archiving", 1.3),
+]
+DEFAULTS_PLAN = [("dev2", "between image and sidecar", 1.3), ("dev1", "archiving", 0.5)]
+
+
+@pytest.mark.parametrize("profile", ["recommended", "sshfs-defaults"])
+def test_devices_frozen_at_every_point_of_a_job_lose_and_duplicate_nothing(profile: str, tiny_model: Path,
+                                                                            tmp_path: Path) -> None:
+    from fleet_harness import DEFAULTS, RECOMMENDED, pause_run
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    options, plan = (RECOMMENDED, FAST_PLAN) if profile == "recommended" else (DEFAULTS, DEFAULTS_PLAN)
+    fleet = Fleet(tmp_path, tiny_model, 3, options=options)
+    try:
+        result = pause_run(fleet, plan, "p", LEASE)
+        print(profile, json.dumps(result))
+        for key in ("lost", "duplicated", "failed", "sidecars_without_image", "take_overs_of_live_devices",
+                    "foreign_files_taken"):
+            assert not result[key], f"{key}: {result[key]}\n" + "\n".join(d.log_tail(20) for d in fleet.daemons.values())
+        if profile == "recommended":
+            assert not result["orphan_images"], result  # identity is checkable: nothing left behind
+        assert all(d.alive() for d in fleet.daemons.values())
+    finally:
+        fleet.close()
+
+
+def test_a_device_started_before_the_share_is_mounted_writes_nothing_there_and_works_once_it_is(
+        tiny_model: Path, tmp_path: Path) -> None:
+    from daemon_harness import FAST_SETTINGS, Daemon, Dirs, merged
+    from fleet_harness import FLEET_SETTINGS, Nas
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    nas = Nas(tmp_path)
+    daemon = None
+    try:
+        client = nas.mount("client")
+        point = tmp_path / "mnt-dev0"
+        point.mkdir()  # the mount point, empty: the share is not mounted yet
+        data = merged(merged(FAST_SETTINGS, FLEET_SETTINGS), {"watch": {"observer": "auto"}})
+        data["fleet"] = {**data["fleet"], "device_id": "dev0"}
+        dirs = Dirs.make(tmp_path / "local-dev0", tiny_model, data)
+        dirs.rewrite_config({"paths": {k: str(point / k) for k in ("inbox", "outbox", "failed", "archive", "state")}})
+        daemon = Daemon(dirs).start(wait_ready=False)
+        deadline = time.monotonic() + 120
+        while not any(e.get("event") == "fleet.share_missing" for e in daemon.events()):
+            assert daemon.alive() and time.monotonic() < deadline, daemon.log_tail()
+            time.sleep(0.2)
+        time.sleep(2)
+        assert os.listdir(point) == [], "written on the local disk under the mount point"
+        names = [f"m{i}" for i in range(3)]
+        for name in names:
+            drop_job(client / "inbox", name)
+        nas.mount("dev0")
+        mounted = time.monotonic()
+        found = {}
+        while set(names) - set(found) and time.monotonic() - mounted < 60:
+            found = {json.loads(p.read_text())["name"]: p for p in (nas.share / "outbox").glob("*.json")}
+            time.sleep(0.2)
+        took = time.monotonic() - mounted
+        print(f"first results {took:.1f} s after the mount")
+        assert set(names) <= set(found), daemon.log_tail()
+        assert took < 30, took
+        events = [e.get("event") for e in daemon.events()]
+        assert "fleet.share_found" in events
+    finally:
+        if daemon is not None and daemon.alive():
+            daemon.kill9()
+        nas.close()
+    assert os.listdir(point) == [], "written on the local disk under the mount point"
+
+
+def test_a_beat_counter_is_watched_by_the_observers_own_clock() -> None:
+    from inpaintd.store.fleet import watch_beats
+
+    seen = watch_beats({}, {"a": "t:1", "b": None}, now=100.0, last_look=None, lease=4)
+    assert seen == {"a": ("t:1", 100.0)}  # b never beat: nothing to judge
+    seen = watch_beats(seen, {"a": "t:1", "b": "u:1"}, now=101.0, last_look=100.0, lease=4)
+    assert seen == {"a": ("t:1", 100.0), "b": ("u:1", 101.0)}
+    seen = watch_beats(seen, {"a": "t:2", "b": None}, now=102.0, last_look=101.0, lease=4)
+    assert seen["a"] == ("t:2", 102.0) and seen["b"] == ("u:1", 101.0)  # unreadable: the old watch holds
+    # We were frozen ourselves for longer than half a lease: silence we did not watch proves nothing.
+    assert watch_beats(seen, {"a": "t:2", "b": "u:1"}, now=110.0, last_look=102.0, lease=4) == {
+        "a": ("t:2", 110.0), "b": ("u:1", 110.0)}
+
+
+def test_without_the_shares_marker_a_device_writes_no_heartbeat_and_creates_nothing(tmp_path: Path) -> None:
+    from inpaintd.store.fleet import Fleet as FleetView
+    from inpaintd.store.fleet import ShareMissing, init_share, share_present
+
+    point = tmp_path / "mnt"
+    point.mkdir()
+    view = FleetView(point / "state", "dev0", 6, 1, share=point)
+    with pytest.raises(ShareMissing):
+        view.beat()
+    assert os.listdir(point) == []
+    marker, made = init_share(point)
+    assert made and share_present(point) and init_share(point) == (marker, False)
+    view.beat()
+    assert (point / "state" / "dev0" / "heartbeat").stat().st_size == 512  # a fixed length

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from inpaintd.core.config import RoiConfig
-from inpaintd.core.masks import Box, blend, dilate, feather_alpha, latent_mask, threshold_mask
 from inpaintd.core.buckets import aspect_shapes, bucket_shapes, own_aspect_size
+from inpaintd.core.config import RoiConfig
+from inpaintd.core.masks import (
+    Box,
+    blend,
+    dilate,
+    feather_alpha,
+    latent_mask,
+    threshold_mask,
+)
 from inpaintd.core.regions import find_regions
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,10 +14,19 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
 import hostile_corpus as hc
-from daemon_harness import AccessWatch, Daemon, Dirs, drop_job, missing_report, outcomes, stray_files, tree_snapshot, wait_for
+import pytest
+from daemon_harness import (
+    AccessWatch,
+    Daemon,
+    Dirs,
+    drop_job,
+    missing_report,
+    outcomes,
+    stray_files,
+    tree_snapshot,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -38,10 +38,10 @@ from hypothesis import strategies as st
 from inpaintd.core.boundary import classify
 from inpaintd.core.config import LimitsConfig, config_from_dict
 from inpaintd.core.errors import JobError
+from inpaintd.core.jobs import DISTINCT_SUFFIX_CHARS
 from inpaintd.core.quoting import LOG_VALUE_CHARS, MESSAGE_CHARS, TRACEBACK_CHARS
 from inpaintd.intake import grouping
 from inpaintd.intake.grouping import NAME_TOO_LONG, JobGroup, Kind, Rules, Seen, Stat
-from inpaintd.core.jobs import DISTINCT_SUFFIX_CHARS
 from inpaintd.intake.names import DERIVED_SUFFIX_BYTES, junk_reason
 from inpaintd.paint.images import encode_image, load_image, load_mask, probe_alpha
 from inpaintd.paint.jobspec import build_request, load_job_options

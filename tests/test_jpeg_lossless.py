@@ -26,8 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from inpaintd.core.config import config_from_dict
 from inpaintd.paint import job as paint_job
-from inpaintd.paint.jobspec import build_request
 from inpaintd.paint import jpeg_lossless
+from inpaintd.paint.jobspec import build_request
 from inpaintd.paint.jpeg_lossless import carry_markers, metadata_segments, stored_box
 from PIL import Image, ImageCms
 

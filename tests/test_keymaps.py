@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from inpaintd.modelprep.checkpoints import build_meta
 from inpaintd.modelprep.keymaps import UNET_PREFIX, VAE_PREFIX, unet_to_ldm
 from inpaintd.testing.single_file import vae_to_original

@@ -10,14 +10,18 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
-from inpaintd.engine.channels_last import apply_channels_last, cache_path, conv_weights, folder_identity
-from inpaintd.engine.memory import _file_mappings
 from inpaintd.core.config import ModelConfig
-from inpaintd.engine.engine import Engine
 from inpaintd.core.jobs import InpaintParams
+from inpaintd.engine.channels_last import (
+    apply_channels_last,
+    cache_path,
+    conv_weights,
+    folder_identity,
+)
+from inpaintd.engine.engine import Engine
+from inpaintd.engine.memory import _file_mappings
 from test_fastpath import _inputs  # the same small random image and rectangular mask
+from torch import nn
 
 PARAMS = InpaintParams(prompt="a door", negative_prompt="blurry", scheduler="euler", steps=4, guidance=6.0,
                        strength=1.0, seed=5)

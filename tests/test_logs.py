@@ -19,8 +19,12 @@ from pathlib import Path
 
 import pytest
 import structlog
-
-from inpaintd.service.journal import JournaldLogger, NativeJournal, field_name, journal_fields
+from inpaintd.service.journal import (
+    JournaldLogger,
+    NativeJournal,
+    field_name,
+    journal_fields,
+)
 from inpaintd.service.logs import adopt_library_loggers, configure_logging
 
 try:

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from inpaintd.core.digest import sha256_file
+from inpaintd.core.errors import ModelError
 from inpaintd.modelprep.lora import LoraSpec, plan
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.testing.lora import TEXT_ENCODER_LORA_TARGETS, build_random_lora
-from inpaintd.core.errors import ModelError
 
 
 def _inputs():
@@ -64,9 +63,8 @@ def test_a_model_prepared_with_a_lora_paints_what_diffusers_fuse_lora_paints(
     tiny_model_raw: Path, tmp_path: Path, layout: str
 ) -> None:
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (the test extra installs it)")
-    from safetensors.torch import load_file, save_file
-
     from inpaintd.core.jobs import InpaintParams
+    from safetensors.torch import load_file, save_file
 
     # alpha != rank and a scale != 1, on UNet and text encoder layers (linear, 1x1 and 3x3 convs).
     lora_file = build_random_lora(

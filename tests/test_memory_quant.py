@@ -12,14 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from inpaintd.engine.memory import cgroup_limit_bytes, malloc_trim, mem_total_bytes, memory_limit_bytes, release_file_pages
-from inpaintd.engine.quant import Int8Conv2d, Int8Linear, quantize_module, write_quantized
-from inpaintd.engine import memory
 from inpaintd.core.config import ModelConfig
-from inpaintd.engine.engine import Engine
 from inpaintd.core.jobs import InpaintParams
+from inpaintd.engine import memory
+from inpaintd.engine.engine import Engine
+from inpaintd.engine.memory import (
+    cgroup_limit_bytes,
+    malloc_trim,
+    mem_total_bytes,
+    memory_limit_bytes,
+    release_file_pages,
+)
+from inpaintd.engine.quant import (
+    Int8Conv2d,
+    Int8Linear,
+    quantize_module,
+    write_quantized,
+)
+from PIL import Image
 
 
 def _mountinfo(v2: Path | None = None, v1_memory: Path | None = None) -> str:

@@ -9,16 +9,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
-
 from inpaintd import cli
+from inpaintd.core.errors import ModelError
 from inpaintd.modelprep.check import check_model
 from inpaintd.modelprep.merge import merge_state
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.testing.models import build_random_model
 from inpaintd.testing.single_file import write_single_file
 from inpaintd.weights.folder import WEIGHT_COMPONENTS, read_manifest
-from inpaintd.core.errors import ModelError
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +100,10 @@ def test_a_single_file_custom_model_merges_like_its_folder(
 
 
 def test_the_merged_model_paints(tiny_sd15_raw: Path, tiny_model_raw: Path, base_raw: Path, tmp_path: Path) -> None:
-    from PIL import Image
-
     from inpaintd.core.config import ModelConfig
-    from inpaintd.engine.engine import Engine
     from inpaintd.core.jobs import InpaintParams
+    from inpaintd.engine.engine import Engine
+    from PIL import Image
 
     prepare_model(tiny_sd15_raw, tmp_path / "out", PrepareOptions(dtype="fp32", make_inpainting=(tiny_model_raw, base_raw)))
     engine = Engine.load(ModelConfig(path=tmp_path / "out", dtype="fp32", threads=1, cache_dir=tmp_path))

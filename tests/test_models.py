@@ -8,18 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from inpaintd.core.digest import sha256_file
+from inpaintd.core.errors import ModelError
 from inpaintd.demo.model import ensure_embedded_model
 from inpaintd.modelprep.check import check_model
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.modelprep.tokenizer import tokenizer_vocab
-from inpaintd.testing.models import build_random_model
-from inpaintd.weights.folder import MANIFEST_NAME, MANIFEST_SCHEMA, RANDOM_MARKER, SOURCE_FILE, inspect_model, read_manifest
 from inpaintd.testing import models as testmodels
-from inpaintd.core.errors import ModelError
+from inpaintd.testing.models import build_random_model
+from inpaintd.weights.folder import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    RANDOM_MARKER,
+    SOURCE_FILE,
+    inspect_model,
+    read_manifest,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
@@ -293,8 +299,6 @@ def test_make_random_model_script(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_by_prepare_and_reported_by_check_and_a_job_fails_clearly(
         tiny_model_raw: Path, tmp_path: Path, bad: float) -> None:
-    from safetensors.torch import load_file, save_file
-
     from inpaintd.core.config import ModelConfig
     from inpaintd.core.errors import JobError, ModelError
     from inpaintd.core.jobs import InpaintParams
@@ -302,6 +306,7 @@ def test_non_finite_weights_are_refused_by_prepare_and_reported_by_check_and_a_j
     from inpaintd.modelprep.check import check_model
     from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
     from PIL import Image
+    from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_raw, broken)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from inpaintd import cli
 from inpaintd.modelprep.prepare import PrepareOptions, prepare_model
 from inpaintd.modelprep.summary import summarize
 from inpaintd.testing.models import build_random_model
 from inpaintd.testing.single_file import write_single_file
 from inpaintd.weights.folder import WEIGHT_COMPONENTS
+from safetensors.torch import save_file
 
 
 def test_the_summary_of_the_tiny_model(tiny_model: Path) -> None:

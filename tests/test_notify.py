@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-
-from inpaintd.service.notify import socket_address
-from inpaintd.service.notify import Notifier, watchdog_interval
+from inpaintd.service.notify import Notifier, socket_address, watchdog_interval
 
 try:  # the optional extra; CI installs it (scripts/setup-systemd-test-deps.sh)
     from systemd import daemon as _sd_daemon  # type: ignore[import-not-found]  # noqa: F401

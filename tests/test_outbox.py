@@ -9,14 +9,12 @@ import threading
 from pathlib import Path
 
 import pytest
-
+from inpaintd.core.errors import JobError, TransientError
+from inpaintd.core.jobs import JobResult
+from inpaintd.intake.grouping import JobGroup
+from inpaintd.store import outbox
 from inpaintd.store.outbox import publish, remove_temp_files, settle_publication
 from inpaintd.store.records import archive_inputs, fail_claim
-from inpaintd.store import outbox
-from inpaintd.core.errors import JobError, TransientError
-from inpaintd.intake.grouping import JobGroup
-from inpaintd.core.jobs import JobResult
-from inpaintd.store.spool import Spool
 
 
 def result(name: str = "cat", data: bytes = b"PNGDATA") -> JobResult:
@@ -53,18 +51,18 @@ def test_an_existing_output_is_never_overwritten_a_distinct_name_is_recorded(tmp
 def test_a_missing_outbox_or_a_full_disk_is_transient_and_leaves_nothing_behind(tmp_path: Path, monkeypatch):
     with pytest.raises(TransientError, match="missing"):
         publish(tmp_path / "nope", result(), {})
-    real = outbox.atomic_write_bytes
+    real = outbox.OsFs.link
 
-    def full_on_sidecar(path, data, **kw):
-        if str(path).endswith(".json"):
+    def full_on_sidecar(self, src, dst):
+        if str(dst).endswith(".json"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data, **kw)
+        return real(self, src, dst)
 
-    monkeypatch.setattr(outbox, "atomic_write_bytes", full_on_sidecar)
+    monkeypatch.setattr(outbox.OsFs, "link", full_on_sidecar)
     with pytest.raises(TransientError) as info:
         publish(tmp_path, result(), {})
     assert info.value.code == "disk_full"
-    assert os.listdir(tmp_path) == []  # the image written before the sidecar failed was removed
+    assert os.listdir(tmp_path) == []  # the image linked before the sidecar failed was taken back
 
 
 def test_a_concurrent_reader_never_sees_a_partial_output(tmp_path: Path):
@@ -174,57 +172,115 @@ class Stop(BaseException):
     """Stands in for kill -9 at a chosen point (nothing after it runs)."""
 
 
-def recorded_publish(outbox_dir: Path, spool: Spool, claim, stop_before: str | None = None) -> dict:
-    """publish() with the claim record the daemon keeps; optionally stopped before writing a file."""
-    real = outbox.atomic_write_bytes
+def staged_claim(place, stop_at: str | None = None):
+    """A claim painted and staged, its publication stopped at `stop_at` ("image": before the
+    image's link, "linked": after it, before the claim recorded it, "sidecar": before the
+    sidecar's link); the claim as the next start loads it."""
+    root, spool = place
+    claim = claimed(place)
+    progress = outbox.stage(claim.dir, result(), {"job_id": claim.job_id})
+    spool.mark(claim, "publishing", publishing=progress)
+    real = outbox.OsFs.link
 
-    def write(path, data, **kw):
-        if stop_before and Path(path).name.endswith(stop_before):
+    def link(self, src, dst):
+        if stop_at == "image" and str(dst).endswith(".png"):
             raise Stop
-        return real(path, data, **kw)
+        if stop_at == "sidecar" and str(dst).endswith(".json"):
+            raise Stop
+        return real(self, src, dst)
 
-    outbox.atomic_write_bytes, saved = write, outbox.atomic_write_bytes
+    def record(step):
+        if stop_at == "linked" and step.get("linked"):
+            raise Stop
+        spool.mark(claim, "publishing", publishing=step)
+
+    outbox.OsFs.link = link
     try:
-        publish(outbox_dir, result(), {"job_id": claim.job_id},
-                       record=lambda names: spool.mark(claim, "publishing", publishing=names))
+        outbox.publish_staged(root / "outbox", claim.dir, progress, record)
     except Stop:
         pass
     finally:
-        outbox.atomic_write_bytes = saved
-    return spool.load(claim.dir).record
+        outbox.OsFs.link = real
+    return spool.load(claim.dir)
 
 
-def test_the_names_are_recorded_in_the_claim_before_the_image_is_written(place):
+@pytest.mark.parametrize("stop_at", ["image", "linked", "sidecar"])
+def test_a_publication_stopped_anywhere_goes_on_from_the_claim_to_one_complete_result(place, stop_at):
+    root, spool = place
+    claim = staged_claim(place, stop_at)
+    assert claim.state == "publishing" and claim.record["publishing"]["image"] == "cat.png"
+    if stop_at == "image":
+        assert os.listdir(root / "outbox") == []  # names recorded before anything is out
+    image, sidecar = outbox.publish_staged(root / "outbox", claim.dir, claim.record["publishing"],
+                                           lambda step: spool.mark(claim, "publishing", publishing=step))
+    assert (image, sidecar) == ("cat.png", "cat.json")
+    assert sorted(os.listdir(root / "outbox")) == ["cat.json", "cat.png"]
+    assert json.loads((root / "outbox" / "cat.json").read_text())["job_id"] == claim.job_id
+    assert (root / "outbox" / "cat.png").read_bytes() == b"PNGDATA"
+
+
+def test_a_taken_over_claim_can_publish_nothing(place):
+    from inpaintd.core.errors import TakenOver
+
+    root, spool = place
+    claim = staged_claim(place, "sidecar")  # the image is out, the sidecar not yet
+    moved = root / "state" / "other-device" / claim.dir.name
+    moved.parent.mkdir()
+    os.rename(claim.dir, moved)  # what a take-over does (the claim keeps its job id as its name)
+    with pytest.raises(TakenOver):
+        outbox.publish_staged(root / "outbox", claim.dir, claim.record["publishing"],
+                              lambda step: spool.mark(claim, "publishing", publishing=step))
+    assert os.listdir(root / "outbox") == ["cat.png"]  # nothing removed, nothing added
+    new_owner = spool.load(moved)
+    outbox.publish_staged(root / "outbox", moved, new_owner.record["publishing"],
+                          lambda step: spool.mark(new_owner, "publishing", publishing=step))
+    assert sorted(os.listdir(root / "outbox")) == ["cat.json", "cat.png"]
+
+
+def test_an_identical_image_of_another_job_is_never_taken_for_ours(place):
+    root, spool = place
+    (root / "outbox" / "cat.png").write_bytes(b"PNGDATA")  # same bytes, another job's file
+    claim = staged_claim(place, "image")
+    assert os.listdir(root / "outbox") == ["cat.png"]
+    image, sidecar = outbox.publish_staged(root / "outbox", claim.dir, claim.record["publishing"],
+                                           lambda step: spool.mark(claim, "publishing", publishing=step))
+    assert (image, sidecar) == ("cat-1.png", "cat-1.json")
+
+
+def legacy_claim(place):
+    """A claim an older version left publishing: names recorded, nothing staged."""
+    import hashlib
+
     root, spool = place
     claim = claimed(place)
-    record = recorded_publish(root / "outbox", spool, claim, stop_before=".png")
-    assert record["state"] == "publishing"
-    assert record["publishing"]["image"] == "cat.png" and record["publishing"]["sidecar"] == "cat.json"
-    assert os.listdir(root / "outbox") == []
-    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    names = {"image": "cat.png", "sidecar": "cat.json", "sha256": hashlib.sha256(b"PNGDATA").hexdigest()}
+    spool.mark(claim, "publishing", publishing=names)
+    return claim, names
 
 
-def test_an_image_left_without_its_sidecar_is_removed_and_the_job_is_not_published(place):
+def test_an_older_versions_image_left_without_its_sidecar_is_removed_and_the_job_is_not_published(place):
     root, spool = place
-    claim = claimed(place)
-    record = recorded_publish(root / "outbox", spool, claim)
-    (root / "outbox" / "cat.json").unlink()  # what a kill between the image and its sidecar leaves
-    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    claim, names = legacy_claim(place)
+    (root / "outbox" / "cat.png").write_bytes(b"PNGDATA")
+    assert settle_publication(root / "outbox", claim.job_id, names) is False
     assert os.listdir(root / "outbox") == []
+    (root / "outbox" / "cat.png").write_bytes(b"PNGDATA")  # shared: taken back into the claim instead
+    assert settle_publication(root / "outbox", claim.job_id, names, claim.dir, shared=True) is False
+    assert os.listdir(root / "outbox") == [] and any(claim.dir.joinpath("out").iterdir())
 
 
 def test_a_sidecar_of_this_job_means_published_and_another_writers_files_are_never_touched(place):
     root, spool = place
-    claim = claimed(place)
-    record = recorded_publish(root / "outbox", spool, claim)  # both written, claim not yet marked
-    assert record["state"] == "publishing"
-    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is True
+    claim, names = legacy_claim(place)
+    (root / "outbox" / "cat.png").write_bytes(b"PNGDATA")
+    (root / "outbox" / "cat.json").write_text(json.dumps({"job_id": claim.job_id}))
+    assert settle_publication(root / "outbox", claim.job_id, names) is True
     assert sorted(os.listdir(root / "outbox")) == ["cat.json", "cat.png"]
-    assert settle_publication(root / "outbox", "another-job", record["publishing"]) is False
+    assert settle_publication(root / "outbox", "another-job", names) is False
     # Someone else's image under the recorded name (different bytes), no sidecar: left alone.
     (root / "outbox" / "cat.json").unlink()
     (root / "outbox" / "cat.png").write_bytes(b"theirs")
-    assert settle_publication(root / "outbox", claim.job_id, record["publishing"]) is False
+    assert settle_publication(root / "outbox", claim.job_id, names) is False
     assert (root / "outbox" / "cat.png").read_bytes() == b"theirs"
 
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from inpaintd.core.buckets import bucket_shapes
-from inpaintd.core.masks import dilate, feather_alpha, threshold_mask
-from inpaintd.paint.job import run_job
 from inpaintd.core.config import Config, config_from_dict
 from inpaintd.core.errors import Interrupted, JobError
+from inpaintd.core.masks import dilate, feather_alpha, threshold_mask
+from inpaintd.paint.job import run_job
 from inpaintd.paint.jobspec import build_request
+from PIL import Image
 
 # Small working sizes keep the tiny model fast; the geometry rules are the same at 512.
 SMALL = {"roi": {"min_size": 64, "max_size": 128, "bucket_sides": [64, 128], "dilate": 2, "feather": 4, "padding": 8}}

@@ -12,8 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-
-from inpaintd.store.retention import DAY, ORPHAN_GRACE, Budget, Reason, Record, list_records, prune, select
+from inpaintd.store.retention import (
+    DAY,
+    ORPHAN_GRACE,
+    Budget,
+    Reason,
+    Record,
+    list_records,
+    prune,
+    select,
+)
 
 NOW = 1_900_000_000.0
 

@@ -16,14 +16,13 @@ from typing import Any, Callable
 
 import pytest
 import yaml
-from PIL import Image, ImageDraw
-
 from inpaintd.core.boundary import retry_delay
-from inpaintd.service.daemon import Service, warm_shapes, work_shapes
-from inpaintd.service.queues import ArrivalQueue
 from inpaintd.core.config import RoiConfig, config_from_dict
 from inpaintd.intake.grouping import JobGroup
+from inpaintd.service.daemon import Service, warm_shapes, work_shapes
+from inpaintd.service.queues import ArrivalQueue
 from inpaintd.store.spool import Spool
+from PIL import Image, ImageDraw
 
 pytestmark = pytest.mark.slow
 

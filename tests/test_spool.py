@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from inpaintd.core.errors import ConfigError, JobError
 from inpaintd.intake.grouping import JobGroup, Kind
-from inpaintd.store.fsutil import move_entry
-from inpaintd.paint.images import probe_alpha
-from inpaintd.store.spool import Spool
 from inpaintd.intake.scan import scan_inbox
+from inpaintd.paint.images import probe_alpha
+from inpaintd.store.fsutil import move_entry
+from inpaintd.store.spool import Spool
 
 
 @pytest.fixture

@@ -37,7 +37,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from daemon_harness import FAST_SETTINGS, image_bytes, job_bytes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,17 @@ import time
 from pathlib import Path
 
 import pytest
-
-from daemon_harness import Daemon, Dirs, image_bytes, job_bytes, mask_bytes, missing_report, outcomes, stray_files, wait_for
+from daemon_harness import (
+    Daemon,
+    Dirs,
+    image_bytes,
+    job_bytes,
+    mask_bytes,
+    missing_report,
+    outcomes,
+    stray_files,
+    wait_for,
+)
 from transfer_servers import SmbServer, SshServer
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-
 from test_retention import make_failed, make_outbox_pair
 from test_service import Daemon, wait_until
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from inpaintd.core.config import PathsConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,3 +252,26 @@ def test_install_preloads_tcmalloc_only_where_the_target_root_has_it(tmp_path: P
 def test_install_refuses_unknown_options(tmp_path: Path) -> None:
     proc = run_script(INSTALL, "--frobnicate")
     assert proc.returncode == 2 and "unknown option --frobnicate" in proc.stderr
+
+
+FLEET_DROPIN = REPO / "systemd" / "inpaintd-fleet.conf"
+
+
+def test_the_fleet_drop_in_waits_for_the_share_and_may_write_only_there() -> None:
+    keys = directives(FLEET_DROPIN)
+    (share,) = keys["RequiresMountsFor"]
+    assert keys["ReadWritePaths"] == [share]  # the very folder it waits for, nothing else
+    assert "network-online.target" in keys["After"][0] and keys["Wants"] == ["network-online.target"]
+    readme = (REPO / "README.md").read_text()
+    assert "inpaintd-fleet.conf" in readme and "RequiresMountsFor=" in readme
+
+
+@needs_analyze
+def test_the_unit_with_the_fleet_drop_in_verifies(tmp_path: Path) -> None:
+    unit = rendered_unit(tmp_path)
+    dropins = tmp_path / "inpaintd.service.d"
+    dropins.mkdir()
+    (dropins / "20-fleet.conf").write_text(FLEET_DROPIN.read_text())
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    # Drop-ins beside the unit are read (an unknown key there is reported): nothing at all to say.
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout + proc.stderr

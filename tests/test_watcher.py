@@ -9,9 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from inpaintd.intake.grouping import Hint
-from inpaintd.intake.watcher import Change, Watcher, choose_observer, filesystem_type, is_network_fs
+from inpaintd.intake.watcher import (
+    Change,
+    Watcher,
+    choose_observer,
+    filesystem_type,
+    is_network_fs,
+)
 
 
 class Recorder:
@@ -173,3 +178,22 @@ def test_a_folder_assembled_under_a_dot_name_in_the_inbox_and_renamed_ends_close
             assert final is not Hint.WRITE, (path, rec.hints(path))
     finally:
         watcher.stop()
+
+
+def test_a_share_mounted_over_the_inbox_after_start_makes_the_watcher_choose_again(tmp_path: Path, monkeypatch):
+    """The intake replaces a watcher that says it is unhealthy; after a mount (another
+    filesystem under the inbox) it must say so, and the new one polls."""
+    from inpaintd.intake import watcher as watcher_mod
+
+    under = {"type": "ext4"}
+    monkeypatch.setattr(watcher_mod, "filesystem_type", lambda path, mounts_file="/proc/mounts": under["type"])
+    w = Watcher(tmp_path, lambda c: None, lambda r: None, observer="auto")
+    assert w.kind == "inotify"
+    w.start()
+    try:
+        assert w.healthy()
+        under["type"] = "fuse.sshfs"  # a share mounted over the inbox
+        assert not w.healthy()
+        assert Watcher(tmp_path, lambda c: None, lambda r: None, observer="auto").kind == "polling"
+    finally:
+        w.stop()

@@ -1,4 +1,4 @@
-"""The `inpaintd` command: process, prepare-model, check, run, status, demo.
+"""The `inpaintd` command: process, prepare-model, check, run, status, init-share, demo.
 
 Exit codes (also in the README):
   0  success
@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path)
     p.add_argument("--json", action="store_true", help="print the raw state as JSON")
     p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("init-share", help="set up a mounted shared folder for several devices (fleet): its folders and marker")
+    p.add_argument("dir", type=Path, help="the share's root, mounted (e.g. /mnt/nas/inpaint)")
+    p.set_defaults(handler=_cmd_init_share)
 
     p = sub.add_parser("demo", help="run the daemon on a demo inbox, drop a sample job, wait for the result, stop")
     p.add_argument("--dir", type=Path, default=Path("demo"), help="demo folder (default: ./demo)")
@@ -271,6 +275,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(status.format_status(state))
         print(status.format_devices(me, devices))
+    return EXIT_OK
+
+
+def _cmd_init_share(args: argparse.Namespace) -> int:
+    try:
+        marker, made = fleet.init_share(args.dir)
+    except OSError as exc:
+        _error(f"init-share: {args.dir}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    print(f"{'created' if made else 'kept'} {marker}; inbox/ outbox/ failed/ archive/ state/ are in {args.dir}")
     return EXIT_OK
 
 

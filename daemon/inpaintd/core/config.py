@@ -193,6 +193,9 @@ class FleetConfig:
     lease_seconds: float = 60.0  # a device silent this long (server clock) is presumed dead
     heartbeat_seconds: float = 10.0
     prefetch: int = 1  # jobs a device claims ahead of the one it paints; the rest stay for the others
+    # The share's root, where `inpaintd init-share` wrote .inpaintd-share; "" = the folder
+    # holding all five paths. A device works only while that marker is there (the share is mounted).
+    share: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ source, reported as CHANGE (complete once settled), and the files of a folder mo
 watchdog reports as synthetic "created" events, are CHANGE too.
 
 Observer choice: "inotify", "polling", or "auto" (inotify unless the inbox is on a network
-or FUSE filesystem, where inotify does not see writes made by other machines).
+or FUSE filesystem, where inotify does not see writes made by other machines). The choice is
+made again whenever the filesystem under the inbox changes (a share mounted over the folder
+after start, or unmounted): `healthy` then says False and the intake starts a new watcher.
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ def is_network_fs(fs_type: str | None) -> bool:
     return fs_type in NETWORK_FS_TYPES or fs_type.startswith("fuse.") or fs_type == "fuse"
 
 
+def _filesystem_of(path: Path) -> tuple[int, str | None] | None:
+    """(device number, filesystem type) of the folder: changes when a mount comes or goes."""
+    try:
+        return os.stat(path).st_dev, filesystem_type(path)
+    except OSError:
+        return None
+
+
 def choose_observer(setting: str, inbox: Path, mounts_file: str = "/proc/mounts") -> str:
     """"inotify" or "polling" for a watch.observer setting."""
     if setting in ("inotify", "polling"):
@@ -129,7 +139,9 @@ class Watcher:
         self._root = os.path.abspath(self.inbox)
         self.on_change = on_change
         self.on_rescan = on_rescan
+        self.setting = observer
         self.kind = choose_observer(observer, self.inbox)
+        self._where = _filesystem_of(self.inbox)
         self.poll_interval = poll_interval
         self._observer = None
         self._overflow = _OverflowLog(lambda: self.on_rescan("inotify queue overflow"))
@@ -163,7 +175,16 @@ class Watcher:
         if observer is None or not observer.is_alive():
             return False
         emitters = observer.emitters
-        return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
+        if not (bool(emitters) and all(emitter.is_alive() for emitter in emitters)):
+            return False
+        where = _filesystem_of(self.inbox)
+        if where != self._where:
+            # A share mounted over the inbox (or gone): inotify on the old one sees nothing of
+            # it, and a network filesystem needs polling. A new watcher chooses again.
+            log.warning("watch.filesystem_changed", inbox=self._root, before=str(self._where), now=str(where),
+                        observer=self.kind, next_observer=choose_observer(self.setting, self.inbox))
+            return False
+        return True
 
     def restart(self, reason: str) -> None:
         """Replace a dead observer and ask for a rescan; raises OSError while the inbox is missing."""

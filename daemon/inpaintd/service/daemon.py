@@ -112,14 +112,18 @@ class Service(Worker):
         self.held = HeldJobs(config.limits.hold_timeout)
         self.device = fleet_mod.device_id(config.fleet.device_id)
         self.fleet: fleet_mod.Fleet | None = None
+        self.share = Path("/")
         self.state_dir = config.paths.state
         if config.fleet.enabled:
             # Our own folder under the share's state root (fleet.py): claims, status, heartbeat.
             self.state_dir = config.paths.state / self.device
+            self.share = fleet_mod.share_root(config.fleet.share, [config.paths.inbox, config.paths.outbox,
+                                               config.paths.failed, config.paths.archive, config.paths.state])
             self.fleet = fleet_mod.Fleet(config.paths.state, self.device, config.fleet.lease_seconds,
-                                         config.fleet.heartbeat_seconds)
+                                         config.fleet.heartbeat_seconds, share=self.share)
             fsutil.set_writer(self.device)
         self.keeper: fleet_mod.Keeper | None = None
+        self._away: str | None = None
         self.spool = Spool(self.state_dir)
         self.status: StatusFile | None = None
         self.engine: Any = None
@@ -143,6 +147,8 @@ class Service(Worker):
     def run(self) -> int:
         self._install_signals()
         self.start()
+        if self.status is None:  # stopped before the share was there
+            return self.shutdown()
         self.notifier.ready()
         log.info("service.ready", inbox=str(self.config.paths.inbox), queued=self.jobs.qsize())
         self._idle()
@@ -151,6 +157,9 @@ class Service(Worker):
                 self._ping()
                 if self.reload_requested:
                     self.reload()
+                if self.keeper is not None and self.keeper.away != self._away:
+                    self._away = self.keeper.away
+                    self._idle()
                 if self.keeper is not None and self.keeper.clean_due:
                     # Between jobs: no write of ours is in flight.
                     self.keeper.clean_due = False
@@ -170,6 +179,12 @@ class Service(Worker):
         paths = config.paths
         if self.metrics is not None:
             logs.add_listener(self.metrics.on_event)
+        if self.fleet is not None:
+            # The model first, while the share may not be mounted yet: nothing of it is on the
+            # share, and a device that boots before its file server takes jobs as soon as it is.
+            self._load_engine()
+            if not self._wait_for_share():
+                return  # stopped while waiting
         for key in ("inbox", "outbox", "failed", "archive", "state"):
             path = getattr(paths, key)
             try:
@@ -183,6 +198,8 @@ class Service(Worker):
                 raise ConfigError("fleet.device_id", str(exc)) from exc
             self.fleet.beat()
         self.spool.open(paths.inbox)
+        if self.fleet is not None:
+            self._check_one_filesystem()
         self.status = StatusFile(self.state_dir)
         self.status.update(state="starting", daemon_version=__version__, inbox=str(paths.inbox),
                            outbox=str(paths.outbox), device=self.device)
@@ -197,12 +214,26 @@ class Service(Worker):
                 except Exception as exc:  # noqa: BLE001 - settled again when its turn comes
                     log.warning("job.publication_unsettled", job=claim.name, error=shorten(str(exc)))
             self.jobs.put(claim)
+        if self.engine is None:
+            self._load_engine()
+        self.intake = Intake(config, self.spool, self.jobs, self.status)
+        self.intake.watch()
+        self.intake.start()
+        if self.fleet is not None:
+            self.keeper = fleet_mod.Keeper(self.fleet, self.spool, paths.inbox, self.jobs.put)
+            self.keeper.start()
 
+    def _status(self, **fields: Any) -> None:
+        if self.status is not None:
+            self.status.update(**fields)
+
+    def _load_engine(self) -> None:
+        config = self.config
         from ..engine.engine import Engine  # deferred: imports torch
 
         self.notifier.status("loading the model")
         self.notifier.extend_timeout(300_000_000)
-        self.status.update(state="loading model")
+        self._status(state="loading model")
         self.engine = Engine.load(replace(config.model, path=model_folder(config.model)))
         if self.metrics is not None:
             self.metrics.set_model(self.engine.info.model_id, self.engine.info.random_weights)
@@ -215,19 +246,41 @@ class Service(Worker):
             per_shape = (time.monotonic() - began) / max(done, 1)
             self.notifier.status(f"warming up {done}/{total}")
             self.notifier.extend_timeout(int(max(60.0, 3 * per_shape) * 1_000_000))
-            self.status.update(state=f"warming up {done}/{total}")
+            self._status(state=f"warming up {done}/{total}")
             log.info("service.warming", done=done, total=total)
 
         self.notifier.status(f"warming up 0/{len(shapes)}")
-        self.status.update(state=f"warming up 0/{len(shapes)}")
+        self._status(state=f"warming up 0/{len(shapes)}")
         self.engine.warm(shapes, warmed)
 
-        self.intake = Intake(config, self.spool, self.jobs, self.status)
-        self.intake.watch()
-        self.intake.start()
-        if self.fleet is not None:
-            self.keeper = fleet_mod.Keeper(self.fleet, self.spool, paths.inbox, self.jobs.put)
-            self.keeper.start()
+    def _wait_for_share(self) -> bool:
+        """Fleet: wait until the share's marker is there (the share is mounted); nothing is
+        created or written before, so a device booted before its file server never works on
+        the empty mount point. False when asked to stop meanwhile."""
+        marker = self.share / fleet_mod.SHARE_MARKER
+        said = False
+        while not fleet_mod.share_present(self.share):
+            if not said:
+                log.warning("fleet.share_missing", share=str(self.share), marker=str(marker),
+                            note="waiting: the share is not mounted here, or `inpaintd init-share` was never run on it")
+                said = True
+            self.notifier.status(f"waiting for the share: {marker} is missing (not mounted?)")
+            self.notifier.extend_timeout(30_000_000)
+            self._ping()
+            if self.stopping.wait(1.0):
+                return False
+        if said:
+            log.info("fleet.share_found", share=str(self.share))
+        return True
+
+    def _check_one_filesystem(self) -> None:
+        """Fleet: outbox, failed and archive on the state's filesystem: results are published by
+        link(2) from the claim, and archived by rename from it (the fence, store/outbox.py)."""
+        for key in ("outbox", "failed", "archive"):
+            path = getattr(self.config.paths, key)
+            if not fsutil.same_filesystem(path, self.spool.claimed):
+                raise ConfigError(f"paths.{key}", f"{path} must be on the share with paths.state "
+                                  "(fleet: results leave the claim by link and rename, which cannot cross filesystems)")
 
     def _clean_outbox(self) -> None:
         """Temp files of atomic writes a kill -9 interrupted; nothing of ours is being written yet."""
@@ -411,6 +464,8 @@ class Service(Worker):
             health: str | None = for_display(f"{first.message}, retrying", 300)
         else:
             text, health = f"idle, {len(names)} queued", None
+        if self._away is not None:
+            text = health = shorten(f"share away, nothing is written: {self._away}", 300)
         self.notifier.status(text)
         self.status.update(state="idle" if first is None else "retrying", current=None, queue_length=len(names),
                            queued=names[:100], held=self.held.names()[:100], health=health,

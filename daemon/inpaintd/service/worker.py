@@ -2,8 +2,8 @@
 
 `process(claim)` moves a claim as far as it can go:
 
-    publishing -> settle (published if its sidecar is out, else claimed again)
-    claimed    -> read, paint (paint.job.run_job), publish (store.outbox)  -> published
+    publishing -> publication goes on from the claim's stage (store.outbox)  -> published
+    claimed    -> read, paint (paint.job.run_job), stage and publish (store.outbox)  -> published
     published  -> archive the inputs (store.records)                       -> done, claim dropped
     failing    -> inputs and error.json into failed/ (store.records)      -> done, claim dropped
 
@@ -129,15 +129,18 @@ class Worker:
         """Fleet: write nothing for a job another device took over, nor while our lease is stale."""
         if self.fleet is None:
             return
-        if not self.fleet.lease_fresh():
-            raise TransientError("share_unreachable", "this device has not reached the share's state folder "
-                                 "for over half a lease; nothing is written until it does")
+        self._check_lease()
         try:
             os.stat(claim.dir)
         except FileNotFoundError:
             raise TakenOver(f"{claim.name} was taken over by another device while this one was away") from None
         except OSError as exc:  # the share is away (ENOTCONN, EIO): wait, do not give the job up
             raise TransientError("share_unreachable", f"cannot reach this job's claim on the share ({exc.strerror})") from exc
+
+    def _check_lease(self) -> None:
+        if self.fleet is not None and not self.fleet.lease_fresh():
+            raise TransientError("share_unreachable", "this device has not reached the share's state folder "
+                                 "for over half a lease; nothing is written until it does")
 
     def _settle(self, ctx: JobContext, exc: BaseException) -> None:
         """The job's outcome from what it raised: left claimed, held for a retry, or failed."""
@@ -224,25 +227,54 @@ class Worker:
                              started=started, finished=finished, attempts=claim.attempts, entries=claim.entries())
         ctx.painted = result  # kept by a hold if publication must wait: no repaint
         self._check_ours(claim)
-        # The names are recorded (fsynced) in the claim before anything is written, so
-        # that a kill -9 anywhere in publication is settled at the next start.
-        image_path, sidecar_path = outbox.publish(
-            config.paths.outbox, result, extra,
-            record=lambda names: self.spool.mark(claim, ClaimState.PUBLISHING, publishing=names),
-        )
-        self.spool.mark(claim, ClaimState.PUBLISHED, published={"image": image_path.name, "sidecar": sidecar_path.name})
+        # Staged in the claim first (fenced: a take-over renames the claim and its stage
+        # away), then published from there by no-replace links (store/outbox.py).
+        progress = self._fenced(claim, outbox.stage, claim.dir, result, extra)
+        self._fenced(claim, self.spool.mark, claim, ClaimState.PUBLISHING, publishing=progress)
+        image_name, sidecar_name = self._publish(claim)
         self.status.increment("jobs_done")
         bound.info(
-            "job.done", output=image_path.name, sidecar=sidecar_path.name,
+            "job.done", output=image_name, sidecar=sidecar_name,
             seconds=round(finished - started, 3), timings=result.sidecar.get("timings"),
             regions=len(result.regions),
         )
         return result
 
+    def _publish(self, claim: Claim) -> tuple[str, str]:
+        """S2-S6 of the fenced publication, from what the claim records; -> published."""
+
+        def record(progress: dict[str, Any]) -> None:
+            self._check_lease()  # a stale lease stops before the next step (the fence stops the rest)
+            self.spool.mark(claim, ClaimState.PUBLISHING, publishing=progress)
+
+        image_name, sidecar_name = outbox.publish_staged(
+            self.config.paths.outbox, claim.dir, claim.record["publishing"], record, shared=self.fleet is not None)
+        self._fenced(claim, self.spool.mark, claim, ClaimState.PUBLISHED,
+                     published={"image": image_name, "sidecar": sidecar_name})
+        return image_name, sidecar_name
+
+    def _fenced(self, claim: Claim, op: Any, *args: Any, **kwargs: Any) -> Any:
+        """op, whose ENOENT means the claim was taken over when its folder is gone."""
+        try:
+            return op(*args, **kwargs)
+        except FileNotFoundError:
+            if self.fleet is not None and not os.path.lexists(claim.dir):
+                raise TakenOver(f"{claim.name} was taken over by another device during publication") from None
+            raise
+
     def _settle_publication(self, claim: Claim, bound: Any) -> None:
-        """A claim stopped while publishing: published if its sidecar is out, else painted again."""
+        """A claim stopped (or taken over) while publishing: its publication goes on from the
+        stage; a claim an older version left without a stage is published if its sidecar is
+        out, else painted again."""
         names = claim.record.get("publishing") or {}
-        published = bool(names) and outbox.settle_publication(self.config.paths.outbox, claim.job_id, names)
+        if outbox.is_staged(names) and os.path.lexists(claim.dir / outbox.STAGE / outbox.STAGED_IMAGE):
+            image_name, sidecar_name = self._publish(claim)
+            bound.info("job.published_after_stop", output=image_name, sidecar=sidecar_name)
+            if self.status is not None:
+                self.status.increment("jobs_done")
+            return
+        published = bool(names) and "image" in names and outbox.settle_publication(
+            self.config.paths.outbox, claim.job_id, names, claim.dir, shared=self.fleet is not None)
         if published:
             self.spool.mark(claim, ClaimState.PUBLISHED, published={"image": names["image"], "sidecar": names["sidecar"]})
             bound.info("job.published_before_stop", output=names["image"], sidecar=names["sidecar"])

@@ -1,4 +1,4 @@
-"""Several devices on one shared folder: who is alive, by the file server's clock, and take-over.
+"""Several devices on one shared folder: who is alive (a beat counter, by our own clock), and take-over.
 
 With `fleet.enabled`, `paths.state` is a folder on the share and each device keeps its own state
 in `paths.state/<device id>/` (claims are renames, and a rename cannot cross filesystems, so the
@@ -6,17 +6,24 @@ state must be on the share with the inbox). The file server is the only arbiter:
 
 - **Claims.** A job is a device's when its rename into `<id>/claimed/` succeeded (spool); the
   server lets exactly one rename of a file win.
-- **Heartbeats.** Every `fleet.heartbeat_seconds` a device rewrites `<id>/heartbeat`; the server
-  sets its mtime. Ages are differences of server-set mtimes (our own fresh heartbeat's mtime
-  stands for the server's "now"), so no device's clock matters.
-- **Take-over.** A device whose heartbeat is older than `fleet.lease_seconds` is presumed dead;
-  a live device renames each of its claim folders into its own `claimed/` (one rename wins, so
-  each job is taken once) and queues it, in whatever state it was left: a half-published job
-  is settled from its recorded names (spool/outbox), never painted twice.
-- **Coming back.** A device only publishes, archives or fails a job while its own lease is fresh
-  (a heartbeat written less than half a lease ago) and the job's claim folder is still where it
-  put it. A device cut off or frozen past its lease finds its claims gone and drops its work on
-  them without writing anything.
+- **The share.** `inpaintd init-share` writes `.inpaintd-share` in the share's root; a device
+  works only while it is there (checked at start, where the daemon waits for it, and before every
+  heartbeat), so an empty mount point is never mistaken for the share, and nothing (no folder,
+  no heartbeat) is ever created on the local disk under it.
+- **Heartbeats.** Every `fleet.heartbeat_seconds` a device rewrites `<id>/heartbeat`: a file of
+  fixed length with a counter that changes at every beat. The others read the counter through a
+  fresh open and presume a device dead once they have watched it not change for
+  `fleet.lease_seconds` by their own monotonic clock (`watch_beats`): no device's clock and no
+  attribute a client may cache (sshfs ~20 s, NFS actimeo) is trusted. The server-set mtimes are
+  only shown by `inpaintd status`.
+- **Take-over.** A live device renames each claim folder of a dead one into its own `claimed/`
+  (one rename wins, so each job is taken once) and queues it, in whatever state it was left: a
+  half-published job goes on from what its claim records (store/outbox.py), never painted twice.
+- **Fencing.** Every step that changes the shared outbox, failed/ or archive/ starts from inside
+  the claim folder by its path (outbox.py, records.py); once a take-over renamed the folder away,
+  the old owner's next step fails and it drops the job (`job.taken_over`). The lease check (a
+  heartbeat written less than half a lease ago) comes on top, to stop early; correctness does
+  not rest on it, nor on any clock.
 
 What a user must not do: give two devices one id (their heartbeats would look alive for each
 other: `beat` refuses to start a device whose id is beating from another host), or put one
@@ -38,10 +45,68 @@ from typing import Any, Callable
 
 import structlog
 
+from .fsutil import atomic_write_bytes
+
 log = structlog.get_logger("inpaintd.fleet")
 
 HEARTBEAT = "heartbeat"
+BEAT_BYTES = 512  # the heartbeat's fixed length
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+SHARE_MARKER = ".inpaintd-share"
+SHARE_SCHEMA = "inpaintd.share/1"
+SHARE_FOLDERS = ("inbox", "outbox", "failed", "archive", "state")
+
+
+class ShareMissing(OSError):
+    """The share's marker is not there: the share is not mounted (an empty mount point)."""
+
+
+def share_root(configured: str, paths: list[Path]) -> Path:
+    """The share's root: fleet.share, else the deepest folder holding every configured path."""
+    if configured.strip():
+        return Path(configured)
+    return Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
+
+
+def share_present(root: Path) -> bool:
+    """Whether root is the share (its marker is there), not an empty mount point under it."""
+    record = _read_json(root / SHARE_MARKER)
+    return record.get("schema") == SHARE_SCHEMA
+
+
+def _check_share(root: Path) -> None:
+    """Raise ShareMissing when the marker is not there (an empty mount point), the OSError
+    itself when it cannot be read (the share is mounted but does not answer)."""
+    marker = root / SHARE_MARKER
+    try:
+        record = json.loads(marker.read_bytes()[:100_000])
+    except FileNotFoundError:
+        record = None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("schema") != SHARE_SCHEMA:
+        raise ShareMissing(2, f"{marker} is missing: the share is not mounted "
+                              "(or was never set up with `inpaintd init-share`)", str(root))
+
+
+def init_share(root: Path) -> tuple[Path, bool]:
+    """`inpaintd init-share`: the five folders and the marker in an existing, mounted root;
+    (marker path, whether it was made now). Run again, it keeps the marker and adds what is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(2, "no such folder (is the share mounted?)", str(root))
+    for name in SHARE_FOLDERS:
+        (root / name).mkdir(exist_ok=True)
+    marker = root / SHARE_MARKER
+    if share_present(root):
+        return marker, False
+    record = {"schema": SHARE_SCHEMA, "share_id": secrets.token_hex(8), "created_by": socket.gethostname(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "note": "inpaintd devices in fleet mode work here only while this file is there"}
+    atomic_write_bytes(marker, (json.dumps(record, indent=2) + "\n").encode())
+    return marker, True
 
 
 def device_id(configured: str, machine_id_file: Path = Path("/etc/machine-id")) -> str:
@@ -72,6 +137,46 @@ class Peer:
         return self.age is not None and self.age > lease
 
 
+def watch_beats(seen: dict[str, tuple[str, float]], values: dict[str, str | None], now: float,
+                last_look: float | None, lease: float) -> dict[str, tuple[str, float]]:
+    """Each device's (beat value, when we saw it change), after one look at their heartbeats.
+
+    A device whose value changed (or that we see for the first time) starts a new watch now;
+    an unreadable heartbeat keeps the old watch. When our own last look is more than half a
+    lease ago (we were frozen or starved ourselves), every watch starts again: silence we did
+    not watch proves nothing.
+    """
+    if last_look is not None and now - last_look > lease / 2:
+        seen = {}
+    out: dict[str, tuple[str, float]] = {}
+    for device, value in values.items():
+        old = seen.get(device)
+        if value is None:
+            if old is not None:
+                out[device] = old
+        elif old is None or old[0] != value:
+            out[device] = (value, now)
+        else:
+            out[device] = old
+    return out
+
+
+def _beat_value(path: Path) -> str | None:
+    """The token and counter inside a heartbeat, read through a fresh open; None if unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, BEAT_BYTES)
+        finally:
+            os.close(fd)
+        record = json.loads(data.rstrip(b" \0") or b"{}")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "beat" not in record:
+        return None
+    return f"{record.get('token')}:{record.get('beat')}"
+
+
 def stale_devices(my_beat_mtime: float, beats: dict[str, float | None], lease: float) -> list[str]:
     """Devices whose last heartbeat is more than `lease` older than ours (all times the server's)."""
     return sorted(d for d, mtime in beats.items() if mtime is not None and my_beat_mtime - mtime > lease)
@@ -81,8 +186,9 @@ class Fleet:
     """This device's heartbeat and its view of the others, under the shared state root."""
 
     def __init__(self, root: Path, me: str, lease_seconds: float, heartbeat_seconds: float,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, share: Path | None = None) -> None:
         self.root = Path(root)
+        self.share = share  # the share's root, whose marker must be there at every beat
         self.me = me
         self.lease = lease_seconds
         self.every = heartbeat_seconds
@@ -91,6 +197,9 @@ class Fleet:
         self._clock = clock
         self.fresh_at: float | None = None  # our clock when our last heartbeat was written
         self.last_mtime: float | None = None  # its mtime as the server set it
+        self.count = 0  # our beat counter (in the file)
+        self._seen: dict[str, tuple[str, float]] = {}  # device -> (its beat value, our clock when it changed)
+        self._last_look: float | None = None
 
     @property
     def my_dir(self) -> Path:
@@ -111,16 +220,29 @@ class Fleet:
             )
 
     def beat(self) -> float:
-        """Write our heartbeat; the server's mtime of it (raises OSError when the share is away)."""
-        self.my_dir.mkdir(parents=True, exist_ok=True)
+        """Write our heartbeat; the server's mtime of it (raises OSError when the share is away).
+
+        The file has a fixed length and carries a counter that changes at every beat: readers
+        judge liveness by seeing the counter change (`observe`), which needs no clock and no
+        attribute the client may cache; the length never changes, so a client that caches
+        the size cannot cut the read short.
+        """
+        if self.share is not None:
+            _check_share(self.share)
         path = self.my_dir / HEARTBEAT
-        payload = json.dumps({"device": self.me, "host": self.host, "pid": os.getpid(), "token": self.token}).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if not self.my_dir.is_dir():
+            self.my_dir.mkdir()  # never with parents: a share that is not mounted is not created
+        self.count += 1
+        payload = json.dumps({"device": self.me, "host": self.host, "pid": os.getpid(), "token": self.token,
+                              "beat": self.count}).encode()
+        tmp = self.my_dir / f".{HEARTBEAT}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, payload)
+            os.write(fd, payload.ljust(BEAT_BYTES))
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.replace(tmp, path)
         mtime = os.stat(path).st_mtime
         was_fresh = self.lease_fresh()
         self.fresh_at, self.last_mtime = self._clock(), mtime
@@ -157,11 +279,28 @@ class Fleet:
             out.append(Peer(device, age, _read_json(self.root / device / "status.json")))
         return out
 
+    def observe(self) -> dict[str, float]:
+        """Each other device's silence: seconds, by our own clock, since we last saw its beat
+        counter change. The counter is read from inside the file through a fresh open, so a
+        client's attribute cache (sshfs ~20 s by default, NFS actimeo) cannot make a live
+        device look dead. A device is only judged after we watched it for a lease ourselves."""
+        now = self._clock()
+        values = {d: _beat_value(self.root / d / HEARTBEAT) for d in self._devices() if d != self.me}
+        self._seen = watch_beats(self._seen, values, now, self._last_look, self.lease)
+        self._last_look = now
+        return {d: now - since for d, (_value, since) in self._seen.items()}
+
     def dead_peers(self) -> list[str]:
-        if self.last_mtime is None:
+        if not self.lease_fresh():
+            return []  # we may be the one cut off or frozen: judge nobody
+        return sorted(d for d, silence in self.observe().items() if silence > self.lease)
+
+    def _devices(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.root)
+                          if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        except OSError:
             return []
-        beats = {d: m for d, m in self._mtimes().items() if d != self.me}
-        return stale_devices(self.last_mtime, beats, self.lease)
 
     def take_claims(self, dead: str) -> list[Path]:
         """Rename each claim folder of a dead device into ours; the folders we won."""
@@ -212,6 +351,7 @@ class Keeper(threading.Thread):
         self.put = put
         self.stop_event = threading.Event()
         self.clean_due = False
+        self.away: str | None = None  # why the share is away now (for the status), None while it answers
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -223,13 +363,16 @@ class Keeper(threading.Thread):
                 self.fleet.beat()
             except OSError as exc:
                 if not away:
-                    log.warning("fleet.share_unreachable", device=self.fleet.me, error=str(exc),
+                    event = "fleet.share_missing" if isinstance(exc, ShareMissing) else "fleet.share_unreachable"
+                    log.warning(event, device=self.fleet.me, error=str(exc),
                                 note="nothing is published, archived or failed until the share answers")
                 away = True
+                self.away = str(exc)
                 continue
             try:
                 if away:
                     away = False
+                    self.away = None
                     self.clean_due = True  # temp files a write cut off left: the worker removes them
                     log.info("fleet.share_back", device=self.fleet.me)
                     for claim in self.spool.recover_claiming(self.inbox):

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import stat as stat_mod
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,107 @@ def publish_dir(tmp: Path, dst: Path, *, overwrite: bool) -> None:
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the publication's file operations
+
+
+class OsFs:
+    """The few operations the fenced publication (outbox.py) makes, on the real filesystem.
+
+    A seam, so that the protocol's real functions run unchanged against an in-memory
+    filesystem in tests/test_publication.py, one operation at a time, in every order.
+    """
+
+    def lexists(self, path: Path) -> bool:
+        return os.path.lexists(path)
+
+    def read(self, path: Path) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    def write(self, path: Path, data: bytes) -> None:
+        atomic_write_bytes(path, data)
+
+    def mkdir(self, path: Path) -> None:
+        # Never with parents: a claim folder a take-over renamed away must not be made again.
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+
+    def link(self, src: Path, dst: Path) -> None:
+        """A second name for src at dst; FileExistsError rather than replace (link(2) is
+        no-replace on every server, even sshfs, where renameat2(NOREPLACE) is not)."""
+        os.link(src, dst, follow_symlinks=False)
+        fsync_dir(dst.parent)
+
+    def copy_in(self, src: Path, dst: Path) -> None:
+        """src into dst's folder under a temp name, then linked to dst (no-replace): for an
+        outbox on another filesystem than the claim (single device only: not fenced)."""
+        tmp = dst.parent / f"{own_temp_prefix()}{secrets.token_hex(6)}"
+        try:
+            _copy_file(src, tmp)
+            os.link(tmp, dst)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        fsync_dir(dst.parent)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def same_file(self, a: Path, b: Path) -> bool:
+        """Whether a and b are one file (two hard links of it).
+
+        Inode numbers decide where they are equal; sshfs invents one per path, so unequal
+        ones prove nothing there. Then a's mtime is set, twice, to a value b would only
+        show if it were the same inode (whole seconds: SFTP carries no more). A client
+        caching attributes can only make this say False (the caller then leaves the file
+        alone), never True for another file.
+        """
+        sa, sb = os.lstat(a), os.lstat(b)
+        if not (stat_mod.S_ISREG(sa.st_mode) and stat_mod.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
+            return False
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        if sa.st_dev != sb.st_dev and not _fuse_dev(sa.st_dev):
+            return False
+        base = int(sa.st_mtime)
+        for delta in (1, 2):
+            os.utime(a, (base - delta, base - delta), follow_symlinks=False)
+            if fresh_mtime(b) != base - delta:
+                return False
+        return True
+
+
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_STATX_FORCE_SYNC = 0x2000  # ask the server, not the client's attribute cache (FUSE, NFS, SMB)
+_STATX_MTIME = 0x40
+_STATX_MTIME_OFFSET = 112  # struct statx: stx_mtime.tv_sec
+
+
+def fresh_mtime(path: Path) -> int:
+    """path's mtime in whole seconds as the server has it now (statx AT_STATX_FORCE_SYNC);
+    lstat's (perhaps cached) where statx is not there."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    statx = getattr(_libc, "statx", None)
+    if statx is not None:
+        buf = ctypes.create_string_buffer(256)
+        at_fdcwd = -100
+        if statx(at_fdcwd, os.fsencode(path), _AT_SYMLINK_NOFOLLOW | _AT_STATX_FORCE_SYNC, _STATX_MTIME, buf) == 0:
+            return int.from_bytes(buf.raw[_STATX_MTIME_OFFSET:_STATX_MTIME_OFFSET + 8], sys.byteorder, signed=True)
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(path))
+    return int(os.lstat(path).st_mtime)
+
+
+def _fuse_dev(dev: int) -> bool:
+    """FUSE and other anonymous-device filesystems (major 0): inode numbers may be per path."""
+    return os.major(dev) == 0

@@ -1,8 +1,10 @@
 """Records: a finished job's inputs into archive/NAME/, a failed one's with error.json into failed/NAME/.
 
-Either folder is built under a temp name in its root and renamed into place whole
-(`_file_away`), so whoever reads failed/ or archive/ sees a record with all its inputs or
-nothing, and a kill anywhere leaves a staging folder the next attempt finishes. The error is
+Either folder is built inside the claim (`record/`; in root under a temp name when root is on
+another filesystem) and renamed into place whole (`_file_away`), so whoever reads failed/ or
+archive/ sees a record with all its inputs or nothing, a kill anywhere leaves a staging folder
+the next attempt finishes, and a device whose claim was taken over (fleet) cannot file anything:
+its last rename starts from the claim folder it no longer has. The error is
 recorded in the claim (state failing) before anything moves.
 """
 
@@ -19,7 +21,7 @@ from typing import Any, Mapping
 
 from .. import __version__
 from ..core.boundary import transient
-from ..core.errors import JobError
+from ..core.errors import JobError, TakenOver
 from ..core.jobs import DISTINCT_SUFFIX_CHARS, timestamp
 from ..core.quoting import bounded, shorten
 from .fsutil import (
@@ -30,11 +32,13 @@ from .fsutil import (
     own_temp_prefix,
     rename_distinct,
     rename_noreplace,
+    same_filesystem,
 )
 from .outbox import encode_record, host, job_id_in, read_record, remove_temp_files
 from .spool import Claim, ClaimState, Spool
 
 ERROR_SCHEMA = "inpaintd.error/1"
+RECORD = "record"  # the claim's subfolder where a failed/ or archive/ record is built
 
 
 def record_dir_name(name: str, name_max: int = 255) -> str:
@@ -79,15 +83,23 @@ def _move_inputs(root: Path, entries: list[str], folder: str | None, dst: Path) 
 
 
 def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None) -> Path | None:
+    try:
+        return _file_away_fenced(spool, claim, root, error)
+    except FileNotFoundError as exc:
+        _taken_over(exc, claim)
+        raise
+
+
+def _file_away_fenced(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None) -> Path | None:
     """The claim's inputs (and error.json) into root/NAME/ (NAME-1 ... when taken); the claim is dropped.
 
-    The folder is built under `.inpaintd-tmp-<job id>` in root and renamed into place whole,
-    so whoever reads failed/ or archive/ sees a record with all its inputs or nothing, two
-    daemons never share a folder, and a kill anywhere leaves a staging folder that the next
-    attempt (same job id) finishes. None when an earlier attempt had already renamed it into
+    The folder is built in the claim (`_staging`) and renamed into place whole, so whoever
+    reads failed/ or archive/ sees a record with all its inputs or nothing, two daemons never
+    share a folder, and a kill anywhere leaves a staging folder that the next attempt (same
+    job id, or the device that took the claim over) finishes. None when an earlier attempt had already renamed it into
     place before a stop (the claim's inputs are gone): only the drop was left.
     """
-    staging = root / f"{TEMP_PREFIX}{claim.job_id}"
+    staging = _staging(claim, root)
     final: Path | None = None
     folder = claim.record.get("folder")
     job_folder = claim.inputs / folder if folder is not None else None
@@ -114,6 +126,23 @@ def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] 
         fsync_dir(root)
     spool.drop(claim)
     return final
+
+
+def _staging(claim: Claim, root: Path) -> Path:
+    """Where the record folder is built: inside the claim (fenced: a take-over renames it away
+    with the claim, and the old owner's last rename then fails), or, when root is on another
+    filesystem (one device, archive on another disk), `.inpaintd-tmp-<job id>` in root; one an
+    older version began there is finished there."""
+    legacy = root / f"{TEMP_PREFIX}{claim.job_id}"
+    if os.path.lexists(legacy):
+        return legacy
+    return claim.dir / RECORD if same_filesystem(claim.dir, root) else legacy
+
+
+def _taken_over(exc: OSError, claim: Claim) -> None:
+    """A step that failed because the claim folder is gone: another device took the claim."""
+    if isinstance(exc, FileNotFoundError) and not os.path.lexists(claim.dir):
+        raise TakenOver(f"{claim.name} was taken over by another device") from None
 
 
 def _lstat_mode(path: Path) -> int:
@@ -153,6 +182,7 @@ def archive_inputs(spool: Spool, claim: Claim, archive: Path, after_success: str
             return None
         return _file_away(spool, claim, archive, None)
     except OSError as exc:
+        _taken_over(exc, claim)
         error = transient(exc, archive, "archive")
         if error is not None:
             raise error from exc
@@ -223,6 +253,7 @@ def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: f
             spool.mark(claim, ClaimState.FAILING, error=record)
         return _file_away(spool, claim, failed, claim.record["error"])
     except OSError as exc:
+        _taken_over(exc, claim)
         trouble = transient(exc, failed, "failed")
         if trouble is not None:
             raise trouble from exc

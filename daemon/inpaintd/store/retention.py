@@ -187,7 +187,7 @@ def _put_back(trash: Path, path: Path) -> None:
     try:
         rename_noreplace(trash, path)
     except FileExistsError:  # its name was taken again meanwhile: keep it, visibly, under another
-        kept = fsutil.rename_distinct(trash, path.parent, f"{path.name}.kept")
+        kept = fsutil.rename_distinct(trash, path.parent, f"{path.name}.kept", secrets.token_hex(4))
         log.error("retention.kept_aside", entry=path.name, kept=kept.name)
 
 

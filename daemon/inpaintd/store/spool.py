@@ -1,14 +1,17 @@
 """Claiming: a ready job leaves the inbox by atomic rename into state/claimed/<job-id>/.
 
-A claim directory holds `job.json` (name, original entries, arrival, attempts, state) and
-`inputs/` with the job's entries under their original names. Renames never follow links
+A claim directory holds `job.json` (name, original entries, arrival, attempts, state),
+`inputs/` with the job's entries under their original names and, on the way out, `out/` (the
+painted result waiting for publication, outbox.py) and `record/` (the archive/ or failed/
+record being built, records.py): everything that leaves for a shared folder leaves from the
+claim, so a device whose claim was taken over (renamed away) can publish nothing. Renames never follow links
 and never read a file: a crash or a second daemon can never process a job twice, and a
 job found claimed at start-up is simply queued again. `begin_attempt` counts (fsynced)
 every start of processing; a job still counted `limits.poison_after` times at the next
 start crashed the daemon that often and is failed as a poison job.
 
-A claim's `state`: claiming (entries still moving in), claimed, publishing (the outbox names it
-is about to write are recorded in `publishing` first, see outbox.settle_publication), published
+A claim's `state`: claiming (entries still moving in), claimed, publishing (the result is staged
+in `out/`; `publishing` records each step of the publication before it happens, see outbox.py), published
 (only archiving is left), failing (only the move to failed/ is left). Every change is fsynced
 before the step it announces, so a kill -9 anywhere leaves a state recovery can finish; the
 in-memory record changes only once the file did (a full state disk leaves both as they were).
