@@ -258,11 +258,13 @@ def test_region_finding_on_a_big_sparse_mask_is_fast():
     mask = np.zeros((3000, 4000), dtype=bool)
     for k in range(20):
         mask[100 * k + 50 : 100 * k + 60, 150 * k : 150 * k + 40] = True
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: other work on a shared 2-core machine must not
+    # fail it. The bound says "cost follows the mask": a whole-image pass would take ~10x longer.
+    start = time.process_time()
     dilated = dilate(mask, 8)
     find_regions(dilated, RoiConfig())
     feather_alpha(dilated, 8)
-    assert time.perf_counter() - start < 1.5  # ~0.1 s on a laptop core; generous for CI
+    assert time.process_time() - start < 1.5  # ~0.1 s on a laptop core
 
 
 def test_threshold_mask_is_strictly_above():

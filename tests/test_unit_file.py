@@ -120,7 +120,7 @@ def test_writable_paths_tmpfiles_and_config_defaults_agree() -> None:
         assert default in tmpfiles, f"{default} missing from inpaintd.tmpfiles"
     assert tmpfiles["/var/lib/inpaintd/inbox"][2:5] == ["2770", "inpaintd", "inpaintd-drop"]
     assert tmpfiles["/var/lib/inpaintd/outbox"][2:5] == ["2750", "inpaintd", "inpaintd-drop"]
-    assert tmpfiles["/var/lib/inpaintd/state"][2:5] == ["0700", "inpaintd", "inpaintd"]
+    assert tmpfiles["/var/lib/inpaintd/state"][2:5] == ["2700", "inpaintd", "inpaintd-drop"]
     assert tmpfiles["/var/lib/inpaintd-metrics"][2:5] == ["0755", "inpaintd", "inpaintd"]
 
 
@@ -173,13 +173,15 @@ def test_install_into_a_root_creates_user_folders_config_and_unit_idempotently(t
     assert members[0].split(":")[3] == "inpaintd"  # the daemon reads what the drop group writes
 
     base = root / "var/lib/inpaintd"
-    expect = {"inbox": 0o2770, "outbox": 0o2750, "failed": 0o2750, "archive": 0o2750, "state": 0o700}
+    expect = {"inbox": 0o2770, "outbox": 0o2750, "failed": 0o2750, "archive": 0o2750, "state": 0o2700}
     for name, mode in expect.items():
         st = (base / name).stat()
         assert st.st_mode & 0o7777 == mode, (name, oct(st.st_mode))
         assert st.st_uid == uid
     assert (base / "inbox").stat().st_gid == drop_gid
-    assert (base / "state").stat().st_gid != drop_gid
+    # state/ carries the drop group (a result is linked from its claim into the outbox and must
+    # be readable there) but grants the group nothing: 2700.
+    assert (base / "state").stat().st_gid == drop_gid and (base / "state").stat().st_mode & 0o070 == 0
 
     config = root / "etc/inpaintd/config.yaml"
     assert config.stat().st_mode & 0o777 == 0o640
