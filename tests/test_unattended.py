@@ -121,3 +121,19 @@ def test_live_low_disk_guard_stops_claiming_nothing_fails_and_claiming_resumes(t
     finally:
         d.close()
         subprocess.run(["umount", str(outbox)], check=False)
+
+
+def test_fleet_gauges_say_how_many_devices_beat_and_how_old_each_heartbeat_is(tmp_path: Path) -> None:
+    # The daemon's snapshot in fleet mode carries {device: heartbeat age} from Fleet.peers();
+    # the file must hold the device count and one age per device (a device that never beat: none).
+    from inpaintd.service.metrics import Metrics
+
+    metrics = Metrics(tmp_path / "inpaintd.prom", interval=0.0)
+    metrics.write(0.0, lambda: {"held": 0, "peers": {"dev0": 0.4, "dev1": 12.5, "dev2": None}})
+    families = {f.name: f for f in text_string_to_metric_families((tmp_path / "inpaintd.prom").read_text())}
+    assert families["inpaintd_fleet_devices"].samples[0].value == 3
+    ages = {s.labels["device"]: s.value for s in families["inpaintd_fleet_heartbeat_age_seconds"].samples}
+    assert ages == {"dev0": 0.4, "dev1": 12.5}
+    metrics.write(1.0, lambda: {"held": 0, "peers": {"dev0": 0.2}})  # a device gone from the share
+    families = {f.name: f for f in text_string_to_metric_families((tmp_path / "inpaintd.prom").read_text())}
+    assert {s.labels["device"] for s in families["inpaintd_fleet_heartbeat_age_seconds"].samples} == {"dev0"}
