@@ -6,10 +6,14 @@ service.daemon.warm_shapes) so the first real job does not pay for compilation a
 
 Runtime policy, each switch a ModelConfig field (the sidecar's "runtime" reports what applied):
 
-- dtype ``auto|bf16|fp32``: auto picks bf16 when the CPU computes it natively (x86
-  ``avx512_bf16``/``amx_bf16``, aarch64 ``bf16``), else fp32 (emulated bf16 is slower than
-  fp32). The pipeline loads with that ``torch_dtype``; when the files already hold it (a folder
-  from ``prepare-model``) safetensors maps them without a copy.
+- dtype ``auto|bf16|fp32``, the compute dtype: auto picks bf16 when the CPU computes it
+  natively (x86 ``avx512_bf16``/``amx_bf16``, aarch64 ``bf16``; ``model.cpu_bf16: ignore`` or
+  INPAINTD_CPU_BF16=0 says it does not: host.bf16_in_use), else fp32 (emulated bf16 is slower
+  than fp32).
+- weights ``auto|files|cache|upcast``: how the folder's weights meet the compute dtype
+  (weightpolicy.choose_weight_policy). The pipeline loads in the files' own dtype, so
+  safetensors maps them without a copy; a folder in another dtype is then converted once into
+  ``cache_dir/layout`` (bf16 compute) or kept 16-bit and upcast per layer (fp32 compute).
 - threads: ``torch.set_num_threads(n)``; 0 means the physical core count (unique
   (physical id, core id) pairs in /proc/cpuinfo, capped by the CPUs this process may use;
   os.cpu_count() when /proc/cpuinfo has no topology). Hyper-threads only contend for the
@@ -67,7 +71,7 @@ from ..weights.folder import (
     inspect_model,
 )
 from . import memory
-from .host import physical_cores, resolve_dtype, versions
+from .host import bf16_in_use, physical_cores, resolve_dtype, versions
 from .schedulers import TCD_ETA, make_scheduler
 from .speedups import (
     CUT_TENSORS,
@@ -76,6 +80,7 @@ from .speedups import (
     deepcache_helper,
     inductor_cache_dir,
 )
+from .weightpolicy import WeightForm, WeightPolicy, choose_weight_policy
 
 log = structlog.get_logger("inpaintd.engine")
 
@@ -96,7 +101,7 @@ class ModelInfo:
     manifest: dict[str, Any] | None
 
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 class Engine:
@@ -127,6 +132,10 @@ class Engine:
         self.model_defaults: dict[str, Any] = {}  # the manifest's inference defaults (presets.py)
         self.has_draft_decoder = False  # the folder holds an AutoencoderTiny for decoder: draft
         self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
+        self.weight_policy = WeightPolicy(info.dtype, info.dtype, WeightForm.FILES, "as loaded")
+        self.cpu_bf16 = False  # whether bf16 counted as native when the policy was chosen
+        self.derived_weights: dict[str, str] = {}  # component -> "mapped" | why not (WeightForm.CACHE)
+        self.upcast_layers = 0  # layers whose 16-bit weights are upcast per call (WeightForm.UPCAST)
         if config.compile == "inductor":
             self._compile_unet()
 
@@ -142,18 +151,22 @@ class Engine:
         start = time.monotonic()
         if model.path is None:
             raise ModelError("model.path is not set (the embedded model is resolved by demo.model.model_folder)")
-        dtype = resolve_dtype(model.dtype)
+        resolve_dtype(model.dtype, cpu_bf16=model.cpu_bf16)  # refuses a bad setting before any work
+        bf16 = bf16_in_use(model.cpu_bf16)
         threads = model.threads or physical_cores()
         torch.set_num_threads(threads)
         path = Path(model.path)
         layout = inspect_model(path, allow_pickle=model.allow_pickle)
-        if layout.manifest is not None and layout.manifest.get("dtype") not in (None, dtype):
+        policy = choose_weight_policy(bf16=bf16, dtype_setting=model.dtype, weights_setting=model.weights,
+                                      folder_dtype=layout.files_dtype, mappable=layout.weight_format == "safetensors")
+        dtype = policy.compute
+        if policy.form is WeightForm.FILES and layout.files_dtype != dtype:
             log.warning(
                 "model_dtype_mismatch",
                 path=str(path),
-                files=layout.manifest.get("dtype"),
+                files=layout.files_dtype,
                 runtime=dtype,
-                hint="loading converts every tensor; prepare-model with the runtime dtype loads by mmap",
+                hint="loading converts every tensor into anonymous memory; model.weights: auto maps them",
             )
         has_draft_decoder = (path / DRAFT_DECODER / "config.json").is_file()  # what the folder held when loaded
         try:
@@ -161,7 +174,7 @@ class Engine:
                                                     has_draft_decoder=has_draft_decoder)
         except ModelError as exc:
             raise ModelError(f"{path}: the manifest's inference defaults are invalid: {exc}") from None
-        pipeline = _load_pipeline(path, layout, dtype)
+        pipeline = _load_pipeline(path, layout, policy.load)
         unet_in = int(pipeline.unet.config.in_channels)
         if unet_in != layout.unet_in_channels:  # inspect_model read the config; the folder changed under us
             raise ModelError(f"{path}: loaded UNet has {unet_in} input channels, its config says {layout.unet_in_channels}")
@@ -179,6 +192,7 @@ class Engine:
         engine = cls(pipeline, model, info, layout, threads)
         engine.model_defaults = model_defaults
         engine.has_draft_decoder = has_draft_decoder
+        engine.weight_policy, engine.cpu_bf16 = policy, bf16
         apply_memory_policy(engine)
         engine.load_seconds = time.monotonic() - start
         log.info(
@@ -188,6 +202,8 @@ class Engine:
             architecture=info.architecture,
             dtype=dtype,
             files_dtype=layout.files_dtype,
+            weights=policy.form.value,
+            cpu_bf16=bf16,
             threads=threads,
             random_weights=info.random_weights,
             seconds=round(engine.load_seconds, 3),
@@ -265,7 +281,12 @@ class Engine:
         return {
             "dtype": self.info.dtype,
             "files_dtype": self.folder.files_dtype,
-            "zero_copy_load": self.folder.files_dtype == self.info.dtype,
+            "zero_copy_load": self.weight_policy.load == self.folder.files_dtype,
+            "cpu_bf16": self.cpu_bf16,
+            "weights": self.weight_policy.form.value,
+            "weights_reason": self.weight_policy.reason,
+            "derived_weights": self.derived_weights or "off",
+            "upcast_layers": self.upcast_layers,
             "threads": self.threads,
             "attention": "sliced" if self.config.attention_slicing == "on" else "sdpa",
             "vae_tiling": self._want_vae_tiling(work_size) if work_size else self.config.vae_tiling == "on",
