@@ -345,6 +345,8 @@ def child_main(args: argparse.Namespace) -> int:
     from PIL import Image
 
     report["import_s"] = round(time.monotonic() - t_start, 3)
+    # What torch's own kernels run on (ATEN_CPU_CAPABILITY=avx2 shows as AVX2: the N100 simulation).
+    report["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     sampler.set_phase("load")
     clock = StepClock()
     t_load = time.monotonic()
