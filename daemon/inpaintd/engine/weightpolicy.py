@@ -12,9 +12,11 @@ and `choose_weight_policy` says how the folder's weights meet that compute dtype
   (channels_last.apply_derived, the same cache as the channels-last conv weights) and mapped
   from there. What bf16 CPUs get from an fp16 or fp32 folder.
 - ``upcast``: the 16-bit files mapped as they are and each layer's weight converted to fp32
-  when it runs (upcast.py). What CPUs without bf16 get from a 16-bit folder: half the bytes of
-  fp32 weights, file-backed, the same pixels (BENCHMARKS.md section 11 measured it against
-  fp32 weights and the int8 UNet on a simulated AVX2 CPU).
+  when it runs (upcast.py). What CPUs without bf16 get from a 16-bit folder. Measured on a
+  simulated N100 (BENCHMARKS.md section 11): no slower per step than the fp32 cache or the int8
+  UNet within the noise of 2 shared cores, while it is lossless (unlike int8), needs no second
+  copy on disk and reads half the pages of the fp32 cache, which made the fp32 cache the slowest
+  of the three under the unit's MemoryMax=3584M.
 
 The weight-only int8 UNet stays a separate, memory-driven choice (``model.unet_int8``,
 speedups.apply_memory_policy); it applies on top of any form.
@@ -70,4 +72,4 @@ def choose_weight_policy(*, bf16: bool, dtype_setting: str, weights_setting: str
         why = "model.weights: cache" if weights_setting == "cache" else f"{compute} compute"
         return WeightPolicy(compute, folder_dtype, WeightForm.CACHE, f"{why}: {folder_dtype} converted once into cache_dir")
     return WeightPolicy(compute, folder_dtype, WeightForm.UPCAST,
-                        f"no native bf16: {folder_dtype} weights mapped, upcast to fp32 per layer (measured fastest)")
+                        f"no native bf16: {folder_dtype} weights mapped, upcast to fp32 per layer")
