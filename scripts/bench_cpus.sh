@@ -34,3 +34,15 @@ with torch.inference_mode():
   "int8_unet:inpaintd,$AUTO,model.unet_int8=on,$NOBF16,$JOB" \
   "bf16_folder_upcast:inpaintd,$BF16,$NOBF16,$JOB" \
   "bf16_folder_files:inpaintd,$BF16,model.weights=files,$NOBF16,$JOB"
+# Under the unit's MemoryMax=3584M (the paper's 4 GB box), page cache dropped first: the
+# policies that can fit (the upcast fp16 UNet, the int8 UNet) and the fp32 cache that cannot.
+if [ "${CAPS:-3.5}" != none ]; then
+  "$PY" scripts/bench.py memcap --steps "$STEPS" --skip-uncapped --drop-caches --caps "${CAPS:-3.5}" --variants \
+    "upcast_fp16:inpaintd,$AUTO,$NOBF16,$JOB,preload=tcmalloc" \
+    "int8_unet:inpaintd,$AUTO,model.unet_int8=on,$NOBF16,$JOB,preload=tcmalloc" \
+    "fp32_cache:inpaintd,$AUTO,model.weights=cache,$NOBF16,$JOB,preload=tcmalloc"
+fi
+# One UNet call (512x512, batch 2 = a guided step), the candidates in one process, calls
+# alternating: the host's noise (other work on the 2 cores) falls on all of them alike.
+env ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+  "$PY" scripts/profile_step.py --paired "${ROUNDS:-4}" --variants diffusers_fp32 upcast_fp16 fp32_cache int8_fp16
