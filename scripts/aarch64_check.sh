@@ -42,6 +42,12 @@ rm -rf "$ROOT/src" && mkdir -p "$ROOT/src"
 git ls-files -z | xargs -0 cp --parents -t "$ROOT/src"
 for fs in proc sys dev; do mountpoint -q "$ROOT/$fs" || mount --bind "/$fs" "$ROOT/$fs"; done
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# A site CA (a proxy's) the host trusts must be trusted inside too, or pip fails TLS there.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$ROOT/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+  chroot "$ROOT" update-ca-certificates >/dev/null
+fi
 trap 'for fs in dev sys proc; do umount "$ROOT/$fs" 2>/dev/null || true; done' EXIT
 in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 /bin/bash -c "$1"; }
 say "uname -m inside: $(in_root 'uname -m')"
