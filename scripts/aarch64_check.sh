@@ -6,8 +6,10 @@
 # model. Reports what ran. Speed means nothing here (every instruction is translated): see
 # BENCHMARKS.md section 11 for published Raspberry Pi 5 figures instead.
 #
-# As root, with internet; not part of CI: the first run takes tens of minutes (debootstrap's
-# second stage and pip under emulation), later runs reuse $ROOT. Leaves $ROOT for inspection.
+# As root, with internet; not part of CI: the first run took 47 minutes on 2 busy cores at nice 19
+# (debootstrap's second stage 36 min, pip 10 min), later runs reuse $ROOT. Leaves $ROOT for
+# inspection. Status (2026-12-04): everything up to the install works; `import torch` then
+# crashes under qemu-user 7.2 (oneDNN's MIDR_EL1 probe, SIGSEGV): BENCHMARKS.md section 11.5.
 #   scripts/aarch64_check.sh            # ROOT=/var/tmp/inpaintd-arm64 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
