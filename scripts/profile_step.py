@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
 MODELS = Path(os.environ.get("BENCH_MODELS", ROOT / "models"))
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench-out"))
-VARIANTS = ("diffusers_bf16", "diffusers_fp32", "inpaintd", "inpaintd_nchw_weights", "inpaintd_frozen")
+VARIANTS = ("diffusers_bf16", "diffusers_fp32", "inpaintd", "inpaintd_nchw_weights", "inpaintd_frozen",
+            "upcast_fp16", "fp32_cache", "int8_fp16")
+# Issue 21's candidates for a CPU without bf16, on the `prepare-model --dtype auto` (fp16) folder
+# with bf16 ignored: weights.upcast per layer, converted once to fp32 into the layout cache, int8 UNet.
+NO_BF16 = {"upcast_fp16": {}, "fp32_cache": {"weights": "cache"}, "int8_fp16": {"unet_int8": "on"}}
 
 
 def load_unet(variant: str):  # type: ignore[no-untyped-def]
@@ -53,6 +57,9 @@ def load_unet(variant: str):  # type: ignore[no-untyped-def]
     from inpaintd.core.config import ModelConfig
     from inpaintd.engine.engine import Engine
 
+    if variant in NO_BF16:
+        return Engine.load(ModelConfig(path=MODELS / "sd15-inpaint-auto", cache_dir=OUT / "cache", cpu_bf16="ignore",
+                                       **NO_BF16[variant]))._eager_unet
     weights = "off" if variant == "inpaintd_nchw_weights" else "auto"
     engine = Engine.load(ModelConfig(path=MODELS / "sd15-inpaint-fp16-bf16", cache_dir=OUT / "cache",
                                      channels_last_weights=weights))
@@ -123,7 +130,8 @@ def paired(variants: list[str], rounds: int, batch: int) -> dict:
                 start = time.monotonic()
                 unets[variant](x, t, encoder_hidden_states=emb, return_dict=False)
                 times[variant].append(time.monotonic() - start)
-    base = times.get("diffusers_bf16")
+    against = "diffusers_bf16" if "diffusers_bf16" in times else variants[0]
+    base = times[against]
     results = []
     for variant in variants:
         row = {"variant": variant, "call_s": round(statistics.median(times[variant]), 3),
@@ -133,7 +141,7 @@ def paired(variants: list[str], rounds: int, batch: int) -> dict:
             row["ratio_median"] = round(statistics.median(ratios), 3)
             row["ratio_all"] = [round(r, 3) for r in ratios]
         results.append(row)
-    return {"mode": "paired", "rounds": rounds, "results": results}
+    return {"mode": "paired", "rounds": rounds, "ratio_against": against, "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         OUT.mkdir(exist_ok=True)
         path = OUT / f"profile_step-paired-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps({"command": " ".join(sys.argv), "batch": args.batch, **report}, indent=2))
-        print(f"| variant | UNet call s (batch {args.batch}), median of {args.paired} | x diffusers-bf16, median of the rounds' ratios | range of the ratios |")
+        print(f"| variant | UNet call s (batch {args.batch}), median of {args.paired} | x {report['ratio_against']}, median of the rounds' ratios | range of the ratios |")
         print("|---|---|---|---|")
         for r in report["results"]:
             spread = f"{min(r['ratio_all']):.2f}-{max(r['ratio_all']):.2f}" if "ratio_all" in r else "-"

@@ -25,7 +25,6 @@ from .core.presets import PRESETS, parse_defaults
 from .core.quoting import for_display, record_json
 from .demo.model import model_folder
 from .demo.run import run_demo
-from .engine.host import detect_dtype
 from .modelprep.check import check_model
 from .modelprep.prepare import PrepareOptions, prepare_model
 from .modelprep.summary import format_summary, lora_line, summarize
@@ -99,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-model", help="convert a model into the mmap-ready runtime form with a manifest")
     p.add_argument("source", type=Path, help="diffusers folder or a single-file checkpoint (.safetensors, original SD layout)")
     p.add_argument("destination", type=Path, help="folder to create")
-    p.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto", help="runtime dtype (auto: bf16 where the CPU has native bf16)")
+    p.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="the prepared weights' dtype (auto: the source's published precision, fp16 for an fp32 "
+                        "source; the same folder on every machine, shaped for its CPU when the daemon loads it)")
     p.add_argument("--config-dir", type=Path, help="diffusers folder whose configs describe a single file of non-standard shape (default: the SD-1.5/SD-2 configs inpaintd ships)")
     p.add_argument("--tokenizer", type=Path, dest="tokenizer_dir", help="folder with CLIP's vocab.json and merges.txt for a single file (default: the local Hugging Face cache)")
     p.add_argument("--ema", action="store_true", help="take the EMA copy of the UNet from a single file that has one")
@@ -198,11 +199,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         merge = (args.inpainting_base, args.base)
     elif args.inpainting_base is not None or args.base is not None:
         raise ConfigError("--inpainting-base/--base", "only apply with --make-inpainting")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = detect_dtype()
     options = PrepareOptions(
-        dtype=dtype,
+        dtype=args.dtype,
         config_dir=args.config_dir,
         tokenizer_dir=args.tokenizer_dir,
         use_ema=args.ema,

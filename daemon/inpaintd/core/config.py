@@ -47,7 +47,13 @@ def default_cache_dir() -> Path:
 class ModelConfig:
     # None means the embedded default: a tiny random-weight model generated on first use.
     path: Path | None = None
-    dtype: str = "auto"  # auto | bf16 | fp32
+    dtype: str = "auto"  # auto | bf16 | fp32   (the compute dtype)
+    # Whether the CPU's native bf16 counts: auto reads /proc/cpuinfo (and INPAINTD_CPU_BF16=0|1,
+    # and a oneDNN ISA cap below bf16); ignore makes dtype auto compute fp32 on any CPU.
+    cpu_bf16: str = "auto"  # auto | use | ignore
+    # The form the folder's weights take when they are not already the compute dtype
+    # (engine/weightpolicy.py): auto = cache for bf16 compute, upcast for fp32 from 16-bit files.
+    weights: str = "auto"  # auto | files | cache | upcast
     threads: int = 0  # 0 = number of physical cores
     allow_pickle: bool = False  # .bin/.ckpt run code when loaded; off unless the operator says so
     attention_slicing: str = "auto"  # auto | on | off
@@ -258,6 +264,8 @@ class Config:
 # Bounds and choices, checked by _check. Keys are dotted paths.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bf16", "fp32"),
+    "model.cpu_bf16": ("auto", "use", "ignore"),
+    "model.weights": ("auto", "files", "cache", "upcast"),
     "model.attention_slicing": ("auto", "on", "off"),
     "model.vae_tiling": ("auto", "on", "off"),
     "model.compile": ("off", "inductor"),

@@ -239,4 +239,4 @@ def model_folder(model: ModelConfig) -> Path:
     """The folder to load: model.path, else the embedded model prepared in the runtime dtype."""
     if model.path is not None:
         return Path(model.path)
-    return ensure_embedded_model(model.cache_dir, dtype=resolve_dtype(model.dtype))
+    return ensure_embedded_model(model.cache_dir, dtype=resolve_dtype(model.dtype, cpu_bf16=model.cpu_bf16))

@@ -6,10 +6,14 @@ service.daemon.warm_shapes) so the first real job does not pay for compilation a
 
 Runtime policy, each switch a ModelConfig field (the sidecar's "runtime" reports what applied):
 
-- dtype ``auto|bf16|fp32``: auto picks bf16 when the CPU computes it natively (x86
-  ``avx512_bf16``/``amx_bf16``, aarch64 ``bf16``), else fp32 (emulated bf16 is slower than
-  fp32). The pipeline loads with that ``torch_dtype``; when the files already hold it (a folder
-  from ``prepare-model``) safetensors maps them without a copy.
+- dtype ``auto|bf16|fp32``, the compute dtype: auto picks bf16 when the CPU computes it
+  natively (x86 ``avx512_bf16``/``amx_bf16``, aarch64 ``bf16``; ``model.cpu_bf16: ignore`` or
+  INPAINTD_CPU_BF16=0 says it does not: host.bf16_in_use), else fp32 (emulated bf16 is slower
+  than fp32).
+- weights ``auto|files|cache|upcast``: how the folder's weights meet the compute dtype
+  (weightpolicy.choose_weight_policy). The pipeline loads in the files' own dtype, so
+  safetensors maps them without a copy; a folder in another dtype is then converted once into
+  ``cache_dir/layout`` (bf16 compute) or kept 16-bit and upcast per layer (fp32 compute).
 - threads: ``torch.set_num_threads(n)``; 0 means the physical core count (unique
   (physical id, core id) pairs in /proc/cpuinfo, capped by the CPUs this process may use;
   os.cpu_count() when /proc/cpuinfo has no topology). Hyper-threads only contend for the
@@ -44,7 +48,6 @@ An Engine is used by one worker thread at a time; a lock makes concurrent calls 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -67,7 +70,13 @@ from ..weights.folder import (
     inspect_model,
 )
 from . import memory
-from .host import physical_cores, resolve_dtype, versions
+from .host import bf16_in_use, physical_cores, resolve_dtype, versions
+from .loading import TORCH_DTYPES, load_pipeline, raw_id
+from .prompts import (
+    MAX_EXPANDED_EXTRA_TOKENS,
+    expanded_extra_tokens,
+    multi_vector_tokens,
+)
 from .schedulers import TCD_ETA, make_scheduler
 from .speedups import (
     CUT_TENSORS,
@@ -76,6 +85,7 @@ from .speedups import (
     deepcache_helper,
     inductor_cache_dir,
 )
+from .weightpolicy import WeightForm, WeightPolicy, choose_weight_policy
 
 log = structlog.get_logger("inpaintd.engine")
 
@@ -94,9 +104,6 @@ class ModelInfo:
     unet_in_channels: int  # 9: inpainting UNet; 4: text-to-image UNet, painted by latent blending
     architecture: str  # e.g. "sd15-inpaint", "sd15", "sd2-inpaint"
     manifest: dict[str, Any] | None
-
-
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Engine:
@@ -128,6 +135,10 @@ class Engine:
         self.has_draft_decoder = False  # the folder holds an AutoencoderTiny for decoder: draft
         self._draft_decoder: Any = None  # AutoencoderTiny, loaded on the first draft job
         self._multi_vector_tokens = multi_vector_tokens(getattr(pipeline.tokenizer, "added_tokens_encoder", {}))
+        self.weight_policy = WeightPolicy(info.dtype, info.dtype, WeightForm.FILES, "as loaded")
+        self.cpu_bf16 = False  # whether bf16 counted as native when the policy was chosen
+        self.derived_weights: dict[str, str] = {}  # component -> "mapped" | why not (WeightForm.CACHE)
+        self.upcast_layers = 0  # layers whose 16-bit weights are upcast per call (WeightForm.UPCAST)
         if config.compile == "inductor":
             self._compile_unet()
 
@@ -143,18 +154,22 @@ class Engine:
         start = time.monotonic()
         if model.path is None:
             raise ModelError("model.path is not set (the embedded model is resolved by demo.model.model_folder)")
-        dtype = resolve_dtype(model.dtype)
+        resolve_dtype(model.dtype, cpu_bf16=model.cpu_bf16)  # refuses a bad setting before any work
+        bf16 = bf16_in_use(model.cpu_bf16)
         threads = model.threads or physical_cores()
         torch.set_num_threads(threads)
         path = Path(model.path)
         layout = inspect_model(path, allow_pickle=model.allow_pickle)
-        if layout.manifest is not None and layout.manifest.get("dtype") not in (None, dtype):
+        policy = choose_weight_policy(bf16=bf16, dtype_setting=model.dtype, weights_setting=model.weights,
+                                      folder_dtype=layout.files_dtype, mappable=layout.weight_format == "safetensors")
+        dtype = policy.compute
+        if policy.form is WeightForm.FILES and layout.files_dtype != dtype:
             log.warning(
                 "model_dtype_mismatch",
                 path=str(path),
-                files=layout.manifest.get("dtype"),
+                files=layout.files_dtype,
                 runtime=dtype,
-                hint="loading converts every tensor; prepare-model with the runtime dtype loads by mmap",
+                hint="loading converts every tensor into anonymous memory; model.weights: auto maps them",
             )
         has_draft_decoder = (path / DRAFT_DECODER / "config.json").is_file()  # what the folder held when loaded
         try:
@@ -162,7 +177,7 @@ class Engine:
                                                     has_draft_decoder=has_draft_decoder)
         except ModelError as exc:
             raise ModelError(f"{path}: the manifest's inference defaults are invalid: {exc}") from None
-        pipeline = _load_pipeline(path, layout, dtype)
+        pipeline = load_pipeline(path, layout, policy.load)
         unet_in = int(pipeline.unet.config.in_channels)
         if unet_in != layout.unet_in_channels:  # inspect_model read the config; the folder changed under us
             raise ModelError(f"{path}: loaded UNet has {unet_in} input channels, its config says {layout.unet_in_channels}")
@@ -170,7 +185,7 @@ class Engine:
             pipeline.enable_attention_slicing()
         info = ModelInfo(
             path=str(path),
-            model_id=str(layout.manifest["id"]) if layout.manifest and "id" in layout.manifest else _raw_id(path),
+            model_id=str(layout.manifest["id"]) if layout.manifest and "id" in layout.manifest else raw_id(path),
             random_weights=layout.random_weights,
             dtype=dtype,
             unet_in_channels=unet_in,
@@ -180,6 +195,7 @@ class Engine:
         engine = cls(pipeline, model, info, layout, threads)
         engine.model_defaults = model_defaults
         engine.has_draft_decoder = has_draft_decoder
+        engine.weight_policy, engine.cpu_bf16 = policy, bf16
         apply_memory_policy(engine)
         engine.load_seconds = time.monotonic() - start
         log.info(
@@ -189,6 +205,8 @@ class Engine:
             architecture=info.architecture,
             dtype=dtype,
             files_dtype=layout.files_dtype,
+            weights=policy.form.value,
+            cpu_bf16=bf16,
             threads=threads,
             random_weights=info.random_weights,
             seconds=round(engine.load_seconds, 3),
@@ -256,7 +274,7 @@ class Engine:
             from diffusers import AutoencoderTiny
 
             self._draft_decoder = AutoencoderTiny.from_pretrained(
-                str(Path(self.info.path) / DRAFT_DECODER), torch_dtype=_TORCH_DTYPES[self.info.dtype],
+                str(Path(self.info.path) / DRAFT_DECODER), torch_dtype=TORCH_DTYPES[self.info.dtype],
                 local_files_only=True, use_safetensors=True,
             ).eval().requires_grad_(False)
         return self._draft_decoder
@@ -266,7 +284,12 @@ class Engine:
         return {
             "dtype": self.info.dtype,
             "files_dtype": self.folder.files_dtype,
-            "zero_copy_load": self.folder.files_dtype == self.info.dtype,
+            "zero_copy_load": self.weight_policy.load == self.folder.files_dtype,
+            "cpu_bf16": self.cpu_bf16,
+            "weights": self.weight_policy.form.value,
+            "weights_reason": self.weight_policy.reason,
+            "derived_weights": self.derived_weights or "off",
+            "upcast_layers": self.upcast_layers,
             "threads": self.threads,
             "attention": "sliced" if self.config.attention_slicing == "on" else "sdpa",
             "vae_tiling": self._want_vae_tiling(work_size) if work_size else self.config.vae_tiling == "on",
@@ -487,72 +510,3 @@ class Engine:
         self._compile_state = "inductor-failed"
 
 
-def _load_pipeline(path: Path, layout: ModelFolder, dtype: str) -> Any:
-    import diffusers
-    from diffusers import StableDiffusionInpaintPipeline
-    from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
-
-    dlogging.disable_progress_bar()
-    tlogging.disable_progress_bar()
-    kwargs: dict[str, Any] = {
-        "low_cpu_mem_usage": True,
-        "use_safetensors": layout.weight_format == "safetensors",
-        "local_files_only": True,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
-    # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns).
-    dtype_key = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    kwargs[dtype_key] = _TORCH_DTYPES[dtype]
-    if layout.variant:
-        kwargs["variant"] = layout.variant
-    try:
-        pipeline = StableDiffusionInpaintPipeline.from_pretrained(str(path), **kwargs)
-    except ModelError:
-        raise
-    except Exception as exc:  # diffusers/transformers raise many kinds for a broken folder
-        raise ModelError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
-    pipeline.set_progress_bar_config(disable=True)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        module.eval()
-        module.requires_grad_(False)
-    return pipeline
-
-
-def _raw_id(path: Path) -> str:
-    """A short id for an unprepared folder: configs' contents and weight files' names and sizes."""
-    digest = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if not f.is_file():
-            continue
-        rel = f.relative_to(path).as_posix()
-        if f.suffix == ".json":
-            digest.update(f"{rel}\0".encode() + f.read_bytes())
-        else:
-            digest.update(f"{rel}\0{f.stat().st_size}\n".encode())
-    return "raw-" + digest.hexdigest()[:12]
-
-
-# A prompt may name an embedding's tokens a few times over (CLIP reads 77 tokens in all).
-MAX_EXPANDED_EXTRA_TOKENS = 4 * 77
-
-
-def multi_vector_tokens(added: Any) -> dict[str, int]:
-    """Textual-inversion tokens stored as TOKEN, TOKEN_1 ... TOKEN_{n-1} (prepare-model's layout,
-    diffusers' load_textual_inversion's too): TOKEN -> n, for n > 1."""
-    names = set(added)
-    counts: dict[str, int] = {}
-    for token in names:
-        n = 1
-        while f"{token}_{n}" in names:
-            n += 1
-        if n > 1:
-            counts[token] = n
-    return counts
-
-
-def expanded_extra_tokens(prompt: str, tokens: dict[str, int]) -> int:
-    """How many tokens diffusers' prompt conversion adds (each TOKEN becomes n of them); an upper bound."""
-    return sum(prompt.count(token) * (n - 1) for token, n in tokens.items())

@@ -1,5 +1,6 @@
-"""The CPU levers, each a function over a loaded pipeline: memory policy, channels-last weights,
-the int8 UNet, torch.compile's cache, DeepCache step caching and the CFG cut-off.
+"""The CPU levers, each a function over a loaded pipeline: memory policy, the weights' form
+(weightpolicy: derived cache or per-layer upcast), channels-last weights, the int8 UNet,
+torch.compile's cache, DeepCache step caching and the CFG cut-off.
 
 Each is switched by a ModelConfig field or a job parameter; the engine calls them at load
 (`apply_memory_policy`) or per call (`deepcache_helper`, `cut_guidance`) and reports what
@@ -17,6 +18,8 @@ import structlog
 import torch
 
 from . import channels_last, memory, quant
+from .upcast import upcast_at_call
+from .weightpolicy import WeightForm
 
 log = structlog.get_logger("inpaintd.engine")
 
@@ -88,8 +91,12 @@ def _trim_after(module: Any, args: Any, output: Any) -> None:
     memory.malloc_trim()
 
 
+_COMPUTE = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def apply_memory_policy(engine: Any) -> None:
-    """channels_last hooks, int8 UNet and malloc_trim hooks, as configured (see config.ModelConfig)."""
+    """channels_last hooks, the weights' form, int8 UNet and malloc_trim hooks, as configured
+    (see config.ModelConfig and weightpolicy.py)."""
     pipe = engine.pipeline
     engine.memory_limit = memory.memory_limit_bytes()
     if engine.config.channels_last:
@@ -100,13 +107,62 @@ def apply_memory_policy(engine: Any) -> None:
         for module in (pipe.vae.encoder, pipe.vae.decoder):
             module.register_forward_pre_hook(_trim_before)
             module.register_forward_hook(_trim_after)
+    compute = _COMPUTE[engine.info.dtype]
+    form = engine.weight_policy.form
+    nhwc = engine.config.channels_last and engine.config.channels_last_weights != "off"
+    if form is WeightForm.CACHE:
+        derive_weights(engine, compute, nhwc)
     setting = engine.config.unet_int8
     below = engine.config.unet_int8_below_gib * 2**30
     engine.memory_tight = engine.memory_limit is not None and engine.memory_limit < below
     if setting == "on" or (setting == "auto" and engine.memory_tight):
-        quantize_unet(engine)
-    if engine.config.channels_last and engine.config.channels_last_weights != "off":
+        quantize_unet(engine, compute)
+    if nhwc and form is not WeightForm.CACHE:  # a derived cache holds its conv weights channels-last already
         map_channels_last_weights(engine)
+    if form is WeightForm.UPCAST:
+        engine.upcast_layers = sum(upcast_at_call(module, compute).layers for module in _components(engine).values())
+        memory.malloc_trim()
+
+
+def _components(engine: Any) -> dict[str, Any]:
+    pipe = engine.pipeline
+    return {"unet": engine._eager_unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+
+
+def _mapped_ranges(module: Any) -> list[tuple[int, int]]:
+    return [(t.data_ptr(), t.untyped_storage().nbytes())
+            for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+
+
+def derive_weights(engine: Any, compute: torch.dtype, nhwc: bool) -> None:
+    """Every component's weights in the compute dtype, written once to cache_dir/layout and mapped from it
+    (channels_last.apply_derived; conv weights channels-last when `nhwc`). Without a writable cache
+    the component is converted in memory, as diffusers would have: the job runs either way."""
+    start = time.monotonic()
+    report: dict[str, str] = {}
+    for component, module in _components(engine).items():
+        old = _mapped_ranges(module)
+        order = nhwc and component != "text_encoder"  # the text encoder has no convolutions
+        cache = channels_last.derived_path(Path(engine.config.cache_dir), engine.info.model_id, component, compute, order)
+        try:
+            stats = channels_last.apply_derived(module, cache, dtype=compute, nhwc=order, model_id=engine.info.model_id,
+                                                component=component,
+                                                source=channels_last.folder_identity(Path(engine.info.path) / component))
+        except OSError as exc:
+            log.warning("derived_weights_unavailable", component=component, cache=str(cache), error=str(exc))
+            module.to(compute)
+            report[component] = "in memory (cache unwritable)"
+            continue
+        # The files' pages, unused from here on (the cache replaced every tensor).
+        memory.release_file_pages(old)
+        report[component] = "mapped"
+        log.info("derived_weights", component=component, dtype=str(compute), tensors=stats.layers,
+                 mib=round(stats.bytes / 2**20), built_cache=stats.built, cache=stats.cache)
+    engine.derived_weights = report
+    if nhwc:
+        engine.channels_last_weights = {c: "mapped (derived)" for c in ("unet", "vae") if report.get(c) == "mapped"}
+    log.info("derived_weights_ready", seconds=round(time.monotonic() - start, 3))
+
 
 def map_channels_last_weights(engine: Any) -> None:
     """Conv weights as channels-last views of a cache file (channels_last.py): oneDNN then takes them
@@ -134,16 +190,16 @@ def map_channels_last_weights(engine: Any) -> None:
     engine.channels_last_weights = report
     log.info("channels_last_weights_ready", seconds=round(time.monotonic() - start, 3))
 
-def quantize_unet(engine: Any) -> None:
+def quantize_unet(engine: Any, compute: torch.dtype) -> None:
     unet = engine._eager_unet
     start = time.monotonic()
     cache = quant.cache_path(engine.config.cache_dir, engine.info.model_id)
     try:
-        stats = quant.load_or_build(unet, cache, unet.dtype, model_id=engine.info.model_id)
+        stats = quant.load_or_build(unet, cache, compute, model_id=engine.info.model_id)
     except OSError as exc:
         # An unwritable cache costs memory (the int8 weights become anonymous), not the job.
         log.warning("int8_cache_unwritable", cache=str(cache), error=str(exc))
-        stats = quant.quantize_module(unet, unet.dtype)
+        stats = quant.quantize_module(unet, compute)
     engine.unet_weights = "int8"
     log.info(
         "unet_int8",

@@ -1,4 +1,4 @@
-"""Converting weights into a prepared folder: one tensor at a time, in the runtime dtype.
+"""Converting weights into a prepared folder: one tensor at a time, in the prepared dtype (fp16, bf16, fp32).
 
 Used by prepare.py for the folder as a whole and by lora, merge, vae and embeddings for
 their parts; `convert_file` takes a `transform` (a LoRA fusion) applied to each tensor
@@ -98,7 +98,7 @@ def _plain_name(name: str) -> str:
 def torch_dtype(dtype: str) -> Any:
     import torch
 
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
 
 
 

@@ -35,7 +35,7 @@ def apply_draft_decoder(model: Path, source: Path, dtype: str) -> dict[str, Any]
     expected = {k: tuple(v.shape) for k, v in _tiny_meta(config).state_dict().items()}
     if set(state) != set(expected) or any(tuple(state[k].shape) != s for k, s in expected.items()):
         raise ModelError(f"--draft-decoder {source}: its weights do not match its config.json")
-    target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    target = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     folder = Path(model) / DRAFT_DECODER
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

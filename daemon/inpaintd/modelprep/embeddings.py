@@ -110,7 +110,7 @@ def apply_embeddings(
     from transformers import CLIPTokenizer
 
     model = Path(model)
-    target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    target = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"), local_files_only=True)
     weights_file = _text_weights_file(model / "text_encoder")
     state = load_file(str(weights_file))

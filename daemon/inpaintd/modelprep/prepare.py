@@ -1,7 +1,8 @@
 """`inpaintd prepare-model`: turn what a user downloaded into a prepared folder, offline.
 
-A *prepared* model is a diffusers folder whose safetensors already hold the runtime dtype
-(bf16 or fp32), so `from_pretrained(torch_dtype=...)` maps the files without copying, plus an
+A *prepared* model is a diffusers folder of plain safetensors in one dtype (fp16, bf16 or fp32;
+``--dtype auto`` keeps the source's published precision, weights.folder.prepared_dtype), which
+the engine maps without copying and shapes for its CPU at run time, plus an
 ``inpaintd-manifest.json`` with per-file sha256 that `check_model` (check.py) verifies.
 This module is the orchestrator of modelprep: it imports the steps (checkpoints, merge,
 convert, lora, vae, embeddings, draft_decoder) and no module imports it back.
@@ -32,10 +33,11 @@ from ..weights.folder import (
     inspect_model,
     list_files,
     manifest_id,
+    prepared_dtype,
 )
 from . import lora, merge
 from .check import non_finite_tensors
-from .checkpoints import convert_checkpoint
+from .checkpoints import convert_checkpoint, inspect_checkpoint
 from .convert import convert_folder, count_params
 from .draft_decoder import apply_draft_decoder
 from .embeddings import EmbeddingSpec, apply_embeddings
@@ -46,7 +48,8 @@ from .vae import apply_vae
 class PrepareOptions:
     """What `prepare-model` is asked to do besides converting SRC (its command-line options).
 
-    `dtype` is the prepared weights' dtype (bf16|fp32). For a single-file SRC: `config_dir`
+    `dtype` is the prepared weights' dtype (fp16|bf16|fp32, or auto: the source's, fp16 for an
+    fp32 source; the same on every machine). For a single-file SRC: `config_dir`
     (a diffusers folder describing a non-standard shape; default: model_configs/), the
     tokenizer vocabulary from `tokenizer_dir`, the EMA UNet with `use_ema`. `make_inpainting`
     = (inpainting model, base model), each a diffusers folder or a single file: SRC is a
@@ -84,9 +87,8 @@ def prepare_model(src: Path, dst: Path, options: PrepareOptions = PrepareOptions
     `dst`; an existing `dst` raises FileExistsError unless options.overwrite.
     """
     o = options
-    dtype = o.dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if o.dtype != "auto" and o.dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {DTYPES}, got {o.dtype!r}")
     src = Path(src)
     dst = Path(dst)
     if dst.exists() and not o.overwrite:
@@ -96,6 +98,7 @@ def prepare_model(src: Path, dst: Path, options: PrepareOptions = PrepareOptions
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.preparing-", dir=dst.parent))
     try:
+        dtype = o.dtype if o.dtype != "auto" else prepared_dtype("auto", _source_dtype(src, o.allow_pickle))
         lora_specs = [s if isinstance(s, lora.LoraSpec) else lora.LoraSpec.parse(str(s)) for s in o.loras]
         # A merge subtracts models and a LoRA adds a small update: stage their inputs in fp32
         # so neither loses precision before the one cast to `dtype`.
@@ -143,6 +146,13 @@ def prepare_model(src: Path, dst: Path, options: PrepareOptions = PrepareOptions
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _source_dtype(src: Path, allow_pickle: bool) -> str:
+    """The dtype of the UNet's weights in `src` (a single file or a diffusers folder)."""
+    if src.is_file():
+        return inspect_checkpoint(src, allow_pickle=allow_pickle).files_dtype
+    return inspect_model(src, allow_pickle=allow_pickle).files_dtype
 
 
 def _staged(

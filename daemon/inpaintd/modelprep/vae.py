@@ -24,7 +24,7 @@ def apply_vae(model: Path, source: Path, dtype: str, *, allow_pickle: bool = Fal
     from safetensors.torch import save_file
 
     model, source = Path(model), Path(source)
-    target = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    target = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     config = json.loads((model / "vae" / "config.json").read_text(encoding="utf-8"))
     if source.is_dir() and (source / "model_index.json").is_file():
         source = source / "vae"  # a whole diffusers model: take its VAE

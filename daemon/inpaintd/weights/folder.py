@@ -29,7 +29,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 # Components the pipeline needs; the safety checker and its feature extractor are not used.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = ("bf16", "fp32")
+# Prepared folders' dtypes. fp16 is what SD checkpoints are published in: lossless to keep, half
+# of fp32, and right on any CPU (the engine derives bf16 or upcasts to fp32 at run time).
+DTYPES = ("fp16", "bf16", "fp32")
 # 9: an inpainting UNet; 4: a text-to-image UNet, which the pipeline paints by latent blending.
 UNET_IN_CHANNELS = (9, 4)
 ST_DTYPE = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
@@ -191,6 +193,21 @@ def architecture_name(unet: dict[str, Any]) -> str:
     if blocks == (320, 640, 1280, 1280) and cross in (768, 1024) and channels in (4, 9):
         return ("sd15" if cross == 768 else "sd2") + ("-inpaint" if channels == 9 else "")
     return f"unet{channels}-{'-'.join(str(b) for b in blocks)}-x{cross}"
+
+
+def prepared_dtype(setting: str, source_dtype: str) -> str:
+    """The dtype `prepare-model --dtype SETTING` writes for a source whose weights are `source_dtype`.
+
+    auto keeps a 16-bit source's own precision (fp16 stays fp16, bf16 stays bf16: converting
+    between the two loses bits) and writes fp16 for an fp32 source, as the published fp16
+    checkpoints are made; fp32 needs ``--dtype fp32``. The folder is the same whatever CPU
+    prepares it: the engine shapes it for its own CPU (engine/weightpolicy.py).
+    """
+    if setting in DTYPES:
+        return setting
+    if setting != "auto":
+        raise ValueError(f"dtype must be auto or one of {DTYPES}, got {setting!r}")
+    return "bf16" if source_dtype == "bf16" else "fp16"
 
 
 def manifest_id(files: dict[str, str]) -> str:
