@@ -232,6 +232,61 @@ def test_wall_clock_jumps_back_and_forward_while_running(tiny_model: Path, tmp_p
         d.stop()
 
 
+def test_wall_clock_stepped_back_reorders_nothing_and_no_wait_is_negative(tiny_model: Path, tmp_path: Path):
+    """Issue 22: jobs queued behind long ones, the wall clock stepped back a day between two
+    arrivals. The queue runs them in the order they arrived (not by the stepped wall stamps),
+    and no sidecar reports a negative queue wait."""
+    if not os.path.exists(LIBFAKETIME):
+        pytest.skip(f"{LIBFAKETIME} missing (apt-get install faketime); a real clock jump needs CAP_SYS_TIME")
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    dirs = Dirs.make(tmp_path / "d", tiny_model, SETTINGS)
+    env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1",
+           "DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    d = Daemon(dirs, env=env).start()
+    claimed = dirs.state / "claimed"
+
+    def wait_claimed(name: str) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if not any(dirs.inbox.glob(f"{name}*")) and any(claimed.glob(f"*/inputs/{name}.png")):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"{name} was not claimed\n{d.log_tail()}")
+
+    try:
+        busy = [f"busy{i}" for i in range(6)]
+        for name in busy:
+            drop_job(dirs.inbox, name, prompt=None, size=(768, 768))
+            put(dirs.inbox / f"{name}.yaml", b"prompt: slow\nsteps: 150\n")
+        for name in busy:
+            wait_claimed(name)
+        order = ["early", "middle", "late"]
+        for name, step in zip(order, ("-1d", "-2d", "-2d")):
+            drop_job(dirs.inbox, name)
+            wait_claimed(name)
+            clock.write_text(f"{step}\n")  # stepped back after each claim, while the busy jobs run
+            time.sleep(0.3)
+        running = read_status(dirs.state).get("current") or {}
+        assert str(running.get("name")).startswith("busy"), "the busy jobs ended too soon\n" + d.log_tail(60)
+        found = wait_for(dirs, [*busy, *order], 90, d)
+        assert set(found) >= {*busy, *order}, missing_report(dirs, [*busy, *order], found, d)
+        started = [e.get("job") for e in d.events() if e.get("event") == "job.started"]
+        assert [n for n in started if n in order] == order, started
+        for name in [*busy, *order]:
+            data = found[name][0].data
+            assert found[name][0].kind == "done", data
+            assert data["queue_wait_seconds"] >= 0, (name, data["queue_wait_seconds"])
+        durations = [e["seconds"] for e in d.events() if e.get("event") == "job.done"]
+        assert len(durations) == 9 and min(durations) >= 0, durations  # measured, not wall differences
+        # The stamps still follow the wall clock: the late jobs' arrivals are days before the first's.
+        assert found["late"][0].data["arrived"][:10] < found["early"][0].data["arrived"][:10]
+        assert d.alive()
+    finally:
+        clock.write_text("+0\n")
+        d.stop()
+
+
 # ---------------------------------------------------------------------------- kill -9
 
 

@@ -309,7 +309,7 @@ def test_a_published_sidecar_holds_exactly_the_documented_keys(tiny_engine, tmp_
     if renamed:
         (outbox / "in.png").write_bytes(b"taken")
     now = time.time()
-    extra = claim_fields(job_id="j", host="h", device="d", arrived=now - 2, started=now - 1, finished=now, attempts=1,
+    extra = claim_fields(job_id="j", host="h", device="d", arrived=now - 2, queue_wait=1.0, started=now - 1, finished=now, attempts=1,
                          entries=["in.png", "in.mask.png"])
     _image, sidecar_path = publish(outbox, result, extra)
     published = set(json.loads(sidecar_path.read_text()))

@@ -344,7 +344,7 @@ class Intake(threading.Thread):
                 del self._seen[path]
 
     def _claim(self, inbox: Path, group: grouping.JobGroup, arrived: float) -> None:
-        claim = self.spool.claim(inbox, group, arrived)
+        claim = self.spool.claim(inbox, group, arrived, seen=group.arrived)
         if claim is None:
             return
         self._forget(group.entries)

@@ -142,15 +142,16 @@ def build_sidecar(
     return sidecar
 
 
-def claim_fields(*, job_id: str, host: str, device: str, arrived: float, started: float, finished: float,
-                 attempts: int, entries: list[str]) -> dict[str, Any]:
-    """The sidecar keys the worker knows from the claim (times are epoch seconds)."""
+def claim_fields(*, job_id: str, host: str, device: str, arrived: float, queue_wait: float, started: float,
+                 finished: float, attempts: int, entries: list[str]) -> dict[str, Any]:
+    """The sidecar keys the worker knows from the claim (times are epoch seconds; queue_wait is
+    measured on a clock that does not step, so a wall clock stepped back cannot make it negative)."""
     return {
         "job_id": job_id,
         "host": host,
         "device": device,
         "daemon_version": __version__,
-        "queue_wait_seconds": round(started - arrived, 3),
+        "queue_wait_seconds": round(queue_wait, 3),
         "arrived": timestamp(arrived),
         "started": timestamp(started),
         "finished": timestamp(finished),

@@ -39,7 +39,9 @@ class ArrivalQueue(queue.Queue):  # type: ignore[type-arg]
     By arrival, not by readiness: a job whose files took longer to be confirmed complete (a
     close lost in an inotify overflow, a slower upload of one part) goes ahead of that owner's
     jobs that arrived after it. Equal arrivals keep the order they were put in (the intake
-    puts them oldest first).
+    puts them oldest first). Arrival is `Claim.order`: this process's own claims by its
+    monotonic clock (a wall clock stepped back by NTP reorders nothing), claims recovered at
+    start or taken over from another device before them, by their recorded wall time.
     """
 
     def __init__(self, maxsize: int = 0, fair: bool = True) -> None:
@@ -47,7 +49,7 @@ class ArrivalQueue(queue.Queue):  # type: ignore[type-arg]
         super().__init__(maxsize)
 
     def _init(self, maxsize: int) -> None:
-        self.queue: dict[Any, list[tuple[float, int, Claim]]] = {}  # type: ignore[assignment]
+        self.queue: dict[Any, list[tuple[tuple[int, float], int, Claim]]] = {}  # type: ignore[assignment]
         self._order = itertools.count()
         self._turns = itertools.count()
         self._served: dict[Any, int] = {}  # owner -> the turn it last had
@@ -59,7 +61,7 @@ class ArrivalQueue(queue.Queue):  # type: ignore[type-arg]
         return sum(len(line) for line in self.queue.values())
 
     def _put(self, claim: Claim) -> None:
-        heapq.heappush(self.queue.setdefault(self._owner(claim), []), (claim.arrived, next(self._order), claim))
+        heapq.heappush(self.queue.setdefault(self._owner(claim), []), (claim.order, next(self._order), claim))
 
     def _get(self) -> Claim:
         owner = fair_pick({o: line[0][:2] for o, line in self.queue.items()}, self._served)
@@ -152,7 +154,7 @@ class HeldJobs:
         due = [h for h in self._held.values() if h.retry_at <= now]
         if not due:
             return None
-        first = min(due, key=lambda h: (h.retry_at, h.claim.arrived))
+        first = min(due, key=lambda h: (h.retry_at, h.claim.order))
         del self._held[first.claim.job_id]
         return first
 

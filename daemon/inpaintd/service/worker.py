@@ -196,7 +196,8 @@ class Worker:
         claim, bound, result = ctx.claim, ctx.log, ctx.painted
         config = self.config
         assert self.status is not None
-        started = time.time()
+        started, started_seen = time.time(), time.monotonic()
+        queue_wait = claim.queue_wait(started, started_seen)
         if result is None:
             problems = self.spool.unsafe_inputs(claim)
             if problems:
@@ -218,13 +219,14 @@ class Worker:
             assert image is not None
             request = build_request(claim.name, image, claim.input_path("mask"), options, config,
                                      model_defaults=self.engine.model_defaults)
-            bound.info("job.started", attempt=claim.attempts, queue_wait_seconds=round(started - claim.arrived, 3),
+            bound.info("job.started", attempt=claim.attempts, queue_wait_seconds=round(queue_wait, 3),
                        steps=request.params.steps, seed=request.params.seed)
             result = run_job(self.engine, request, config, on_step=self._on_step)
             self._ping()
-        finished = time.time()
+        finished, finished_seen = time.time(), time.monotonic()
         extra = claim_fields(job_id=claim.job_id, host=self.host, device=self.device, arrived=claim.arrived,
-                             started=started, finished=finished, attempts=claim.attempts, entries=claim.entries())
+                             queue_wait=queue_wait, started=started, finished=finished, attempts=claim.attempts,
+                             entries=claim.entries())
         ctx.painted = result  # kept by a hold if publication must wait: no repaint
         self._check_ours(claim)
         # Staged in the claim first (fenced: a take-over renames the claim and its stage
@@ -235,7 +237,7 @@ class Worker:
         self.status.increment("jobs_done")
         bound.info(
             "job.done", output=image_name, sidecar=sidecar_name,
-            seconds=round(finished - started, 3), timings=result.sidecar.get("timings"),
+            seconds=round(finished_seen - started_seen, 3), timings=result.sidecar.get("timings"),
             regions=len(result.regions),
         )
         return result

@@ -78,6 +78,9 @@ class Claim:
 
     dir: Path
     record: dict[str, Any] = field(default_factory=dict)
+    # When this process first saw the job, by its monotonic clock; None for a claim another
+    # process made (a restart, a take-over). Wall times step with NTP; this does not.
+    seen: float | None = None
 
     @property
     def job_id(self) -> str:
@@ -94,6 +97,20 @@ class Claim:
     @property
     def arrived(self) -> float:
         return float(self.record["arrived"])
+
+    @property
+    def order(self) -> tuple[int, float]:
+        """The key the queue orders by: claims from before this process (or another device's)
+        first, by their recorded arrival; then this process's own, by when it first saw them.
+        Not by wall time alone: a clock stepped back would put later jobs before earlier ones."""
+        return (0, self.arrived) if self.seen is None else (1, self.seen)
+
+    def queue_wait(self, started: float, started_seen: float) -> float:
+        """Seconds from arrival to `started` (wall) / `started_seen` (monotonic); never negative,
+        even when the arrival was stamped by another clock (another device, before a step)."""
+        if self.seen is not None:
+            return max(0.0, started_seen - self.seen)
+        return max(0.0, started - self.arrived)
 
     @property
     def owner(self) -> int:
@@ -164,10 +181,15 @@ class Spool:
 
     # -- taking jobs --------------------------------------------------------------------
 
-    def claim(self, inbox: Path, group: ClaimRequest, arrived: float, now: float | None = None) -> Claim | None:
-        """Move a ready job's entries into a new claim; None if they vanished (another daemon)."""
+    def claim(self, inbox: Path, group: ClaimRequest, arrived: float, now: float | None = None,
+              seen: float | None = None) -> Claim | None:
+        """Move a ready job's entries into a new claim; None if they vanished (another daemon).
+        arrived: wall time of its first part; seen: the same moment on this process's monotonic clock."""
         files = {"image": group.image, "mask": group.mask, "prompt": group.prompt}
-        return self._take(inbox, group.name, group.entries, group.folder, files, arrived, now, {})
+        claim = self._take(inbox, group.name, group.entries, group.folder, files, arrived, now, {})
+        if claim is not None:
+            claim.seen = seen
+        return claim
 
     def claim_rejected(
         self, inbox: Path, name: str, entries: tuple[str, ...], folder: str | None, arrived: float,
