@@ -39,6 +39,8 @@ class Case:
     never_read: list[str] = field(default_factory=list)  # paths (inbox or outside) nobody may read()
     root_only: bool = False
     note: str = ""
+    # Records of entries no job uses, besides NAME's own outcome (each must be not_a_job).
+    also_not_a_job: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------- raw files
@@ -182,7 +184,8 @@ def cases(is_root: bool) -> list[Case]:
     add("text-as-png", loose(b"this is not an image\n" * 20), {"image_unreadable"})
     add("elf-as-png", loose(Path("/bin/true").read_bytes()[:20000]), {"image_unreadable"})
     add("png-named-jpg", loose(png, ext="jpg"), {DONE, "image_unreadable", "image_unsupported"}, note="content, not extension, decides")
-    add("gif-extension", loose(image_bytes((64, 64), "GIF"), ext="gif"), {"job_incomplete"}, note=".gif is not an image extension: the job lacks its image")
+    add("gif-extension", loose(image_bytes((64, 64), "GIF"), ext="gif"), {"job_incomplete"}, note=".gif is not an image extension: the job lacks its image",
+        also_not_a_job=("h-gif-extension.gif",))
     add("pdf-as-tiff", loose(b"%PDF-1.4\n" + os.urandom(2000), ext="tiff"), {"image_unreadable"})
     # -- bombs and gigantic dimensions (limits.max_pixels is 4,000,000 in the test daemon)
     add("bomb-png-zeros", loose(zero_png(3000, 3000)), {"image_too_large"}, note="9 Mpx of zeros, 9 KB on disk")
@@ -257,6 +260,15 @@ def cases(is_root: bool) -> list[Case]:
     add("name-backslash-escape", loose(png), {"job_unsafe"}, name="a\\..\\..\\evil")
     add("name-dotdot-backslash", loose(png), {IGNORED}, name="..\\..\\evil", note="starts with a dot: ignored like any dotfile")
     add("name-newline", loose(png), {"job_unsafe"}, name="new\nline")
+
+    # -- entries no job uses (issue 22): recorded in failed/ after incomplete_timeout, not left for ever
+    def lone(file_name: str, data: bytes):
+        def make(_name: str) -> Callable[[Path, Path], None]:
+            return lambda inbox, outside: write(inbox / file_name, data)
+        return make
+
+    add("unknown-type", lone("h-notes.docx", b"PK\x03\x04 not a job"), {"not_a_job"}, name="h-notes.docx")
+    add("heic-photo", lone("h-photo.heic", b"\0\0\0\x18ftypheic"), {"not_a_job"}, name="h-photo.heic")
     add("name-control", loose(png), {"job_unsafe"}, name="bell\x07\x1b[31m")
 
     # -- links and special files: never followed, never opened for blocking reads

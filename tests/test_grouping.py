@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from inpaintd.intake.grouping import (
     AMBIGUOUS,
     INCOMPLETE,
+    NOT_A_JOB,
     TOO_LARGE,
     UNSAFE,
     Hint,
@@ -111,9 +112,26 @@ def test_junk_left_by_clients_is_ignored_and_never_part_of_a_job():
     assert junk_reason("cat.png") is None and junk_reason("part.png") is None
 
 
-def test_unknown_files_are_ignored_not_failed():
-    p = plan(seen_at(0.0, "readme.md"), 100.0, RULES)
-    assert p.ignored == (("readme.md", "not part of any job (unknown file type)"),)
+def test_entries_no_job_uses_wait_then_go_to_failed_as_not_a_job():
+    """Issue 22: nothing sits in the inbox for ever without a record. An unknown file type is
+    failed after incomplete_timeout; client debris (a paused upload looks the same) after the
+    longer abandoned_timeout; inpaintd's own names never."""
+    rules = Rules(settle_seconds=2.0, incomplete_timeout=60.0, abandoned_timeout=600.0)
+    seen = seen_at(0.0, "readme.md", "photo.heic", "c.png.part", ".DS_Store", "..", ".inpaintd-share",
+                   "._a.png", "~$doc.docx")
+    early = plan(seen, 59.0, rules)
+    assert not early.rejected and len(early.ignored) == len(seen)
+    p = plan(seen, 60.0, rules)
+    assert {r.entries for r in p.rejected} == {("readme.md",), ("photo.heic",)}
+    assert all(r.code == NOT_A_JOB and r.code == "not_a_job" for r in p.rejected)
+    late = plan(seen, 600.0, rules)
+    names = {r.entries[0]: r.name for r in late.rejected}
+    assert names == {"readme.md": "readme.md", "photo.heic": "photo.heic", "c.png.part": "c.png.part",
+                     ".DS_Store": "DS_Store", "..": "unnamed", "._a.png": "_a.png", "~$doc.docx": "~$doc.docx"}
+    assert [n for n, _ in late.ignored] == [".inpaintd-share"]
+    # Written to again: the clock starts over.
+    seen["c.png.part"] = Seen(stat("c.png.part"), first_seen=0.0, changed_at=500.0)
+    assert "c.png.part" in {n for n, _ in plan(seen, 600.0, rules).ignored}
 
 
 def test_two_images_with_one_stem_reject_the_job_as_ambiguous():
@@ -305,6 +323,26 @@ def test_every_entry_lands_in_exactly_one_place_and_only_settled_safe_jobs_are_r
         if require_prompt:
             assert job.prompt is not None
     assert plan(dict(reversed(list(seen.items()))), now, rules) == p
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ENTRY, max_size=12), st.booleans())
+def test_left_long_enough_every_entry_is_taken_or_recorded(entries, require_prompt):
+    """Issue 22: whatever was dropped, once everything has been quiet for the longest timeout
+    (and the alpha probe has answered), no top-level entry is left only waiting or ignored."""
+    rules = Rules(2.0, 60.0, abandoned_timeout=600.0, require_prompt=require_prompt)
+    seen: dict[str, Seen] = {}
+    for name, t, kind, nlink, writing, alpha in entries:
+        kind = Kind.DIR if name.endswith("/") else (Kind.FILE if kind is Kind.DIR else kind)
+        path = name.rstrip("/")
+        if "/" in path and path.split("/")[0] + "/" not in [e[0] for e in entries]:
+            continue
+        seen[path] = Seen(stat(path, kind, nlink=nlink), first_seen=t, changed_at=t, writing=writing, alpha=alpha)
+    p = plan(seen, 100.0 + 600.0, rules)
+    taken = {e for j in p.ready for e in j.entries} | {e for r in p.rejected for e in r.entries}
+    assert taken == {path for path in seen if "/" not in path}, (p.waiting, p.ignored)
+    for r in p.rejected:
+        assert not r.name.startswith(".") and r.name not in ("", "..")
 
 
 # --------------------------------------------------------------------------- case and normalisation

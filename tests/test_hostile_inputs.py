@@ -10,6 +10,7 @@ daemon's folders.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -172,8 +173,11 @@ def test_bombs_did_not_blow_up_memory(run: Run):
 
 def test_no_outcome_for_a_name_nobody_sent(run: Run):
     sent = {c.name for c in CASES} | {"good-before", "good-after-0", "good-after-1"}
-    unexpected = sorted(set(run.found) - sent)
+    unused = {name for c in CASES for name in c.also_not_a_job}
+    unexpected = sorted(set(run.found) - sent - unused)
     assert unexpected == [], unexpected
+    for name in unused:  # an unknown file beside a job is recorded on its own, not left in the inbox
+        assert [o.data.get("code") for o in run.found.get(name, [])] == ["not_a_job"], name
 
 
 def _listening_socket_inodes() -> set[str]:
@@ -217,3 +221,42 @@ def test_daemon_listens_on_no_socket_and_holds_only_its_own_files_open(run: Run,
         elif target.startswith("/") and not any(target == a or target.startswith(a.rstrip("/") + "/") for a in allowed):
             outside.append(target)
     assert outside == [], f"files open outside the daemon's folders, model and Python: {outside}"
+
+
+def test_entries_no_job_uses_are_recorded_not_left_for_ever(tiny_model: Path, tmp_path: Path):
+    """Issue 22: client debris and unknown files end in failed/ with not_a_job (debris after
+    watch.abandoned_timeout, unknown types after incomplete_timeout), each record visible (no
+    leading dot) and holding the entry byte for byte; a name too long for a suffix still gets
+    a record; inpaintd's own `.inpaintd-*` names stay; jobs keep flowing."""
+    settings = {"watch": {"settle_seconds": 0.3, "incomplete_timeout": 2, "abandoned_timeout": 4,
+                          "rescan_interval": 1}}
+    dirs = Dirs.make(tmp_path / "d", tiny_model, settings)
+    daemon = Daemon(dirs).start()
+    try:
+        drops = {".DS_Store": "DS_Store", "photo.png.part": "photo.png.part", "._photo.png": "_photo.png",
+                 "...": "unnamed", "~$report.docx": "~$report.docx", "L" * 250 + ".docx": None,
+                 "clip.mov": "clip.mov"}
+        for entry in drops:
+            hc.write(dirs.inbox / entry, entry.encode() * 3)
+        (dirs.inbox / ".inpaintd-share").write_text("inpaintd's own\n")
+        drop_job(dirs.inbox, "good")
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and {p.name for p in dirs.inbox.iterdir()} != {".inpaintd-share"}:
+            time.sleep(0.2)
+        assert {p.name for p in dirs.inbox.iterdir()} == {".inpaintd-share"}, daemon.log_tail()
+        records = {}
+        for error in dirs.failed.glob("*/error.json"):
+            data = json.loads(error.read_text())
+            records[data["details"]["entry"]] = (error.parent.name, data)
+        assert set(records) == set(drops), sorted(records)
+        for entry, record_name in drops.items():
+            folder, data = records[entry]
+            assert data["code"] == "not_a_job" and entry[:20] in data["message"], data
+            assert not folder.startswith(".")
+            if record_name is not None:
+                assert folder == record_name
+            assert (dirs.failed / folder / entry).read_bytes() == entry.encode() * 3
+        assert outcomes(dirs)["good"][0].kind == "done"
+        assert daemon.alive()
+    finally:
+        daemon.stop()

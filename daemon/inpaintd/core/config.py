@@ -149,6 +149,9 @@ class WatchConfig:
     settle_seconds: float = 2.0  # no writes for this long before a file counts as complete
     poll_interval: float = 1.0
     incomplete_timeout: float = 600.0  # a job missing a part this long goes to failed
+    # Client debris (dotfiles, *.part, Thumbs.db) unchanged this long goes to failed/ as not_a_job:
+    # longer than incomplete_timeout because a paused upload looks the same until it resumes.
+    abandoned_timeout: float = 86400.0
     rescan_interval: float = 60.0  # safety net full scan even when events flow
 
 
@@ -300,6 +303,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "watch.settle_seconds": (0.0, 3600.0),
     "watch.poll_interval": (0.05, 3600.0),
     "watch.incomplete_timeout": (1.0, 7 * 86400.0),
+    "watch.abandoned_timeout": (1.0, 365 * 86400.0),
     "watch.rescan_interval": (1.0, 86400.0),
     "limits.max_pixels": (1, 2**31),
     "limits.max_prompt_bytes": (1, 16 * 1024 * 1024),

@@ -52,6 +52,7 @@ class Code(StrEnum):
     OPTIONS_INVALID = "options_invalid", "a per-job option has a wrong type, is out of range, or is unknown"
     JOB_INCOMPLETE = "job_incomplete", "a part of the job never arrived within watch.incomplete_timeout"
     JOB_AMBIGUOUS = "job_ambiguous", "one name has two images, masks or prompt files, or both a folder and loose files"
+    NOT_A_JOB = "not_a_job", "an inbox entry no job can use (an unknown file type, an abandoned partial upload, client litter), left unchanged too long"
     JOB_UNSAFE = "job_unsafe", "an inbox entry is a symlink, hardlink, FIFO, device or escapes the inbox"
     NAME_TOO_LONG = "name_too_long", "the job's name would make an output, record or folder name longer than the filesystem allows"
     MASK_TOO_FRAGMENTED = "mask_too_fragmented", "the mask has more separate areas than limits.max_regions, even after merging nearby ones"

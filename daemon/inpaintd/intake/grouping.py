@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable, Mapping
 
+from ..core.errors import Code
 from ..core.jobs import name_problem
 from .names import (
     DERIVED_SUFFIX_BYTES,
@@ -36,12 +37,15 @@ from .names import (
     parse_name,
 )
 
-# Codes for rejections decided here (see errors.JOB_ERROR_CODES).
-INCOMPLETE = "job_incomplete"
-UNSAFE = "job_unsafe"
-AMBIGUOUS = "job_ambiguous"
-TOO_LARGE = "input_too_large"
-NAME_TOO_LONG = "name_too_long"
+# Codes for rejections decided here.
+INCOMPLETE = Code.JOB_INCOMPLETE
+UNSAFE = Code.JOB_UNSAFE
+AMBIGUOUS = Code.JOB_AMBIGUOUS
+TOO_LARGE = Code.INPUT_TOO_LARGE
+NAME_TOO_LONG = Code.NAME_TOO_LONG
+NOT_A_JOB = Code.NOT_A_JOB
+# inpaintd's own names (temp files, the fleet's share marker): never moved as debris.
+OWN_PREFIX = ".inpaintd-"
 
 
 class Kind(str, Enum):
@@ -94,6 +98,7 @@ class Rules:
     require_prompt: bool = False
     max_input_bytes: int | None = None  # a bigger file fails its job before anything reads it
     name_max: int = 255  # bytes in one file name on the daemon's filesystems (pathconf NAME_MAX)
+    abandoned_timeout: float = 86400.0  # client debris left this long goes to failed/ (not_a_job)
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,7 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
     """Decide, for every entry, whether it is ignored, waiting, ready or rejected."""
     groups: dict[str, _Group] = {}
     ignored: list[tuple[str, str]] = []
+    rejected: list[Rejected] = []
     top = sorted(p for p in seen if "/" not in p)
     children: dict[str, list[str]] = {}
     for path in seen:
@@ -251,7 +257,9 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
         stat = seen[name].stat
         junk = junk_reason(name)
         if junk is not None:
-            ignored.append((name, junk))
+            if name.startswith(OWN_PREFIX) or not _left_behind(name, seen[name], junk, rules.abandoned_timeout, now,
+                                                               rejected):
+                ignored.append((name, junk))
             continue
         if stat.kind is Kind.DIR:
             group = groups.setdefault(job_key(name), _Group(name))
@@ -267,7 +275,11 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
             continue
         parsed = parse_name(name)
         if parsed is None:
-            ignored.append((name, "not part of any job (unknown file type)"))
+            why = "not part of any job (unknown file type)"
+            unsafe = _unsafe(name, stat)
+            if not _left_behind(name, seen[name], unsafe or why, rules.incomplete_timeout, now, rejected,
+                                UNSAFE if unsafe else NOT_A_JOB):
+                ignored.append((name, why))
             continue
         stem, role = parsed
         group = groups.setdefault(job_key(stem), _Group(stem))
@@ -281,7 +293,6 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
             group.unsafe[name] = problem
 
     ready: list[JobGroup] = []
-    rejected: list[Rejected] = []
     waiting: list[Waiting] = []
     probe: list[str] = []
     for group in groups.values():
@@ -295,6 +306,25 @@ def plan(seen: Mapping[str, Seen], now: float, rules: Rules) -> Plan:
         ignored=tuple(sorted(ignored)),
         probe=tuple(sorted(probe)),
     )
+
+
+def _left_behind(name: str, s: Seen, why: str, timeout: float, now: float, rejected: list[Rejected],
+                 code: Code = NOT_A_JOB) -> bool:
+    """An entry no job will use goes to failed/ once it has been left unchanged for `timeout`:
+    nothing sits in the inbox for ever without a record. Its record is named after it without
+    leading dots (a hidden record would be invisible, and `.inpaintd-*` names are inpaintd's own)."""
+    if now - s.changed_at < timeout:  # an open writer too: a lost close must not hold it for ever
+        return False
+    record = name.lstrip(".") or "unnamed"
+    if name_problem(record):
+        record = "unnamed"  # the unsafe name is kept on the entry itself, inside the record
+    rejected.append(Rejected(
+        record, code,
+        f"{name}: {why}, unchanged for {timeout:g} s; moved here so that nothing sits in the inbox for ever"
+        + ("; a job needs NAME.<image>, NAME.mask.<image> and a prompt" if code is NOT_A_JOB else ""),
+        (name,), {"entry": name, "reason": why, "after_seconds": timeout},
+    ))
+    return True
 
 
 def oversize_message(sizes: Mapping[str, int], limit: int) -> str:

@@ -46,6 +46,7 @@ def rules_for(config: Config, name_max: int = 255) -> Rules:
     return Rules(
         settle_seconds=config.watch.settle_seconds,
         incomplete_timeout=config.watch.incomplete_timeout,
+        abandoned_timeout=config.watch.abandoned_timeout,
         require_prompt=not config.inference.prompt.strip(),
         max_input_bytes=config.limits.max_input_bytes,
         name_max=name_max,
