@@ -154,10 +154,31 @@ def test_runtime_report_names_the_policies(tiny_engine: Engine) -> None:
     assert torch.get_num_threads() == 1
 
 
+def test_vae_tiling_is_reported_only_where_it_tiles(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 22 (an option reported as applied without effect): diffusers tiles only inputs larger
+    than one tile (the tiny VAE's: 256 px), so `vae_tiling: on` below that is reported off; the
+    tiled path's calls are counted on the real VAE."""
+    engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, vae_tiling="on", cache_dir=tmp_path))
+    vae = engine.pipeline.vae
+    assert vae.tile_sample_min_size == 256
+    calls: list[str] = []
+    for method in ("_tiled_encode", "tiled_decode"):
+        original = getattr(vae, method)
+        setattr(vae, method, lambda *a, _o=original, _m=method, **k: (calls.append(_m), _o(*a, **k))[1])
+    for size in ((64, 64), (256, 128), (320, 64)):
+        calls.clear()
+        image, mask = _inputs(size)
+        engine.inpaint(image, mask, _params(steps=1))
+        assert engine.runtime_report(size)["vae_tiling"] is bool(calls), (size, calls)
+    assert calls  # 320 px: tiled
+
+
 def test_vae_tiling_auto_follows_the_minimum_side(tiny_model: Path, tmp_path: Path) -> None:
     engine = Engine.load(ModelConfig(path=tiny_model, dtype="fp32", threads=1, vae_tiling_min_side=128, cache_dir=tmp_path))
     assert engine.runtime_report((64, 64))["vae_tiling"] is False
-    assert engine.runtime_report((128, 64))["vae_tiling"] is True
+    # Wanted from 128 px, but the tiny VAE's tile is 256 px: below that nothing is tiled.
+    assert engine.runtime_report((128, 64))["vae_tiling"] is False
+    assert engine.runtime_report((320, 64))["vae_tiling"] is True
     image, mask = _inputs((128, 64))
     engine.inpaint(image, mask, _params(steps=1)).image
     assert engine.pipeline.vae.use_tiling is True

@@ -88,6 +88,17 @@ def test_guidance_at_most_one_runs_the_unet_at_batch_one_and_the_report_says_so(
     assert _ran()["guidance"]["unet_batch"] == 2
 
 
+def test_a_negative_prompt_is_reported_used_only_where_it_changes_the_picture(tiny_engine: Engine) -> None:
+    """Issue 22 (an option reported as applied without effect): at guidance <= 1 diffusers never
+    reads the negative prompt; the report says so, and the pixels show it."""
+    for guidance, used in ((1.0, False), (PARAMS.guidance, True)):
+        plain = _paint(tiny_engine, replace(PARAMS, guidance=guidance, negative_prompt=""))
+        assert _ran()["guidance"]["negative_prompt_used"] is False
+        negative = _paint(tiny_engine, replace(PARAMS, guidance=guidance, negative_prompt="blurry, dark"))
+        assert _ran()["guidance"]["negative_prompt_used"] is used
+        assert np.array_equal(plain, negative) is not used, guidance
+
+
 def test_cfg_cutoff_guides_exactly_the_steps_diffusers_cutoff_callback_would(tiny_engine: Engine) -> None:
     # diffusers' SDCFGCutoffCallback drops guidance at the end of step int(steps * ratio); the
     # steps up to and including it run at batch 2, the rest at batch 1. Seeded random cases.

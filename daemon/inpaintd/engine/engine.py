@@ -292,7 +292,7 @@ class Engine:
             "upcast_layers": self.upcast_layers,
             "threads": self.threads,
             "attention": "sliced" if self.config.attention_slicing == "on" else "sdpa",
-            "vae_tiling": self._want_vae_tiling(work_size) if work_size else self.config.vae_tiling == "on",
+            "vae_tiling": self._vae_tiles(work_size) if work_size else self.config.vae_tiling == "on",
             "compile": self._compile_state,
             "channels_last": self.config.channels_last,
             "channels_last_weights": self.channels_last_weights or "off",
@@ -372,6 +372,13 @@ class Engine:
         if self.config.vae_tiling == "off":
             return False
         return max(work_size) >= self.config.vae_tiling_min_side
+
+    def _vae_tiles(self, work_size: tuple[int, int]) -> bool:
+        """Whether the VAE really works in tiles at this size: diffusers tiles only an input
+        larger than one tile, so `vae_tiling: on` at a small working size changes nothing and
+        is reported as off."""
+        tile = int(getattr(self.pipeline.vae, "tile_sample_min_size", 0) or 0)
+        return self._want_vae_tiling(work_size) and max(work_size) > tile
 
     def _set_vae_tiling(self, on: bool) -> None:
         if on == self._vae_tiled:
@@ -468,6 +475,9 @@ class Engine:
                 "cfg_steps": counts["cfg"],
                 "batch1_steps": ran - counts["cfg"],
                 "cfg_cutoff": float(params.cfg_cutoff),
+                # Without classifier-free guidance (guidance <= 1) diffusers never reads the
+                # negative prompt: the parameters still list it, this says it had no effect.
+                "negative_prompt_used": bool(counts["cfg"]) and bool(params.negative_prompt),
             },
             "step_cache": (
                 {"method": "deepcache", "interval": params.step_cache, "full_steps": counts["full"],

@@ -15,8 +15,10 @@ Written by `build_sidecar` (paint time):
   roi               the effective RoiConfig of this job
   regions           [{mask_box, crop_box, work_size, seconds}], boxes as [x0, y0, x1, y1]
   model             {path, id, dtype, architecture, random_weights, loras?}
-  runtime           the painter's policies in force (engine.runtime_report) and how the last
-                    region's call ran (guidance batch, cfg_cutoff, step_cache, decoder, eta)
+  runtime           the painter's policies in effect (engine.runtime_report: what changed the
+                    computation, not what was asked: vae_tiling only where it tiled) and how the
+                    last region's call ran (guidance batch, cfg_cutoff, negative_prompt_used,
+                    step_cache, decoder, eta)
   output            {format, sha256, bytes} and, for JPEG: jpeg_mode (lossless-outside |
                     reencoded), jpeg_mcu, jpeg_painted_mcu_boxes or jpeg_reason
   timings           {read_seconds, paint_seconds, encode_seconds, total_seconds}
