@@ -395,3 +395,39 @@ def test_a_splice_leaves_no_file_on_disk_even_if_killed(tiny_engine, tmp_path, m
     result = run_job(tiny_engine, tmp_path, image_path, (328, 248), (150, 100, 168, 114))
     assert result.sidecar["output"]["jpeg_mode"] == "lossless-outside"
     assert list(scratch.iterdir()) == []
+
+
+
+@needs_jpegtran
+def test_a_result_that_changed_nothing_is_the_input_file_and_says_unchanged(tmp_path):
+    """Issue 22: `lossless-outside` with painted MCU boxes is claimed only for pixels that
+    changed. Where none did (here: the output pixels are the input's), the result is the
+    input file itself and the report says `unchanged`, not a splice of nothing."""
+    from inpaintd.paint import images
+
+    image_path = write_jpeg(tmp_path / "in.jpg", photo(328, 248), 6)
+    source = images.load_image(image_path, CONFIG.limits.max_pixels)
+    data, extension, report = paint_job.encode_output(source.pixels.copy(), None, source, "same", 95, [])
+    assert (extension, report) == ("jpg", {"jpeg_mode": "unchanged", "jpeg_painted_mcu_boxes": []})
+    assert data == image_path.read_bytes()
+
+
+def test_changed_boxes_hold_every_changed_pixel_and_nothing_more():
+    from inpaintd.core.masks import Box, changed_boxes
+
+    rng = np.random.default_rng(22)
+    for _ in range(200):
+        h, w = rng.integers(1, 40, size=2)
+        before = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        after = before.copy()
+        for _ in range(rng.integers(0, 4)):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            after[y, x, rng.integers(0, 3)] ^= 1 + rng.integers(0, 255)
+        allowed = Box(0, 0, int(w), int(h))
+        boxes = changed_boxes(before, after, [allowed])
+        changed = np.argwhere((before != after).any(axis=2))
+        if not changed.size:
+            assert boxes == []
+            continue
+        (box,) = boxes
+        assert (box.y0, box.x0) == tuple(changed.min(axis=0)) and (box.y1 - 1, box.x1 - 1) == tuple(changed.max(axis=0))

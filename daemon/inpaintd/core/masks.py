@@ -54,6 +54,23 @@ class Box:
 _WINDOW_BLOCK = 64  # block side used to find the windows dilation and feathering work in
 
 
+def changed_boxes(before: np.ndarray, after: np.ndarray, boxes: list[Box]) -> list[Box]:
+    """Within each box, the bounding box of the pixels that differ between `before` and `after`
+    (H x W or H x W x C); boxes with no change are left out. What a result reports as painted
+    is what changed, not where the model was allowed to paint."""
+    out = []
+    for box in boxes:
+        window = box.slices()
+        diff = before[window] != after[window]
+        if diff.ndim == 3:
+            diff = diff.any(axis=2)
+        rows, cols = np.flatnonzero(diff.any(axis=1)), np.flatnonzero(diff.any(axis=0))
+        if rows.size:
+            out.append(Box(box.x0 + int(cols[0]), box.y0 + int(rows[0]), box.x0 + int(cols[-1]) + 1,
+                           box.y0 + int(rows[-1]) + 1))
+    return out
+
+
 def threshold_mask(mask: np.ndarray, threshold: int) -> np.ndarray:
     """uint8 HxW -> bool HxW, True where the value is strictly above threshold (repaint)."""
     mask = np.asarray(mask)

@@ -105,7 +105,8 @@ def run_job(
         )
     paint_done = clock()
 
-    painted = [r.mask_box.grow(roi.feather, *source.size).as_tuple() for r in regions]
+    allowed = [r.mask_box.grow(roi.feather, *source.size) for r in regions]
+    painted = [box.as_tuple() for box in masks.changed_boxes(source.pixels, pixels, allowed)]
     image_bytes, extension, jpeg_report = encode_output(
         pixels, alpha_out, source, request.output_format, config.output.jpeg_quality, painted
     )
@@ -167,7 +168,8 @@ def encode_output(
     """(bytes, extension, JPEG report for the sidecar or None) of the finished image.
 
     A JPEG written from a JPEG keeps the input's coefficients outside the MCUs under the
-    painted boxes (display-orientation boxes holding every changed pixel); where that cannot
+    painted boxes (display-orientation boxes holding every changed pixel; none: the input's
+    bytes, jpeg_mode "unchanged"); where that cannot
     be done it is re-encoded whole at jpeg_quality with the input's metadata segments, and
     the report says why.
     """
@@ -176,6 +178,10 @@ def encode_output(
         return (*images.encode_image(pixels, alpha, source, fmt, jpeg_quality), None)
     if source.jpeg_data is None:
         reason = f"the input is {source.format.upper()}, not JPEG"
+    elif not painted:
+        # Not one pixel differs from the input: its own bytes are the result, and the report
+        # says so rather than claiming a splice of nothing.
+        return source.jpeg_data, extension, {"jpeg_mode": "unchanged", "jpeg_painted_mcu_boxes": []}
     else:
         try:
             layout = jpeg_lossless.inspect(source.jpeg_data)

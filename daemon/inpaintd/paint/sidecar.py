@@ -20,7 +20,7 @@ Written by `build_sidecar` (paint time):
                     last region's call ran (guidance batch, cfg_cutoff, negative_prompt_used,
                     step_cache, decoder, eta)
   output            {format, sha256, bytes} and, for JPEG: jpeg_mode (lossless-outside |
-                    reencoded), jpeg_mcu, jpeg_painted_mcu_boxes or jpeg_reason
+                    reencoded | unchanged), jpeg_mcu, jpeg_painted_mcu_boxes or jpeg_reason
   timings           {read_seconds, paint_seconds, encode_seconds, total_seconds}
   peak_rss_bytes    the daemon's peak resident set so far
   versions          {python, torch, diffusers, transformers, inpaintd}
