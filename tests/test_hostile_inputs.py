@@ -260,3 +260,65 @@ def test_entries_no_job_uses_are_recorded_not_left_for_ever(tiny_model: Path, tm
         assert daemon.alive()
     finally:
         daemon.stop()
+
+
+def test_live_a_claimed_input_grown_to_8_tib_and_every_distinct_name_taken(tiny_model: Path, tmp_path: Path):
+    """Issue 22 items 1 and 3 against a running daemon. An uploader keeps a second write handle
+    on a file it dropped and, once the daemon has claimed it, grows it to 8 TiB (sparse): the job
+    fails input_too_large and the daemon's memory stays small. With NAME .. NAME-9999 taken in
+    outbox/, archive/ and failed/, the next job of each name still gets one record, under
+    NAME-<job token>, and nothing is left anywhere else."""
+    from inpaintd.core.jobs import distinct_names
+
+    limit = 4 * 2**20
+    settings = {"watch": {"settle_seconds": 0.3, "incomplete_timeout": 30, "rescan_interval": 2},
+                "limits": {"max_input_bytes": limit}}
+    dirs = Dirs.make(tmp_path / "d", tiny_model, settings)
+    taken = list(distinct_names("scan", "20261204T000000Z-00000000"))[:-1]  # scan .. scan-9999
+    assert len(taken) == 10_000
+    for stem in taken:
+        (dirs.outbox / f"{stem}.png").write_bytes(b"")
+        (dirs.archive / stem).mkdir()
+        (dirs.failed / stem.replace("scan", "bad")).mkdir()
+    daemon = Daemon(dirs).start()
+    claimed = dirs.state / "claimed"
+    try:
+        busy = [f"busy{i}" for i in range(4)]
+        for name in busy:  # keeps the worker busy while the uploader acts on its claimed file
+            drop_job(dirs.inbox, name, prompt=None, size=(768, 768))
+            (dirs.inbox / f"{name}.yaml").write_bytes(b"prompt: slow\nsteps: 150\n")
+        drop_job(dirs.inbox, "grow")
+        with open(dirs.inbox / "grow.png", "r+b") as writer:  # the second handle
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(claimed.glob("*/inputs/grow.png")):
+                time.sleep(0.05)
+            assert any(claimed.glob("*/inputs/grow.png")), daemon.log_tail()
+            writer.truncate(8 * 2**40)
+        drop_job(dirs.inbox, "scan")
+        hc.write(dirs.inbox / "bad.png", os.urandom(3000))
+        hc.write(dirs.inbox / "bad.mask.png", hc.GOOD_MASK)
+        hc.write(dirs.inbox / "bad.txt", b"a prompt")
+        found = wait_for(dirs, [*busy, "grow", "scan", "bad"], 120, daemon)
+        assert {"grow", "scan", "bad"} <= set(found), missing_report(dirs, ["grow", "scan", "bad"], found, daemon)
+
+        (grow,) = found["grow"]
+        assert grow.kind == "failed" and grow.data["code"] == "input_too_large", grow.data
+        assert daemon.rss_bytes() < 2 * 2**30
+        (scan,) = found["scan"]
+        token = scan.data["job_id"].rsplit("-", 1)[1]
+        assert scan.kind == "done" and scan.data["output_file"] == f"scan-{token}.png", scan.data
+        assert scan.path.name == f"scan-{token}.json"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (dirs.archive / f"scan-{token}").is_dir():
+            time.sleep(0.1)
+        assert sorted(os.listdir(dirs.archive / f"scan-{token}")) == ["scan.mask.png", "scan.png", "scan.txt"]
+        (bad,) = found["bad"]
+        bad_token = bad.data["job_id"].rsplit("-", 1)[1]
+        assert bad.kind == "failed" and bad.path.parent.name == f"bad-{bad_token}", bad.path
+        # Nothing anywhere but where the contract says: no temp or hidden folder left behind.
+        for folder in (dirs.outbox, dirs.archive, dirs.failed, dirs.inbox):
+            assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [], folder
+        assert not list(claimed.iterdir())
+        assert daemon.alive()
+    finally:
+        daemon.stop()
