@@ -99,3 +99,78 @@ def test_prepare_model_and_check_round_trip(tiny_model_raw: Path, tmp_path: Path
     tampered = cli("check", str(dst))
     assert tampered.returncode == 3
     assert "sha256" in tampered.stderr or "hash" in tampered.stderr
+
+
+# ------------------------------------------------------------- issue 22 through the real CLI
+
+
+def _mask_file(path: Path, size: tuple[int, int], box: tuple[int, int, int, int]) -> Path:
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[box[1]:box[3], box[0]:box[2]] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def test_hostile_jobs_through_process_exit_with_their_code(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 22 items 5, 6 and 8 as a user meets them: an RGB-coded JPEG is painted and re-encoded
+    (never spliced as YCbCr), a JPEG with a third of its scans cut out before EOI fails
+    image_unreadable, `--scheduler lcm --steps 60` fails options_invalid (not internal_error)."""
+    from test_images import JPEG_VARIANTS, entropy_coded, photo_jpeg
+    from test_jpeg_lossless import photo, rgb_coded
+
+    config = str(small_config(tmp_path))
+    rgb = tmp_path / "rgb.jpg"
+    rgb.write_bytes(rgb_coded(photo(96, 80)))
+    mask = _mask_file(tmp_path / "m96.png", (96, 80), (40, 30, 50, 40))
+    out = tmp_path / "rgb.out.jpg"
+    result = cli("process", str(rgb), "--mask", str(mask), "--model", str(tiny_model), "--config", config, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    output = json.loads(out.with_suffix(".json").read_text())["output"]
+    assert output["jpeg_mode"] == "reencoded" and "component ids R, G, B" in output["jpeg_reason"], output
+
+    data = photo_jpeg(*JPEG_VARIANTS["baseline 4:2:0"])
+    start, end = entropy_coded(data)
+    third = (end - start) // 3
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: start + third] + data[start + 2 * third :])
+    mask = _mask_file(tmp_path / "m152.png", (152, 120), (40, 30, 60, 50))
+    result = cli("process", str(cut), "--mask", str(mask), "--model", str(tiny_model), "--config", config)
+    assert result.returncode == 1 and "image_unreadable" in result.stderr, result.stderr
+    assert not list(tmp_path.glob("cut.inpainted*"))
+
+    result = cli("process", str(cut), "--mask", str(mask), "--model", str(tiny_model), "--config", config,
+                 "--scheduler", "lcm", "--steps", "60")
+    assert result.returncode == 1 and "options_invalid" in result.stderr and "50" in result.stderr, result.stderr
+
+
+def test_hostile_models_are_model_errors_with_exit_3(tiny_model_raw: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 22 items 9 and 10 as an operator meets them: NaN weights and an embedding of more
+    vectors than CLIP reads are refused by `prepare-model` with exit 3 and a sentence, and
+    `check` fails a prepared folder whose weights went non-finite."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_raw, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    state["conv_out.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    result = cli("prepare-model", str(broken), str(tmp_path / "out"))
+    assert result.returncode == 3 and "NaN or infinite" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+    hidden = json.loads((tiny_model_raw / "text_encoder" / "config.json").read_text())["hidden_size"]
+    many = tmp_path / "many.safetensors"
+    save_file({"emb_params": torch.randn(76, hidden)}, str(many))
+    result = cli("prepare-model", str(tiny_model_raw), str(tmp_path / "out2"), "--embedding", str(many))
+    assert result.returncode == 3 and "76" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(tiny_model, copy)
+    target = next((copy / "unet").glob("*.safetensors"))
+    state = load_file(str(target))
+    state["conv_out.weight"][0, 0, 0, 0] = float("inf")
+    save_file(state, str(target), metadata={"format": "pt"})
+    result = cli("check", str(copy))
+    assert result.returncode != 0 and "NaN or infinite" in (result.stdout + result.stderr), result.stdout
