@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from daemon_harness import FAST_SETTINGS, Daemon, Dirs, merged
+from inpaintd.store.pausepoints import PAUSE_FILE_VARIABLE, PausePoint
 from transfer_servers import SshServer
 
 LEASE = 4.0
@@ -120,7 +121,9 @@ class Fleet:
             dirs.rewrite_config({"paths": {k: str(point / k) for k in ("inbox", "outbox", "failed", "archive",
                                                                          "state")},
                                  "fleet": data["fleet"]})
-            self.daemons[device] = Daemon(dirs)
+            # The device freezes itself at a named point of a job when this file names it
+            # (store/pausepoints.py): a pause lands exactly where it was asked.
+            self.daemons[device] = Daemon(dirs, env={PAUSE_FILE_VARIABLE: str(dirs.root / "pause-at")})
         if start:
             for daemon in self.daemons.values():
                 daemon.start(timeout=180)
@@ -168,11 +171,12 @@ def mount_alive(fleet: Fleet, name: str) -> bool:
 
 # ---------------------------------------------------------------------------- pausing devices (issue 19)
 
-POINTS = ("painting", "before the image", "between image and sidecar", "archiving", "between jobs")
+POINTS = tuple(point.value for point in PausePoint)
 
 
 def claim_point(share: Path, device: str) -> str:
-    """Where a (stopped) device is in its jobs, from its claims on the server."""
+    """Where a (stopped) device is in its jobs, from its claims on the server (for a pause that
+    could not land at its point)."""
     folder = share / "state" / device / "claimed"
     best = "between jobs"
     for job in sorted(os.listdir(folder)) if folder.exists() else []:
@@ -182,23 +186,41 @@ def claim_point(share: Path, device: str) -> str:
             continue
         state, publishing = record.get("state"), record.get("publishing") or {}
         if state == "published":
-            return "archiving"
+            return "published (archiving or after the sidecar)"
         if state == "publishing":
-            return "between image and sidecar" if publishing.get("linked") else "before the image"
+            return "between image and sidecar" if publishing.get("linked") else "publishing, before the image"
         if state == "claimed" and record.get("attempts", 0) >= 1:
             best = "painting"
     return best
 
 
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def stop_at(fleet: "Fleet", device: str, want: str, timeout: float = 20.0) -> str:
-    """SIGSTOP a device once its claims show `want` (polled on the server), else at the timeout;
-    the point where it actually stopped."""
+    """Freeze a device at the point `want` of its next job: it stops itself there (SIGSTOP,
+    store/pausepoints.py). When no job reaches the point in time, SIGSTOP from outside wherever it
+    is. The point where it actually stopped."""
     daemon = fleet.daemons[device]
+    request = daemon.dirs.root / "pause-at"
+    temp = request.with_name(".pause-at.tmp")
+    temp.write_text(want)
+    temp.rename(request)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and claim_point(fleet.nas.share, device) != want:
-        time.sleep(0.003)
+    while time.monotonic() < deadline:
+        if _stopped(daemon.pid):
+            return want
+        time.sleep(0.005)
+    request.unlink(missing_ok=True)
+    if _stopped(daemon.pid):
+        return want  # it got there as the request was withdrawn
     os.kill(daemon.pid, 19)  # SIGSTOP
-    return claim_point(fleet.nas.share, device)
+    return f"{claim_point(fleet.nas.share, device)} (wanted {want}: no job reached it in {timeout:g} s)"
 
 
 def pause_run(fleet: "Fleet", plan: list[tuple[str, str, float]], prefix: str, lease: float,
@@ -227,7 +249,7 @@ def pause_run(fleet: "Fleet", plan: list[tuple[str, str, float]], prefix: str, l
     try:
         time.sleep(2.0)
         for device, want, leases in plan:
-            point = stop_at(fleet, device, want, timeout=8.0)
+            point = stop_at(fleet, device, want, timeout=30.0)  # sshfs defaults list the inbox ~20 s late
             time.sleep(leases * lease)
             os.kill(fleet.daemons[device].pid, _signal.SIGCONT)
             landed.append((device, point, leases))

@@ -201,12 +201,14 @@ def test_a_heartbeat_slower_than_a_third_of_the_lease_is_a_config_error() -> Non
 # ---------------------------------------------------------------------------- issue 19: pauses, caches, the share
 
 
-# A device frozen (SIGSTOP: a VM or GC pause) at each point of a job, for fractions and multiples
-# of the lease: only dev2 is ever paused past the lease, so a take-over from dev0 or dev1 would be
-# a take-over of a live device. The long profile is scripts/soak.py --fleet-pauses.
+# A device frozen (SIGSTOP: a VM or GC pause) exactly at a point of a job (it stops itself there,
+# store/pausepoints.py), for fractions and multiples of the lease: only dev2 is ever paused past
+# the lease, so a take-over from dev0 or dev1 would be a take-over of a live device. The long
+# profile (every point x 0.5, 0.8, 1.3, 3 leases x 5) is scripts/soak.py --phases pauses.
 FAST_PLAN = [
-    ("dev0", "painting", 0.5), ("dev1", "between image and sidecar", 0.8), ("dev2", "before the image", 1.3),
-    ("dev2", "between image and sidecar", 3.0), ("dev2", "archiving", 1.3),
+    ("dev0", "painting", 0.5), ("dev1", "between image and sidecar", 0.8),
+    ("dev2", "after the ownership check", 1.3), ("dev2", "between image and sidecar", 3.0),
+    ("dev2", "after the sidecar", 1.3), ("dev2", "archiving", 1.3),
 ]
 DEFAULTS_PLAN = [("dev2", "between image and sidecar", 1.3), ("dev1", "archiving", 0.5)]
 
@@ -224,6 +226,7 @@ def test_devices_frozen_at_every_point_of_a_job_lose_and_duplicate_nothing(profi
     try:
         result = pause_run(fleet, plan, "p", LEASE)
         print(profile, json.dumps(result))
+        assert [point for _d, point, _l in result["landed"]] == [point for _d, point, _l in plan], result["landed"]
         for key in ("lost", "duplicated", "failed", "sidecars_without_image", "take_overs_of_live_devices",
                     "foreign_files_taken"):
             assert not result[key], f"{key}: {result[key]}\n" + "\n".join(d.log_tail(20) for d in fleet.daemons.values())

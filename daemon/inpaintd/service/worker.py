@@ -34,8 +34,9 @@ from ..intake.grouping import oversize_message
 from ..paint.job import run_job
 from ..paint.jobspec import build_request, load_job_options
 from ..paint.sidecar import claim_fields
-from ..store import outbox, records
+from ..store import outbox, pausepoints, records
 from ..store.fleet import Fleet
+from ..store.pausepoints import PausePoint
 from ..store.spool import Claim, ClaimState, Spool
 from ..store.status import StatusFile, error_summary
 from .queues import Held, HeldJobs
@@ -74,6 +75,8 @@ class Worker:
         """After every denoising step: watchdog, shutdown, the job's time budget, progress."""
         if self.config.service.watchdog_from_steps:
             self._ping()
+        if done == 1:
+            pausepoints.reached(PausePoint.PAINTING)
         ctx = self.current
         assert ctx is not None and self.status is not None
         claim = ctx.claim
@@ -229,6 +232,7 @@ class Worker:
                              entries=claim.entries())
         ctx.painted = result  # kept by a hold if publication must wait: no repaint
         self._check_ours(claim)
+        pausepoints.reached(PausePoint.AFTER_OWNERSHIP_CHECK)
         # Staged in the claim first (fenced: a take-over renames the claim and its stage
         # away), then published from there by no-replace links (store/outbox.py).
         progress = self._fenced(claim, outbox.stage, claim.dir, result, extra)
@@ -251,6 +255,7 @@ class Worker:
 
         image_name, sidecar_name = outbox.publish_staged(
             self.config.paths.outbox, claim.dir, claim.record["publishing"], record, shared=self.fleet is not None)
+        pausepoints.reached(PausePoint.AFTER_SIDECAR)
         self._fenced(claim, self.spool.mark, claim, ClaimState.PUBLISHED,
                      published={"image": image_name, "sidecar": sidecar_name})
         return image_name, sidecar_name

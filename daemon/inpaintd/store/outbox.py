@@ -78,7 +78,9 @@ from ..core.digest import sha256_file
 from ..core.errors import TakenOver, TransientError
 from ..core.jobs import NUMBERED_NAMES, JobResult, job_token
 from ..core.quoting import record_json
+from . import pausepoints
 from .fsutil import TEMP_PREFIX, OsFs, fsync_dir, own_temp_prefix
+from .pausepoints import PausePoint
 
 log = structlog.get_logger("inpaintd.outbox")
 
@@ -184,6 +186,7 @@ def _publish_staged(outbox: Path, claim_dir: Path, progress: dict[str, Any], rec
                 continue
             progress = {**progress, "linked": True}
             _fenced(fs, claim_dir, record, progress)
+        pausepoints.reached(PausePoint.BETWEEN_IMAGE_AND_SIDECAR)
         try:
             _fenced(fs, claim_dir, _put, fs, out / STAGED_SIDECAR, sidecar, shared)
         except FileExistsError:

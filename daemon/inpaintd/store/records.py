@@ -34,7 +34,9 @@ from .fsutil import (
     rename_noreplace,
     same_filesystem,
 )
+from . import pausepoints
 from .outbox import encode_record, host, job_id_in, read_record, remove_temp_files
+from .pausepoints import PausePoint
 from .spool import Claim, ClaimState, Spool
 
 ERROR_SCHEMA = "inpaintd.error/1"
@@ -122,6 +124,7 @@ def _file_away_fenced(spool: Spool, claim: Claim, root: Path, error: Mapping[str
             atomic_write_bytes(staging / "error.json", encode_record(record))
         os.utime(staging)  # retention ages a record from its filing, not from the uploader's mtimes
         fsync_dir(staging)
+        pausepoints.reached(PausePoint.ARCHIVING)
         final = rename_distinct(staging, root, record_dir_name(claim.name), claim.job_id)
         fsync_dir(root)
     spool.drop(claim)
