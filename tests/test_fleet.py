@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import drop_job
-from fleet_harness import LEASE, Fleet, unavailable
+from fleet_harness import HEARTBEAT, LEASE, Fleet, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -282,6 +282,38 @@ def test_a_device_started_before_the_share_is_mounted_writes_nothing_there_and_w
             daemon.kill9()
         nas.close()
     assert os.listdir(point) == [], "written on the local disk under the mount point"
+
+
+def test_a_device_whose_share_is_lazily_unmounted_writes_nothing_under_the_mount_point_and_resumes(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 19 item 4: `fusermount -uz` under a running device leaves its paths on the local
+    disk under the mount point. It must say the share is away, write no heartbeat, status or
+    claim there, and take jobs again once the share is mounted back."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    fleet = Fleet(tmp_path, tiny_model, 1)
+    daemon = fleet.daemons["dev0"]
+    point, sshfs = fleet.nas.mounts["dev0"]
+    try:
+        drop_job(fleet.client / "inbox", "before")
+        assert "before" in fleet.wait(["before"], 60), daemon.log_tail()
+        subprocess.run(["fusermount3", "-u", "-z", str(point)], check=True, capture_output=True)
+        sshfs.kill()
+        deadline = time.monotonic() + 30
+        while not any(e.get("event") in ("fleet.share_missing", "fleet.share_unreachable") for e in daemon.events()):
+            assert daemon.alive() and time.monotonic() < deadline, daemon.log_tail()
+            time.sleep(0.2)
+        drop_job(fleet.client / "inbox", "while-away")  # on the share, which this device cannot see
+        time.sleep(10 * HEARTBEAT + 2)
+        assert os.listdir(point) == [], "written on the local disk under the mount point"
+        assert daemon.alive()
+        fleet.nas.mount("dev0")
+        found = fleet.wait(["while-away"], 60)
+        assert [kind for kind, _ in found.get("while-away", [])] == ["done"], daemon.log_tail()
+        assert any(e.get("event") == "fleet.share_back" for e in daemon.events()), daemon.log_tail()
+    finally:
+        fleet.close()
 
 
 def test_a_beat_counter_is_watched_by_the_observers_own_clock() -> None:
