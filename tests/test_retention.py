@@ -81,6 +81,28 @@ def test_records_go_whole_sidecar_first_and_the_budgets_hold(tmp_path):
     assert not [p for p in tmp_path.rglob(".inpaintd-trash-*")]
 
 
+def test_a_sparse_input_grown_to_terabytes_counts_what_it_holds_and_removes_no_one_elses_records(tmp_path):
+    """A drop user grows a claimed input to 8 TiB through a second handle (sparse): the job fails
+    input_too_large and failed/ keeps the file. Counted by its length it would put failed/ over any
+    budget and every other user's record would go as 'the oldest'."""
+    now = time.time()
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    for i in range(10):
+        make_failed(failed, f"bad{i:02d}", age_days=5 - i * 0.1, now=now)
+    hostile = failed / "huge"
+    hostile.mkdir()
+    with open(hostile / "huge.png", "wb") as handle:
+        handle.truncate(8 << 40)
+    (hostile / "error.json").write_text('{"code": "input_too_large"}')
+    sizes = {r.name: r.size for r in list_records(failed, "failed")}
+    assert sizes["huge"] < 1 << 20, sizes
+    plan = {"failed": Budget(0, 1 << 20, DAY)}
+    removed = prune({"failed": failed}, plan, now)
+    assert removed == []
+    assert len(list(failed.iterdir())) == 11
+
+
 PRUNER = r"""
 import json, sys, time
 from pathlib import Path

@@ -58,7 +58,7 @@ class Record:
     parts: tuple[str, ...]  # entries of the folder, removed in this order (a sidecar before its image)
     inodes: tuple[int, ...]  # the parts' inodes when listed
     mtime: float  # when it was written (the newest part)
-    size: int  # bytes, every file inside
+    size: int  # bytes on disk, every file inside (disk_bytes)
     orphan: bool = False
 
 
@@ -139,18 +139,26 @@ def _outbox_records(entries: list[tuple[str, os.stat_result]]) -> list[Record]:
         parts = ([sidecar] if sidecar in files else []) + others
         sts = [files[p] for p in parts]
         out.append(Record(stem, tuple(parts), tuple(s.st_ino for s in sts), max(s.st_mtime for s in sts),
-                          sum(s.st_size for s in sts), orphan=sidecar not in files))
+                          sum(disk_bytes(s) for s in sts), orphan=sidecar not in files))
     return out
+
+
+def disk_bytes(st: os.stat_result) -> int:
+    """What a file costs the disk: its allocated blocks, never more than its length. A sparse
+    file a drop user grew to terabytes through a second handle (failed input_too_large, kept in
+    failed/) holds almost nothing; counted by its length it would make every other record the
+    oldest ones 'over the budget' and have them removed."""
+    return min(st.st_size, st.st_blocks * 512)
 
 
 def _tree_size(path: Path, st: os.stat_result) -> int:
     if not stat_mod.S_ISDIR(st.st_mode):
-        return st.st_size
+        return disk_bytes(st)
     total = 0
     for root, _dirs, files in os.walk(path):  # never follows links
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_size
+                total += disk_bytes(os.lstat(os.path.join(root, name)))
             except OSError:
                 continue
     return total
