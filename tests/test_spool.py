@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -267,3 +268,63 @@ def test_a_forged_claim_named_to_escape_the_share_is_not_adopted(dirs) -> None:
         "arrived": 1.0, "claimed": 1.0, "attempts": 0, "state": "claimed"}))
     assert spool.load(ghost) is None and spool.adopt(ghost, inbox) is None
     assert spool.recover(inbox) == []
+
+
+# ---------------------------------------------------------------------------- copies across filesystems
+
+
+def _other_filesystem(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) beside the test folder")
+    folder = shm / f"inpaintd-test-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    return folder
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 48 << 20), st.binary(min_size=1, max_size=70_000)), max_size=6),
+       st.integers(0, 64 << 20))
+def test_a_copy_across_filesystems_keeps_every_byte_and_every_hole(tmp_path_factory, segments, length):
+    """Archive on another disk: move_entry copies. Whatever the layout of data and holes, the
+    copy reads back equal and holds no more on disk than the source (plus a block per segment)."""
+    tmp_path = tmp_path_factory.mktemp("copy")
+    other = _other_filesystem(tmp_path)
+    try:
+        src = tmp_path / "input.png"
+        with open(src, "wb") as handle:
+            for offset, data in segments:
+                handle.seek(offset)
+                handle.write(data)
+            handle.truncate(max(length, handle.tell()))
+        expected = src.read_bytes()
+        src_blocks = os.stat(src).st_blocks
+        dst = other / "input.png"
+        assert move_entry(src, dst) == "copied"
+        assert not src.exists()
+        assert dst.read_bytes() == expected
+        assert os.stat(dst).st_blocks <= src_blocks + 8 * (len(segments) + 1)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_an_input_grown_sparse_to_8_tib_is_archived_across_filesystems_in_what_it_holds(tmp_path):
+    """A drop user's second handle seeks a claimed input out to 8 TiB: the archive on another disk
+    receives a file of the same length holding the same few bytes, not 8 TiB of zeros."""
+    other = _other_filesystem(tmp_path)
+    try:
+        src = tmp_path / "scan.png"
+        with open(src, "wb") as handle:
+            handle.write(b"\x89PNG head")
+            handle.seek((8 << 40) - 4)
+            handle.write(b"tail")
+        dst = other / "scan.png"
+        assert move_entry(src, dst) == "copied"
+        st_dst = os.stat(dst)
+        assert st_dst.st_size == 8 << 40 and st_dst.st_blocks * 512 < 1 << 20
+        with open(dst, "rb") as handle:
+            assert handle.read(9) == b"\x89PNG head"
+            handle.seek((8 << 40) - 4)
+            assert handle.read() == b"tail"
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

@@ -198,13 +198,47 @@ def _copy_file(src: str | Path, dst: str | Path) -> None:
     try:
         if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(src))
-        with os.fdopen(os.dup(fd), "rb") as reader, open(dst, "xb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
+        with open(dst, "xb") as writer:
+            _copy_data(fd, writer.fileno(), os.fstat(fd).st_size)
             os.fsync(writer.fileno())
     finally:
         os.close(fd)
     shutil.copystat(src, dst, follow_symlinks=False)
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the data of src and leave its holes holes: a claimed input a drop user grew to
+    terabytes by seeking past the end (a second write handle) holds a few bytes on disk, and
+    copying its length in zeros would fill the archive's disk. Where the filesystem cannot say
+    where data is (SEEK_DATA unsupported), everything counts as data."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # a hole up to the end
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            start, end = offset, size
+        if _copy_range(src, dst, start, end) < end - start:
+            break  # shorter than it said: what there was is copied
+        offset = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+    position = start
+    while position < end:
+        chunk = os.pread(src, min(1 << 20, end - position), position)
+        if not chunk:
+            break
+        written = 0
+        while written < len(chunk):
+            written += os.pwrite(dst, chunk[written:], position + written)
+        position += len(chunk)
+    return position - start
 
 
 def publish_dir(tmp: Path, dst: Path, *, overwrite: bool) -> None:
