@@ -408,6 +408,36 @@ other_fs = pytest.mark.skipif(
 
 @other_fs
 @pytest.mark.parametrize("folder", [False, True])
+@pytest.mark.parametrize("grown", ["data", "sparse"])
+def test_an_input_grown_after_its_check_is_archived_on_another_disk_at_most_max_input_bytes(
+        place, folder: bool, grown: str) -> None:
+    """Issue 22: an uploader who kept a second write handle grows a claimed input after the job
+    read it, with data (8 MiB written) or sparse (8 TiB); the archive on another filesystem copies
+    at most limits.max_input_bytes of it (before: every byte written, onto the archive's disk)."""
+    import tempfile
+
+    _root, spool = place
+    claim = claimed(place, folder=folder)
+    path = next(p for p in claim.inputs.rglob("*") if p.is_file())
+    with open(path, "r+b") as handle:  # the uploader's handle, after the check
+        if grown == "data":
+            handle.seek(0, os.SEEK_END)
+            handle.write(os.urandom(8 << 20))
+        else:
+            handle.truncate(8 << 40)
+    limit = 1 << 20
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as archive:
+        started = time.monotonic()
+        target = archive_inputs(spool, claim, Path(archive), "archive", max_bytes=limit)
+        assert time.monotonic() - started < 5
+        assert target is not None
+        sizes = {p.name: p.stat().st_size for p in target.iterdir()}
+        assert sizes[path.name] == limit and max(sizes.values()) == limit
+        assert not claim.dir.exists() and not [n for n in os.listdir(archive) if n.startswith(".")]
+
+
+@other_fs
+@pytest.mark.parametrize("folder", [False, True])
 @pytest.mark.parametrize("stop_after_bytes", [0, 1, 100_000])
 def test_a_kill_mid_copy_to_an_archive_on_another_disk_is_finished_by_the_next_attempt(
         place, monkeypatch, folder: bool, stop_after_bytes: int) -> None:

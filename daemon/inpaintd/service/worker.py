@@ -292,7 +292,8 @@ class Worker:
     def _archive(self, ctx: JobContext) -> None:
         claim, bound = ctx.claim, ctx.log
         self._check_ours(claim)
-        target = records.archive_inputs(self.spool, claim, self.config.paths.archive, self.config.output.after_success)
+        target = records.archive_inputs(self.spool, claim, self.config.paths.archive, self.config.output.after_success,
+                                        self.config.limits.max_input_bytes)
         bound.info("job.archived", archive=str(target) if target else "deleted")
 
     def _hold(self, claim: Claim, verdict: boundary.Verdict, held: Held | None, result: Any, bound: Any,
@@ -309,7 +310,7 @@ class Worker:
         assert self.status is not None
         self._check_ours(claim)
         path = records.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time(),
-                                 {"device": self.device})
+                                 {"device": self.device}, self.config.limits.max_input_bytes)
         bound.warning("job.failed", code=error.code, error=shorten(error.message),
                       failed=str(path) if path else None)
         self.status.increment("jobs_failed")

@@ -19,7 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ..core.jobs import distinct_names, job_token
+
+log = structlog.get_logger("inpaintd.store")
 
 TEMP_PREFIX = ".inpaintd-tmp-"
 _writer = ""  # this device's id in its temp names, on a folder several devices share
@@ -129,8 +133,10 @@ def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
 
-def move_entry(src: Path, dst: Path) -> str:
+def move_entry(src: Path, dst: Path, max_bytes: int | None = None) -> str:
     """Move one entry (file, folder, link, FIFO) without ever reading through a link.
+
+    A copy across filesystems takes at most max_bytes of each file (see _copy_file).
 
     Returns "renamed", "copied" (across filesystems: copied under a temp name beside dst, made
     durable, renamed into place, then the source removed), "kept" (dst is already there and
@@ -153,9 +159,10 @@ def move_entry(src: Path, dst: Path) -> str:
     tmp = dst.parent / f"{own_temp_prefix()}{secrets.token_hex(6)}"
     try:
         if stat_mod.S_ISREG(st.st_mode):
-            _copy_file(src, tmp)
+            _copy_file(src, tmp, max_bytes)
         elif stat_mod.S_ISDIR(st.st_mode):
-            shutil.copytree(src, tmp, symlinks=True, copy_function=_copy_file, ignore=_uncopyable)
+            shutil.copytree(src, tmp, symlinks=True, ignore=_uncopyable,
+                            copy_function=lambda a, b: _copy_file(a, b, max_bytes))
             for dirpath, _dirs, _files in os.walk(tmp):
                 fsync_dir(Path(dirpath))
         elif stat_mod.S_ISLNK(st.st_mode):
@@ -192,14 +199,25 @@ def _uncopyable(directory: str, names: list[str]) -> list[str]:
     return skip
 
 
-def _copy_file(src: str | Path, dst: str | Path) -> None:
-    """Copy one regular file's bytes and times; never follows a link, never blocks on a FIFO."""
+def _copy_file(src: str | Path, dst: str | Path, max_bytes: int | None = None) -> None:
+    """Copy one regular file's bytes and times; never follows a link, never blocks on a FIFO.
+
+    Holes stay holes (_copy_data), and at most max_bytes are copied: a claimed input is still
+    writable through a handle its uploader kept open (two sftp or SMB opens), and data written
+    past the limit after the job read it would otherwise be copied onto the archive's disk
+    whole. Such a file is cut at the limit and the cut is logged: the job read no more of it.
+    """
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(src))
         with open(dst, "xb") as writer:
-            _copy_data(fd, writer.fileno(), os.fstat(fd).st_size)
+            size = os.fstat(fd).st_size
+            kept = size if max_bytes is None else min(size, max_bytes)
+            _copy_data(fd, writer.fileno(), kept)
+            if kept < size:
+                log.warning("store.copy_cut", file=os.fsdecode(os.path.basename(src)), kept_bytes=kept, size=size,
+                            note="grew past limits.max_input_bytes after its check")
             os.fsync(writer.fileno())
     finally:
         os.close(fd)

@@ -63,36 +63,39 @@ def _has_surrogates(text: str) -> bool:
     return any(0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
-def _move_inputs(root: Path, entries: list[str], folder: str | None, dst: Path) -> list[str]:
+def _move_inputs(root: Path, entries: list[str], folder: str | None, dst: Path, max_bytes: int | None) -> list[str]:
     """Move a job's entries from root into dst; a job folder's contents go to dst itself.
 
-    Repeatable: entries already moved by an attempt a stop interrupted are skipped.
+    Repeatable: entries already moved by an attempt a stop interrupted are skipped. A copy
+    across filesystems takes at most max_bytes of a file (fsutil.move_entry).
     """
     moved: list[str] = []
     if folder is not None and entries == [folder]:
         src = root / folder
         if os.path.isdir(src) and not os.path.islink(src):
             for child in sorted(os.listdir(src)):
-                move_entry(src / child, dst / child)
+                move_entry(src / child, dst / child, max_bytes)
                 moved.append(child)
             src.rmdir()
             return moved
     for entry in entries:
         if os.path.lexists(root / entry):
-            move_entry(root / entry, dst / entry)
+            move_entry(root / entry, dst / entry, max_bytes)
             moved.append(entry)
     return moved
 
 
-def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None) -> Path | None:
+def _file_away(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None,
+               max_bytes: int | None) -> Path | None:
     try:
-        return _file_away_fenced(spool, claim, root, error)
+        return _file_away_fenced(spool, claim, root, error, max_bytes)
     except FileNotFoundError as exc:
         _taken_over(exc, claim)
         raise
 
 
-def _file_away_fenced(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None) -> Path | None:
+def _file_away_fenced(spool: Spool, claim: Claim, root: Path, error: Mapping[str, Any] | None,
+                      max_bytes: int | None) -> Path | None:
     """The claim's inputs (and error.json) into root/NAME/ (NAME-1 ... when taken); the claim is dropped.
 
     The folder is built in the claim (`_staging`) and renamed into place whole, so whoever
@@ -117,7 +120,7 @@ def _file_away_fenced(spool: Spool, claim: Claim, root: Path, error: Mapping[str
     if os.path.lexists(staging) or _has_inputs(claim):
         staging.mkdir(exist_ok=True)
         remove_temp_files(staging, own_temp_prefix())  # a copy or a write a stop interrupted
-        _move_inputs(claim.inputs, claim.entries(), folder, staging)
+        _move_inputs(claim.inputs, claim.entries(), folder, staging, max_bytes)
         if error is not None:
             renamed = _set_aside(staging / "error.json", claim.job_id)
             record = {**error, "renamed_inputs": renamed} if renamed else dict(error)
@@ -176,14 +179,16 @@ def _has_inputs(claim: Claim) -> bool:
         return False
 
 
-def archive_inputs(spool: Spool, claim: Claim, archive: Path, after_success: str) -> Path | None:
-    """After publication: inputs to archive/NAME/ (or deleted), then the claim is dropped."""
+def archive_inputs(spool: Spool, claim: Claim, archive: Path, after_success: str,
+                   max_bytes: int | None = None) -> Path | None:
+    """After publication: inputs to archive/NAME/ (or deleted), then the claim is dropped.
+    max_bytes: limits.max_input_bytes, what a copy to another filesystem takes of a file at most."""
     try:
         if after_success == "delete":
             shutil.rmtree(claim.inputs, ignore_errors=False, onerror=_gone_is_fine)
             spool.drop(claim)
             return None
-        return _file_away(spool, claim, archive, None)
+        return _file_away(spool, claim, archive, None, max_bytes)
     except OSError as exc:
         _taken_over(exc, claim)
         error = transient(exc, archive, "archive")
@@ -234,7 +239,7 @@ def record_without_inputs(failed: Path, name: str, error: JobError, now: float) 
 
 
 def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: float,
-               extra: Mapping[str, Any] | None = None) -> Path | None:
+               extra: Mapping[str, Any] | None = None, max_bytes: int | None = None) -> Path | None:
     """Inputs and error.json to failed/NAME/ (distinct if taken); the claim is dropped.
 
     The error is recorded in the claim (state failing) before anything moves, so a stop
@@ -254,7 +259,7 @@ def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: f
                 **(extra or {}),
             )
             spool.mark(claim, ClaimState.FAILING, error=record)
-        return _file_away(spool, claim, failed, claim.record["error"])
+        return _file_away(spool, claim, failed, claim.record["error"], max_bytes)
     except OSError as exc:
         _taken_over(exc, claim)
         trouble = transient(exc, failed, "failed")
