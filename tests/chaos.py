@@ -3,7 +3,9 @@
 One or two real `inpaintd run` processes share one inbox. A seeded generator drops random
 interleavings of good jobs and hostile material (random bytes under image names, truncated and
 odd-format images, unreadable files, huge and aliased YAML, names of every length and charset,
-folders and loose files for one name, parts arriving late, files rewritten after settling) while
+folders and loose files for one name, parts arriving late, files rewritten after settling, a
+second write handle an uploader keeps on a file and uses once the daemon claimed it, one name
+dropped again and again with NAME ... NAME-9999 taken in the outbox, failed/ and archive/) while
 daemons are killed with SIGKILL at random moments and transient faults are injected: the main
 filesystem (inbox, state, outbox, failed) filled up, the archive's filesystem (another tmpfs)
 filled up, the outbox bound read-only. Then everything drains and `check` states the invariants:
@@ -12,6 +14,10 @@ filled up, the outbox bound read-only. Then everything drains and `check` states
 - every good job has exactly one result and no failure record;
 - every other dropped name has exactly one outcome, and no outcome is internal_error;
 - every dropped file is in archive/ or failed/, in exactly one record, next to its record;
+- a job whose file was written through a kept handle after its claim ends in one record, made
+  from bytes the daemon checked (the sidecar's hash is of a version within the size limit) or
+  failed input_too_large; the daemons' peak RSS stays under RSS_BOUND;
+- a name whose numbered names are all taken gets NAME-<job token> everywhere, nothing else;
 - no temp file, staging folder, orphan image or leftover claim anywhere; the inbox holds only junk;
 - no record (sidecar, error.json, status.json, log line) over 1 MiB;
 - everything drained within a bound after the chaos ended.
@@ -27,6 +33,7 @@ Shared by tests/test_chaos.py (fast profile) and scripts/soak.py (long profile).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -36,7 +43,9 @@ import subprocess
 import sys
 import time
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +59,7 @@ from hostile_corpus import (
     jpeg_huge_sof,
     ztxt_bomb,
 )
+from inpaintd.core.jobs import NUMBERED_NAMES, job_token
 from inpaintd.intake.names import DERIVED_SUFFIX_BYTES
 from PIL import Image
 
@@ -59,6 +69,10 @@ FAULT_NAMES = {"fs": "inbox/state/outbox disk full", "afs": "archive disk (anoth
 LOW_FREE = 4 << 20  # what the "low" fault leaves free: below the guard's limit, room for any write
 TEMP_MARK = ".inpaintd-tmp-"
 JUNK = (".DS_Store", "._junk", "Thumbs.db", "upload.part")
+# Every input is far below this; a file grown through a kept handle is cut at it, and an archive
+# copy onto the 32 MiB archive tmpfs must fit even when every daemon copies one at once.
+MAX_INPUT_BYTES = 4 << 20
+RSS_BOUND = 2 << 30  # the tiny model's daemon peaks near 0.6 GiB; a whole grown input read would show
 
 
 @dataclass(frozen=True)
@@ -70,10 +84,11 @@ class Profile:
     faults: int = 4
     chaos_seconds: float = 45.0  # drops, kills and faults are spread over this long
     drain_bound: float = 90.0  # after the chaos, everything has an outcome within this
+    exhausted: int = 3  # drops of the one name whose NAME ... NAME-9999 are taken everywhere (0: none)
 
 
 FAST = Profile()
-LONG = Profile(seed=7, drops=400, kills=30, faults=24, chaos_seconds=420.0, drain_bound=240.0)
+LONG = Profile(seed=7, drops=400, kills=30, faults=24, chaos_seconds=420.0, drain_bound=240.0, exhausted=12)
 
 SETTINGS = merged(FAST_SETTINGS, {
     # Late parts come at most 2.5 s after the first, held up by a full disk (<= 3 s) and a restart
@@ -81,7 +96,7 @@ SETTINGS = merged(FAST_SETTINGS, {
     "watch": {"settle_seconds": 0.3, "rescan_interval": 2, "incomplete_timeout": 12},
     "limits": {"max_regions": 8, "max_region_steps": 40, "max_job_seconds": 60, "hold_timeout": 3600,
                # The low-disk guard, scaled to the 96 MiB tmpfs: a "low" or "fs" fault stops claiming.
-               "min_free_bytes": 8 << 20, "min_free_fraction": 0.0},
+               "min_free_bytes": 8 << 20, "min_free_fraction": 0.0, "max_input_bytes": MAX_INPUT_BYTES},
     "logging": {"format": "json", "level": "info"},
 })
 
@@ -151,6 +166,32 @@ class World:
             self.daemons.append(Daemon(dirs, wrapper=wrapper))
         self.filled: set[str] = set()
         self.read_only = False
+        # Entries the run made to take every numbered name (take_every_name): not records, and
+        # left out of every scan by a set lookup, so 30,000 of them cost the checks nothing.
+        self.placeholders: set[str] = set()
+        self.taken = 0  # placeholders made (one name in three folders)
+
+    def take_every_name(self, name: str) -> None:
+        """NAME, NAME-1 ... NAME-9999 taken in the outbox (an image each, which is what the
+        publication tries) and in failed/ and archive/ (a folder each: records are folders)."""
+        stems = [name] + [f"{name}-{index}" for index in range(1, NUMBERED_NAMES)]
+        outbox, failed, archive = (self.view(p) for p in (self.outbox, self.failed, self.archive))
+        for stem in stems:
+            os.close(os.open(outbox / f"{stem}.png", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.mkdir(failed / stem)
+            os.mkdir(archive / stem)
+        self.placeholders.update(stems)
+        self.placeholders.update(f"{stem}.png" for stem in stems)
+        self.taken += 3 * len(stems)
+
+    def placeholders_left(self) -> int:
+        """How many placeholders are still where take_every_name put them (none may go)."""
+        outbox, failed, archive = (self.view(p) for p in (self.outbox, self.failed, self.archive))
+        stems = {p for p in self.placeholders if not p.endswith(".png")}
+        have = sum(1 for n in os.listdir(outbox) if n in self.placeholders and n.endswith(".png"))
+        for base in (failed, archive):
+            have += sum(1 for e in os.scandir(base) if e.name in stems and not os.listdir(e.path))
+        return have
 
     def ns(self, *cmd: str) -> None:
         assert self.holder is not None
@@ -219,6 +260,26 @@ class World:
 # ---------------------------------------------------------------------------- what is dropped
 
 
+class Reach(str, Enum):
+    """What an uploader does through a write handle it kept on a file the daemon claimed."""
+
+    SPARSE = "sparse"  # grown past the size limit without writing (truncate up): 8 TiB costs nothing
+    GROW = "grow"  # bytes appended
+    OVERWRITE = "overwrite"  # bytes replaced in place
+
+
+@dataclass(frozen=True)
+class HeldOpen:
+    """A second write handle on a drop's image (two sftp or SMB opens), used once it was claimed."""
+
+    reach: Reach
+    delay: float  # seconds after the claim (the file left the inbox): before, during or after the read
+    size: int  # SPARSE: the new length
+    offset: int  # GROW/OVERWRITE: where the bytes go
+    data: bytes
+    allowed: frozenset[str]  # sha256 of each version of the image a result may be made from
+
+
 @dataclass
 class Drop:
     """One name dropped into the inbox, and what must become of it."""
@@ -230,6 +291,8 @@ class Drop:
     files: list[str] = field(default_factory=list)  # top-level inbox entries it wrote (for the ledger)
     dropped_at: float = 0.0
     late: list[tuple[float, str, bytes]] = field(default_factory=list)  # (when, entry, bytes) written later
+    held: HeldOpen | None = None
+    exhausted: bool = False  # its name's numbered names are all taken: its records are NAME-<token>
 
 
 def _png(size: tuple[int, int] = (64, 64), seed: int = 0, mode: str = "RGB") -> bytes:
@@ -295,11 +358,35 @@ GOOD_KINDS = ("good", "good-jpg", "good-yaml", "good-folder", "good-folder-renam
 HOSTILE_KINDS = ("random-bytes", "truncated", "odd-format", "dds-no-mask", "unreadable", "unreadable-no-mask",
                  "billion-laughs", "deep-json", "huge-key", "control-name", "escape-name", "ambiguous", "symlink",
                  "size-mismatch", "fragmented", "costly", "animated", "ztxt", "huge-sof", "incomplete")
+HELD_OPEN_SHARE = 0.12  # drops whose image the uploader keeps a second write handle on (about 5 a fast run)
+
+
+def _held_open(rng: random.Random, image: bytes) -> HeldOpen:
+    """What the uploader's kept handle will do, and the versions a result may be made from:
+    the bytes as claimed, and as changed when the change stays within the size limit (the daemon
+    may read before or after it; it must never read past the limit, nor hash other bytes)."""
+    reach = rng.choice(list(Reach))
+    delay = rng.choice([0.0, rng.uniform(0.0, 1.5)])
+    size, offset, data, changed = 0, 0, b"", None
+    if reach is Reach.SPARSE:
+        size = rng.choice([MAX_INPUT_BYTES + 1, 8 << 40])
+    elif reach is Reach.GROW:
+        offset = len(image)
+        data = rng.randbytes(rng.choice([16, 4096, MAX_INPUT_BYTES]))
+        changed = image + data
+    else:
+        offset = rng.randrange(len(image))
+        data = rng.randbytes(rng.randint(1, 64))
+        changed = image[:offset] + data + image[offset + len(data):]
+    versions = [image] + ([changed] if changed is not None and len(changed) <= MAX_INPUT_BYTES else [])
+    return HeldOpen(reach, delay, size, offset, data, frozenset(hashlib.sha256(v).hexdigest() for v in versions))
 
 
 def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, dict[str, bytes | None]]:
     """A drop and its inbox entries ({relative path: bytes}; None = a folder, "->" symlinks handled by kind)."""
     kind = rng.choice(GOOD_KINDS) if rng.random() < 0.5 else rng.choice(HOSTILE_KINDS)
+    if rng.random() < HELD_OPEN_SHARE:
+        kind = "held-open"
     if kind.startswith("unreadable") and not can_chmod:
         kind = "random-bytes"
     name = _name(rng, index, kind)
@@ -314,11 +401,11 @@ def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, di
     seed = rng.randrange(1 << 16)
     files: dict[str, bytes | None] = {}
     drop = Drop(name=name, kind=kind, good=kind.startswith("good") and len(name.encode()) <= 255 - DERIVED_SUFFIX_BYTES,
-                may_succeed=kind == "ztxt")
+                may_succeed=kind in ("ztxt", "held-open"))
     prompt = b"a small red house"
     if kind in ("good", "good-late", "good-rewritten") or not kind.startswith("good") and kind in (
             "random-bytes", "truncated", "odd-format", "unreadable", "size-mismatch", "animated", "ztxt",
-            "huge-sof", "control-name", "escape-name", "symlink") or kind == "good-bidi":
+            "huge-sof", "control-name", "escape-name", "symlink", "held-open") or kind == "good-bidi":
         image = {
             "good": _png(seed=seed), "good-late": _png(seed=seed), "good-rewritten": _png(seed=seed),
             "good-bidi": _png(seed=seed), "random-bytes": os.urandom(rng.randint(1, 4096)),
@@ -327,9 +414,11 @@ def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, di
                                       b"\x00\x00\x01\x00\x01\x00" + b"\0" * 64]),
             "unreadable": _png(seed=seed), "size-mismatch": _png((80, 48), seed=seed), "animated": animated("GIF"),
             "ztxt": ztxt_bomb(), "huge-sof": jpeg_huge_sof(), "control-name": _png(seed=seed),
-            "escape-name": _png(seed=seed),
+            "escape-name": _png(seed=seed), "held-open": _png(seed=seed),
             "symlink": b"",
         }[kind]
+        if kind == "held-open":
+            drop.held = _held_open(rng, image)
         files[f"{name}.png"] = image
         files[f"{name}.mask.png"] = _mask()
         files[f"{name}.txt"] = prompt
@@ -392,7 +481,31 @@ def plan_drop(rng: random.Random, index: int, can_chmod: bool) -> tuple[Drop, di
     return drop, files
 
 
+def exhausted_name(seed: int) -> str:
+    return f"x{seed}-scan"
+
+
+def plan_exhausted(rng: random.Random, name: str, good: bool) -> tuple[Drop, dict[str, bytes | None]]:
+    """Another job under the name whose numbered names are all taken (a client that always
+    uploads scan.png): a good one (outbox and archive/) or one that fails (failed/)."""
+    seed = rng.randrange(1 << 16)
+    image = _png(seed=seed) if good else os.urandom(rng.randint(16, 2048))
+    kind = "exhausted-good" if good else "exhausted-bad"
+    drop = Drop(name=name, kind=kind, good=good, exhausted=True)
+    return drop, {f"{name}.png": image, f"{name}.mask.png": _mask(), f"{name}.txt": b"a scanned page"}
+
+
 # ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Handle:
+    """A kept write handle (HeldOpen) on a dropped image, waiting for the claim."""
+
+    drop: Drop
+    fd: int
+    inbox_path: Path
+    act_at: float | None = None  # once claimed: when to write through it
 
 
 @dataclass
@@ -407,6 +520,9 @@ class Run:
     drained_after: float | None = None
     namespace: str = "yes"
     report: "Report | None" = None
+    handles: list[Handle] = field(default_factory=list)
+    reached: dict[str, int] = field(default_factory=dict)  # Reach -> how often a kept handle wrote after a claim
+    peak_rss: int = 0
 
     @property
     def root(self) -> Path:
@@ -445,6 +561,55 @@ def _materialise(world: World, drop: Drop, files: dict[str, bytes | None], rng: 
     if drop.kind.startswith("unreadable"):
         os.chmod(inbox / f"{name}.png", 0)
     drop.files = sorted({rel.split("/", 1)[0] for rel in files})
+
+
+def _keep_handle(run: Run, drop: Drop) -> None:
+    """Open the second write handle right after the upload, before the daemon can claim it."""
+    path = run.world.view(run.world.inbox) / f"{drop.name}.png"
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return  # claimed within the instant: the uploader had no second handle this time
+    run.handles.append(Handle(drop, fd, path))
+
+
+def _use_handles(run: Run, now: float) -> None:
+    """Write through each kept handle once its file left the inbox (on Linux the open fd still
+    writes the claimed inode, as a second sftp or SMB handle does) and its delay passed."""
+    for handle in list(run.handles):
+        held = handle.drop.held
+        assert held is not None
+        if handle.act_at is None:
+            if os.path.lexists(handle.inbox_path):
+                continue
+            handle.act_at = now + held.delay
+        if now < handle.act_at:
+            continue
+        run.handles.remove(handle)
+        try:
+            if held.reach is Reach.SPARSE:
+                os.ftruncate(handle.fd, held.size)
+            else:
+                os.pwrite(handle.fd, held.data, held.offset)
+            run.reached[held.reach.value] = run.reached.get(held.reach.value, 0) + 1
+        except OSError:
+            pass  # a full disk refused the uploader's write: nothing changed
+        finally:
+            os.close(handle.fd)
+
+
+def _sample_rss(run: Run) -> None:
+    """The daemons' peak resident set (VmHWM: the kernel's own high-water mark, so a spike
+    between two samples is not missed)."""
+    for daemon in run.world.daemons:
+        if not daemon.alive():
+            continue
+        try:
+            for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    run.peak_rss = max(run.peak_rss, int(line.split()[1]) * 1024)
+        except OSError:
+            continue
 
 
 def write_drop(inbox: Path, drop: Drop, files: dict[str, bytes | None]) -> None:
@@ -494,13 +659,24 @@ def _chaos(run: Run, rng: random.Random, log: Callable[[str], None]) -> None:
     events += [(rng.uniform(0.1 * span, 0.9 * span), "kill") for _ in range(profile.kills)]
     if world.can_fault():
         events += [(rng.uniform(0.05 * span, 0.85 * span), "fault") for _ in range(profile.faults)]
+    # One name dropped again and again once NAME ... NAME-9999 are taken everywhere: at least one
+    # job that is published and archived and one that fails, so each folder's fallback is used.
+    exhausted = exhausted_name(profile.seed)
+    outcomes_wanted = [True, False][: profile.exhausted] + [rng.random() < 0.5 for _ in range(profile.exhausted - 2)]
+    rng.shuffle(outcomes_wanted)
+    if outcomes_wanted:
+        world.take_every_name(exhausted)
+    events += [(rng.uniform(0.05 * span, 0.8 * span), "exhaust") for _ in outcomes_wanted]
     events.sort()
     pending_ends: list[tuple[float, str]] = []
     restarts: list[tuple[float, int]] = []
     late: list[tuple[float, Drop, str, bytes]] = []
+    waiting: list[tuple[Drop, dict[str, bytes | None]]] = []  # a drop of a name whose last drop is still in the inbox
     index = 0
+    last_rss = 0.0
 
     def tick(now: float) -> None:
+        nonlocal last_rss
         for when, what in list(pending_ends):
             if when <= now:
                 pending_ends.remove((when, what))
@@ -517,6 +693,17 @@ def _chaos(run: Run, rng: random.Random, log: Callable[[str], None]) -> None:
             if when <= now and "fs" not in world.filled:
                 late.remove(item)
                 _write(world.view(world.inbox) / rel, data)
+        for drop, files in list(waiting):
+            inbox = world.view(world.inbox)
+            if "fs" not in world.filled and not any(os.path.lexists(inbox / rel) for rel in files):
+                waiting.remove((drop, files))
+                drop.dropped_at = time.monotonic()
+                _materialise(world, drop, files, rng, now)
+                run.drops.append(drop)
+        _use_handles(run, now)
+        if now - last_rss >= 1.0:
+            last_rss = now
+            _sample_rss(run)
         for i, daemon in enumerate(world.daemons):
             if daemon.proc is not None and not daemon.alive() and all(r[1] != i for r in restarts):
                 run.unexpected_exits.append(f"daemon {i} exited {daemon.proc.returncode}:\n{daemon.log_tail()}")
@@ -539,9 +726,14 @@ def _chaos(run: Run, rng: random.Random, log: Callable[[str], None]) -> None:
             _materialise(world, drop, files, rng, now)
             late += [(when, drop, rel, data) for when, rel, data in drop.late]
             run.drops.append(drop)
+            if drop.held is not None:
+                _keep_handle(run, drop)
+        elif what == "exhaust":
+            waiting.append(plan_exhausted(rng, exhausted, outcomes_wanted.pop()))
         elif what == "kill":
             alive = [i for i, d in enumerate(world.daemons) if d.alive()]
             if alive:
+                _sample_rss(run)  # its high-water mark goes with it
                 victim = rng.choice(alive)
                 world.daemons[victim].kill9()
                 run.kills += 1
@@ -556,8 +748,18 @@ def _chaos(run: Run, rng: random.Random, log: Callable[[str], None]) -> None:
                 world.fill(fault)
             run.faults[fault] = run.faults.get(fault, 0) + 1
             pending_ends.append((now + rng.uniform(0.5, 3.0), fault))
-    while pending_ends or restarts or late:
-        tick(time.monotonic() - start)
+    give_up = time.monotonic() - start + 60.0
+    while pending_ends or restarts or late or waiting or run.handles:
+        now = time.monotonic() - start
+        tick(now)
+        if now > give_up and not (pending_ends or restarts or late):
+            for handle in run.handles:
+                os.close(handle.fd)
+                run.unexpected_exits.append(f"{handle.drop.name!r} (held-open) never left the inbox")
+            for drop, _files in waiting:
+                run.unexpected_exits.append(f"the inbox never let go of {drop.name!r} for its next drop")
+            run.handles.clear()
+            waiting.clear()
         time.sleep(0.05)
     world.clear_faults()
     run.chaos_ended = time.monotonic()
@@ -592,11 +794,13 @@ def outcomes(world: World) -> dict[str, list[tuple[str, Path, dict[str, Any]]]]:
     found: dict[str, list[tuple[str, Path, dict[str, Any]]]] = {}
     outbox = world.view(world.outbox)
     for entry in os.scandir(outbox):
-        if entry.name.endswith(".json") and not entry.name.startswith("."):
+        if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.name not in world.placeholders:
             data = _load(Path(entry.path))
             found.setdefault(str(data.get("name")), []).append(("done", Path(entry.path), data))
     failed = world.view(world.failed)
     for entry in os.scandir(failed):
+        if entry.name in world.placeholders:
+            continue
         if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
             path = Path(entry.path) / "error.json"
             data = _load(path)
@@ -610,6 +814,38 @@ def _load(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {"_unreadable": str(exc)}
     return data if isinstance(data, dict) else {"_value": data}
+
+
+def _held_open_problems(drop: Drop, kind: str, data: dict[str, Any]) -> list[str]:
+    """A result from a file written through a kept handle must be made from a version the
+    daemon could check (its hash is of the claimed bytes, or of the changed ones when they stay
+    within the limit). A failure is its own code (input_too_large for a file grown past the
+    limit before the read, image_unreadable for bytes overwritten, name_too_long for its name);
+    internal_error is refused for every drop."""
+    if drop.held is None or kind == "failed":
+        return []
+    image = (data.get("inputs") or {}).get("image") or {}
+    if image.get("sha256") not in drop.held.allowed or int(image.get("bytes") or 0) > MAX_INPUT_BYTES:
+        return [(f"{drop.name!r} (held-open, {drop.held.reach.value}) was painted from bytes nobody checked: "
+                 f"sha256 {image.get('sha256')}, {image.get('bytes')} bytes")]
+    return []
+
+
+def _token_name(stem: str, name: str) -> bool:
+    """Whether stem is NAME-<8 hex digits> (core.jobs.distinct_names' fallback)."""
+    token = stem[len(name) + 1:]
+    return stem.startswith(f"{name}-") and len(token) == 8 and all(c in "0123456789abcdef" for c in token)
+
+
+def _exhausted_problems(drop: Drop, kind: str, path: Path, data: dict[str, Any]) -> list[str]:
+    """A job of the exhausted name gets NAME-<its job token> (core.jobs.distinct_names)."""
+    if not drop.exhausted:
+        return []
+    token = job_token(str(data.get("job_id", "")))
+    stem = path.stem if kind == "done" else path.parent.name
+    if stem != f"{drop.name}-{token}":
+        return [f"{drop.name!r} (exhausted) was recorded as {stem!r}, not {drop.name}-{token}"]
+    return []
 
 
 @dataclass
@@ -627,16 +863,24 @@ def check(run: Run) -> Report:
     lost = duplicated = 0
     codes: dict[str, int] = {}
     by_kind: dict[str, dict[str, int]] = {}
+    by_name: dict[str, list[Drop]] = {}
     for drop in run.drops:
-        got = found.get(drop.name, [])
-        if not got:
-            lost += 1
-            v.append(f"no outcome for {drop.name!r} ({drop.kind})")
-            continue
-        if len(got) > 1:
-            duplicated += 1
-            v.append(f"{len(got)} outcomes for {drop.name!r} ({drop.kind}): {[str(p) for _, p, _ in got]}")
-        for kind, path, data in got:
+        by_name.setdefault(drop.name, []).append(drop)
+    for name, drops in by_name.items():
+        got = found.get(name, [])
+        if len(got) < len(drops):
+            lost += len(drops) - len(got)
+            v.append(f"{len(drops) - len(got)} of {len(drops)} drops of {name!r} ({drops[0].kind}) have no outcome")
+        if len(got) > len(drops):
+            duplicated += len(got) - len(drops)
+            v.append(f"{len(got)} outcomes for {len(drops)} drops of {name!r} ({drops[0].kind}): "
+                     f"{[str(p) for _, p, _ in got]}")
+        # A name dropped more than once (the exhausted name) is one outcome per drop: results
+        # go with the drops that must succeed, failures with the others.
+        pairs = zip(sorted(drops, key=lambda d: not d.good), sorted(got, key=lambda o: o[0] != "done"))
+        for drop, (kind, path, data) in pairs:
+            v += _held_open_problems(drop, kind, data)
+            v += _exhausted_problems(drop, kind, path, data)
             label = "done" if kind == "done" else str(data.get("code"))
             by_kind.setdefault(drop.kind, {}).setdefault(label, 0)
             by_kind[drop.kind][label] += 1
@@ -660,6 +904,8 @@ def check(run: Run) -> Report:
     records: dict[str, list[Path]] = {}
     for base in (archive, failed):
         for folder in os.scandir(base):
+            if folder.name in world.placeholders:
+                continue
             if folder.name.startswith("."):
                 v.append(f"staging or temp entry left in {base.name}/: {folder.name}")
                 continue
@@ -674,19 +920,28 @@ def check(run: Run) -> Report:
                 v.append(f"failed/{folder.name} has no error.json")
             for child in inputs:
                 records.setdefault(child, []).append(Path(folder.path))
-    for drop in run.drops:
-        folder_kind = drop.kind in ("good-folder", "good-folder-renamed")
-        for entry in drop.files:
-            if folder_kind:
-                continue  # its contents (image.png ...) are the record's files; counted by outcome
-            where = records.get(entry, [])
-            if len(where) != 1:
-                v.append(f"input {entry!r} of {drop.name!r} is in {len(where)} records: {[str(p) for p in where]}")
+    expected = Counter(entry for drop in run.drops if drop.kind not in ("good-folder", "good-folder-renamed")
+                       for entry in drop.files)  # a folder's contents (image.png ...) are counted by outcome
+    for entry, times in expected.items():
+        where = records.get(entry, [])
+        if len(where) != times:
+            v.append(f"input {entry!r} is in {len(where)} records, dropped {times} times: {[str(p) for p in where]}")
+        exhausted = [d for d in run.drops if d.exhausted and entry in d.files]
+        for path in where if exhausted else []:
+            if not _token_name(path.name, exhausted[0].name):
+                v.append(f"a record of the exhausted name {exhausted[0].name!r} is {path.name!r}, not NAME-<job token>")
+    left = world.placeholders_left() if world.taken else 0
+    if left != world.taken:
+        v.append(f"only {left} of {world.taken} taken names are still as they were made")
+    if run.peak_rss > RSS_BOUND:
+        v.append(f"a daemon's peak RSS was {run.peak_rss / 2**30:.2f} GiB (bound {RSS_BOUND / 2**30:.0f} GiB)")
 
     # No temp file, orphan image or claim anywhere; the inbox holds only junk.
     outbox = world.view(world.outbox)
     names = os.listdir(outbox)
     for n in names:
+        if n in world.placeholders:
+            continue
         if n.startswith("."):
             v.append(f"temp file in the outbox: {n}")
         elif not n.endswith(".json") and f"{n.rsplit('.', 1)[0]}.json" not in names:
@@ -745,6 +1000,10 @@ def check(run: Run) -> Report:
         "lost": lost,
         "duplicated": duplicated,
         "largest_record_bytes": biggest,
+        "held_open_writes_after_claim": dict(sorted(run.reached.items())),
+        "exhausted_name_drops": sum(1 for d in run.drops if d.exhausted),
+        "taken_names_made": world.taken,
+        "peak_rss_mib": run.peak_rss >> 20,
         "drained_after_seconds": None if run.drained_after is None else round(run.drained_after, 1),
         "violations": len(v),
     }

@@ -22,4 +22,8 @@ def test_no_drop_kill_or_fault_gets_past_its_own_job(tiny_model: Path, tmp_path:
     print(json.dumps(report.figures, indent=2, ensure_ascii=False))
     assert report.figures["drops"] >= FAST.drops // 2
     assert report.figures["good"] > 0 and report.figures["hostile"] > 0
+    # Issue 22's classes were drawn: writes through a kept handle after a claim, and the name
+    # whose NAME ... NAME-9999 are taken in the outbox, failed/ and archive/.
+    assert sum(report.figures["held_open_writes_after_claim"].values()) > 0
+    assert report.figures["exhausted_name_drops"] == FAST.exhausted and report.figures["taken_names_made"] == 30_000
     assert not report.violations, "\n".join(report.violations[:40])
