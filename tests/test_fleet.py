@@ -344,3 +344,94 @@ def test_without_the_shares_marker_a_device_writes_no_heartbeat_and_creates_noth
     assert made and share_present(point) and init_share(point) == (marker, False)
     view.beat()
     assert (point / "state" / "dev0" / "heartbeat").stat().st_size == 512  # a fixed length
+
+
+# ---------------------------------------------------------------------------- forged state (issue 22)
+# The share's state/ is as untrusted as the inbox: a drop user who can write it plants ghost
+# devices (tests/fleet_forgery.py is the live run; these pin each defect it found).
+
+
+def _ghost(state: Path, device: str, beat: int = 7) -> Path:
+    folder = state / device
+    (folder / "claimed").mkdir(parents=True)
+    (folder / "heartbeat").write_bytes(json.dumps({"token": "t", "beat": beat}).encode().ljust(512))
+    return folder
+
+
+def _in_thread(call, timeout: float = 10.0):
+    """call() in a thread; fails the test (instead of hanging it) when it blocks."""
+    import threading
+
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), f"{call} blocked for {timeout} s"
+    return out[0]
+
+
+def test_a_fifo_as_a_ghosts_heartbeat_or_status_never_blocks_the_keeper_or_inpaintd_status(tmp_path: Path) -> None:
+    """Found by the forgery run: a FIFO planted as state/ghost/heartbeat blocked the keeper in
+    open(2) for ever; this device stopped beating and every job was held as share_unreachable.
+    A FIFO as status.json hung `inpaintd status` (and the metrics) the same way."""
+    from inpaintd.store.fleet import Fleet as FleetView
+
+    ghost = _ghost(tmp_path, "ghost")
+    (ghost / "heartbeat").unlink()
+    os.mkfifo(ghost / "heartbeat")
+    os.mkfifo(ghost / "status.json")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "heartbeat").symlink_to(tmp_path / "ghost" / "heartbeat")
+    me = FleetView(tmp_path, "dev0", 6, 1)
+    me.beat()
+    silence = _in_thread(me.observe)
+    assert "ghost" not in silence and "linked" not in silence  # no readable heartbeat: never judged
+    peers = _in_thread(me.peers)
+    assert {p.device: p.status for p in peers}["ghost"] == {}
+
+
+def test_a_ghosts_claimed_folder_linked_outside_the_share_is_never_listed_nor_emptied(tmp_path: Path) -> None:
+    """Found by the forgery run: take_claims listed state/ghost/claimed through a link and renamed
+    what it found there, so folders outside the share were moved into it. Links (the claimed/
+    folder, a claim folder, the device folder) are refused and logged, never followed."""
+    from inpaintd.store.fleet import Fleet as FleetView
+    from structlog.testing import capture_logs
+
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    (outside / "20261204T000000Z-deadbeef").mkdir(parents=True)
+    (state / "dev0" / "claimed").mkdir(parents=True)
+    ghost = _ghost(state, "ghost")
+    (ghost / "claimed").rmdir()
+    (ghost / "claimed").symlink_to(outside)
+    other = _ghost(state, "other")
+    (other / "claimed" / "20261204T000000Z-0badf00d").symlink_to(outside / "20261204T000000Z-deadbeef")
+    me = FleetView(state, "dev0", 6, 1)
+    with capture_logs() as logs:
+        assert me.take_claims("ghost") == [] and me.take_claims("other") == []
+        assert me.take_claims("other") == []  # logged once
+    assert os.listdir(outside) == ["20261204T000000Z-deadbeef"] and os.listdir(state / "dev0" / "claimed") == []
+    assert os.path.islink(other / "claimed" / "20261204T000000Z-0badf00d")
+    refused = [(e["device"], e["claim"]) for e in logs if e["event"] == "fleet.claim_refused"]
+    assert refused == [("ghost", "claimed"), ("other", "20261204T000000Z-0badf00d")]
+
+
+def test_a_forged_claim_is_refused_in_the_dead_devices_folder_and_a_sound_one_still_taken(tmp_path: Path) -> None:
+    """A claim whose record the spool would refuse is never renamed into ours (it used to be
+    taken, then found unreadable in our own claims at every start); a sound one still is."""
+    from inpaintd.store.fleet import Fleet as FleetView
+    from inpaintd.store.spool import Spool
+
+    state = tmp_path / "state"
+    (state / "dev0" / "claimed").mkdir(parents=True)
+    ghost = _ghost(state, "ghost")
+    record = {"schema": "inpaintd.claim/1", "name": "cat", "folder": None, "entries": ["cat.png"],
+              "files": {"image": "cat.png"}, "arrived": 1.0, "claimed": 1.0, "attempts": 0, "state": "claimed"}
+    for job_id, changes in (("20261204T000000Z-00000001", {"name": "../../pwned"}),
+                            ("20261204T000000Z-00000002", {}),
+                            ("20261204T000000Z-00000003", {"files": {"image": "/etc/hostname"}})):
+        (ghost / "claimed" / job_id / "inputs").mkdir(parents=True)
+        (ghost / "claimed" / job_id / "inputs" / "cat.png").write_bytes(b"png")
+        (ghost / "claimed" / job_id / "job.json").write_text(json.dumps({**record, "job_id": job_id, **changes}))
+    won = FleetView(state, "dev0", 6, 1).take_claims("ghost", Spool.claim_problem)
+    assert [p.name for p in won] == ["20261204T000000Z-00000002"]
+    assert sorted(os.listdir(ghost / "claimed")) == ["20261204T000000Z-00000001", "20261204T000000Z-00000003"]

@@ -328,3 +328,42 @@ def test_an_input_grown_sparse_to_8_tib_is_archived_across_filesystems_in_what_i
             assert handle.read() == b"tail"
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+@pytest.mark.parametrize("link", ["inputs", "claim"])
+def test_a_claim_whose_folder_or_inputs_is_a_link_outside_is_refused(dirs, tmp_path: Path, link: str) -> None:
+    """Found by the forgery run (issue 22): a forged claim whose inputs/ was a link to a folder
+    outside the share passed record_problem (its names are plain) and its files were read from
+    there (a secret as the prompt). The claim folder and its inputs/ must be real folders."""
+    inbox, spool = dirs
+    outside = tmp_path / "outside"
+    (outside / "inputs").mkdir(parents=True)
+    (outside / "inputs" / "secret.txt").write_text("someone else's secret")
+    job_id = "20261204T000000Z-deadbeef"
+    record = {"schema": "inpaintd.claim/1", "job_id": job_id, "name": "cat", "folder": None,
+              "entries": ["secret.txt"], "files": {"image": "secret.txt", "prompt": "secret.txt"},
+              "arrived": 1.0, "claimed": 1.0, "attempts": 0, "state": "claimed"}
+    (outside / "job.json").write_text(json.dumps(record))
+    ghost = spool.claimed / job_id
+    if link == "claim":
+        ghost.symlink_to(outside)
+    else:
+        ghost.mkdir()
+        (ghost / "inputs").symlink_to(outside / "inputs")
+        (ghost / "job.json").write_text(json.dumps(record))
+    assert Spool.claim_problem(ghost) is not None
+    assert spool.load(ghost) is None and spool.adopt(ghost, inbox) is None and spool.recover(inbox) == []
+    assert os.listdir(outside / "inputs") == ["secret.txt"]
+
+
+def test_a_claim_record_nested_too_deep_or_a_fifo_is_refused_without_blocking(dirs) -> None:
+    _inbox, spool = dirs
+    deep = spool.claimed / "20261204T000000Z-00000001"
+    deep.mkdir()
+    (deep / "job.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    fifo = spool.claimed / "20261204T000000Z-00000002"
+    fifo.mkdir()
+    os.mkfifo(fifo / "job.json")
+    assert "too deep" in (Spool.claim_problem(deep) or "")
+    assert "not a regular file" in (Spool.claim_problem(fifo) or "")
+    assert spool.load(deep) is None and spool.load(fifo) is None

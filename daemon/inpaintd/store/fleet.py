@@ -37,6 +37,7 @@ import os
 import re
 import secrets
 import socket
+import stat as stat_mod
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ from typing import Any, Callable
 
 import structlog
 
-from .fsutil import atomic_write_bytes
+from ..core.quoting import for_display
+from .fsutil import atomic_write_bytes, read_bounded
 
 log = structlog.get_logger("inpaintd.fleet")
 
@@ -81,10 +83,10 @@ def _check_share(root: Path) -> None:
     itself when it cannot be read (the share is mounted but does not answer)."""
     marker = root / SHARE_MARKER
     try:
-        record = json.loads(marker.read_bytes()[:100_000])
+        record = json.loads(read_bounded(marker, 100_000))
     except FileNotFoundError:
         record = None
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
     if not isinstance(record, dict) or record.get("schema") != SHARE_SCHEMA:
         raise ShareMissing(2, f"{marker} is missing: the share is not mounted "
@@ -162,15 +164,14 @@ def watch_beats(seen: dict[str, tuple[str, float]], values: dict[str, str | None
 
 
 def _beat_value(path: Path) -> str | None:
-    """The token and counter inside a heartbeat, read through a fresh open; None if unreadable."""
+    """The token and counter inside a heartbeat, read through a fresh open; None if unreadable.
+
+    A forged device folder (issue 22) may hold a FIFO there: a plain open would block the
+    keeper for ever, and with it this device's own heartbeat (every job then held as
+    share_unreachable); a link would be read through. Neither is a heartbeat."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.read(fd, BEAT_BYTES)
-        finally:
-            os.close(fd)
-        record = json.loads(data.rstrip(b" \0") or b"{}")
-    except (OSError, ValueError):
+        record = json.loads(read_bounded(path, BEAT_BYTES).rstrip(b" \0") or b"{}")
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(record, dict) or "beat" not in record:
         return None
@@ -200,6 +201,7 @@ class Fleet:
         self.count = 0  # our beat counter (in the file)
         self._seen: dict[str, tuple[str, float]] = {}  # device -> (its beat value, our clock when it changed)
         self._last_look: float | None = None
+        self._refused: set[tuple[str, str]] = set()  # (device, claim) refused already: logged once
 
     @property
     def my_dir(self) -> Path:
@@ -264,7 +266,7 @@ class Fleet:
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
             try:
-                beats[entry.name] = os.stat(Path(entry.path) / HEARTBEAT).st_mtime
+                beats[entry.name] = os.lstat(Path(entry.path) / HEARTBEAT).st_mtime
             except OSError:
                 beats[entry.name] = None
         return beats
@@ -302,38 +304,84 @@ class Fleet:
         except OSError:
             return []
 
-    def take_claims(self, dead: str) -> list[Path]:
-        """Rename each claim folder of a dead device into ours; the folders we won."""
+    def take_claims(self, dead: str, problem: Callable[[Path], str | None] = lambda path: None) -> list[Path]:
+        """Rename each claim folder of a dead device into ours; the folders we won.
+
+        The share's state/ is as untrusted as the inbox (issue 22: a forged device folder). The
+        device's folder and its claimed/ are opened without following links and the renames
+        start from that open folder, so a claimed/ linked outside the share is never listed nor
+        emptied; only real folders are taken, and only those `problem` (the spool's check of
+        the record, which changes nothing) finds sound. A refused claim is logged once
+        (fleet.claim_refused) and left where it is: it was never this fleet's.
+        """
         source = self.root / dead / "claimed"
         target = self.my_dir / "claimed"
         won: list[Path] = []
         try:
-            names = sorted(os.listdir(source))
-        except OSError:
+            folder = _open_folder(self.root, (dead, "claimed"))
+        except FileNotFoundError:
             return won
-        for name in names:
-            if name.startswith("."):
-                continue
-            try:
-                os.rename(source / name, target / name)
-            except FileNotFoundError:
-                continue  # another device took it first
-            except OSError as exc:
-                if (target / name).is_dir() and not (source / name).exists():
-                    won.append(target / name)  # the rename happened; the reply was lost
-                else:
-                    log.warning("fleet.take_failed", device=dead, claim=name, error=str(exc))
-                continue
-            won.append(target / name)
+        except OSError as exc:
+            self._refuse(dead, "claimed", f"not a folder ({exc.strerror or exc})")
+            return won
+        try:
+            names = sorted(os.listdir(folder))
+            for name in names:
+                if name.startswith(".") or (dead, name) in self._refused:
+                    continue
+                try:
+                    mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    continue
+                why = "not a folder (a link or a file)" if not stat_mod.S_ISDIR(mode) else problem(source / name)
+                if why is not None:
+                    self._refuse(dead, name, why)
+                    continue
+                try:
+                    os.rename(name, target / name, src_dir_fd=folder)
+                except FileNotFoundError:
+                    continue  # another device took it first
+                except OSError as exc:
+                    if (target / name).is_dir() and not (source / name).exists():
+                        won.append(target / name)  # the rename happened; the reply was lost
+                    else:
+                        log.warning("fleet.take_failed", device=dead, claim=name, error=str(exc))
+                    continue
+                won.append(target / name)
+        finally:
+            os.close(folder)
         return won
+
+    def _refuse(self, device: str, claim: str, why: str) -> None:
+        if (device, claim) in self._refused:
+            return
+        self._refused.add((device, claim))
+        log.warning("fleet.claim_refused", device=for_display(device), claim=for_display(claim), reason=for_display(why),
+                    note="not a claim this fleet made (forged, or broken); left where it is, never taken over")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A small JSON record another device wrote (its status.json, a heartbeat): {} when it is
+    unreadable, not a regular file (a FIFO would block `inpaintd status` and the metrics),
+    a link, or over 1 MB."""
     try:
-        data = json.loads(path.read_bytes()[:1_000_000])
-    except (OSError, ValueError):
+        data = json.loads(read_bounded(path, 1_000_000))
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _open_folder(root: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of root/parts[0]/parts[1]..., each part opened without following a link
+    (ELOOP or ENOTDIR when one is a link or not a folder)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in parts:
+        try:
+            fd_next = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = fd_next
+    return fd
 
 
 class Keeper(threading.Thread):
@@ -378,7 +426,7 @@ class Keeper(threading.Thread):
                     for claim in self.spool.recover_claiming(self.inbox):
                         self.put(claim)
                 for dead in self.fleet.dead_peers():
-                    for path in self.fleet.take_claims(dead):
+                    for path in self.fleet.take_claims(dead, self.spool.claim_problem):
                         claim = self.spool.adopt(path, self.inbox)
                         if claim is not None:
                             log.warning("fleet.took_over", from_device=dead, job=claim.name, job_id=claim.job_id,

@@ -74,6 +74,23 @@ def atomic_write_bytes(path: Path, data: bytes, *, overwrite: bool = True) -> No
     fsync_dir(path.parent)
 
 
+def read_bounded(path: Path, limit: int) -> bytes:
+    """A small record file (job.json, a heartbeat, status.json) read back from a folder others
+    can write: never through a link (O_NOFOLLOW on its last part), never blocking (a FIFO is
+    opened O_NONBLOCK and refused as not a regular file), never more than `limit` bytes.
+    OSError when it cannot be opened, ValueError when it is not a regular file or too large."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{os.path.basename(path)} is not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{os.path.basename(path)} is larger than {limit} bytes")
+    return data
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -42,7 +42,7 @@ import structlog
 from ..core.errors import ConfigError, JobError, StrEnum
 from ..core.jobs import name_problem
 from ..core.quoting import quote, record_json
-from .fsutil import atomic_write_bytes, fsync_dir, same_filesystem
+from .fsutil import atomic_write_bytes, fsync_dir, read_bounded, same_filesystem
 
 log = structlog.get_logger("inpaintd.spool")
 
@@ -327,10 +327,7 @@ class Spool:
 
     def load(self, path: Path) -> Claim | None:
         try:
-            record = json.loads(_read_bounded(path / "job.json", MAX_RECORD_BYTES).decode("utf-8"))
-            problem = record_problem(record, path.name)
-            if problem:
-                raise ValueError(problem)
+            record = _read_claim(path)
         except FileNotFoundError:
             inputs = path / INPUTS
             if not inputs.exists() or not any(inputs.iterdir()):
@@ -342,6 +339,18 @@ class Spool:
             log.error("spool.unreadable_claim", path=str(path), error=str(exc))
             return None
         return Claim(path, record)
+
+    @staticmethod
+    def claim_problem(path: Path) -> str | None:
+        """Why the claim folder at `path` (another device's, before a take-over) cannot be
+        trusted, or None; reads its job.json (bounded) and changes nothing."""
+        try:
+            _read_claim(path)
+        except FileNotFoundError:
+            return "job.json is missing"
+        except (OSError, ValueError) as exc:
+            return str(exc)
+        return None
 
     def save(self, claim: Claim) -> None:
         self._save_record(claim, claim.record)
@@ -471,18 +480,27 @@ def record_problem(record: Any, folder_name: str) -> str | None:
     return None
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
-    """A small record file, never following a link nor reading past `limit`."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+def _read_claim(path: Path) -> dict[str, Any]:
+    """A claim folder's validated record. The folder and its inputs/ must be real folders, not
+    links: every path of the job is built under them (a forged inputs/ linked to a folder
+    outside the share would make its names, valid as they are, read files there)."""
+    for folder in (path, path / INPUTS):
+        try:
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            if folder == path:
+                raise
+            continue  # a claim whose inputs/ was never made (a crash before it) has no paths yet
+        if not stat_mod.S_ISDIR(mode):
+            raise ValueError(f"{folder.name} is not a folder (a link or a file)")
     try:
-        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("job.json is not a regular file")
-        data = os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"job.json is larger than {limit} bytes")
-    return data
+        record = json.loads(read_bounded(path / "job.json", MAX_RECORD_BYTES).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("job.json nests too deep") from None
+    problem = record_problem(record, path.name)
+    if problem:
+        raise ValueError(problem)
+    return record
 
 
 def _owner(inbox: Path, entry: str) -> int:
