@@ -27,7 +27,13 @@ Phases:
            interleavings of good jobs and hostile material, SIGKILLs at random moments, the disk
            filled, the archive's disk filled, the outbox made read-only; then every invariant of
            tests/chaos.py is checked (exactly one result per good job, one record per input, no
-           temp file or orphan, no record over 1 MiB, drained within a bound).
+           temp file or orphan, no record over 1 MiB, drained within a bound); with issue 22's
+           classes: a second write handle used after the claim, one name with NAME ... NAME-9999
+           taken in the outbox, failed/ and archive/.
+  forgery  issue 22: FORGERY_ROUNDS rounds of ghost devices planted in a fleet share's state/
+           (tests/fleet_forgery.py: hostile job.json, links out of the share, FIFOs) while real
+           jobs arrive: nothing outside the share changes or reaches a record, the daemon never
+           blocks, every forged claim is refused and left in place, every real job done once.
 
 Prints a summary table and writes it (Markdown) with --markdown. Exit status 0 only when nothing
 was lost and every check held.
@@ -409,11 +415,44 @@ def phase_chaos(model: Path, work: Path, seed: int, drops: int, kills: int, faul
         "filesystem faults (namespace)": str(figures["namespace_faults"]),
         "largest record (bytes)": str(figures["largest_record_bytes"]),
         "drained after the chaos (s)": str(figures["drained_after_seconds"]),
+        "writes through a kept handle after the claim": ", ".join(
+            f"{k} {n}" for k, n in figures["held_open_writes_after_claim"].items()),
+        "drops of the name with NAME ... NAME-9999 taken": f"{figures['exhausted_name_drops']} "
+                                                          f"({figures['taken_names_made']} names taken)",
+        "peak daemon RSS (MiB)": str(figures["peak_rss_mib"]),
         "outcomes by kind": "; ".join(f"{k}: {', '.join(f'{c} {n}' for c, n in v.items())}"
                                       for k, v in figures["outcomes_by_kind"].items()),
     }
     result.checks["every invariant held (see tests/chaos.py)"] = not report.violations
     result.problems = report.violations[:20]
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def phase_forgery(model: Path, work: Path, seed: int, rounds: int) -> PhaseResult:
+    """tests/fleet_forgery.py's long profile: ghost devices in a shared state/, real jobs flowing."""
+    from dataclasses import replace
+
+    import fleet_forgery
+
+    profile = replace(fleet_forgery.LONG, seed=seed, rounds=rounds)
+    result = PhaseResult("forgery: ghost devices in a shared state/ (fleet mode)")
+    started = time.monotonic()
+    run = fleet_forgery.run_forgery(work / "forgery", model, profile, log=say)
+    figures = run.figures
+    result.jobs = figures["real_jobs"]
+    result.done = figures["real_done"]
+    result.lost = figures["real_jobs"] - figures["real_done"]
+    result.faults = {"ghost devices planted": figures["ghosts"]}
+    result.figures = {
+        "kinds of forgery": str(figures["kinds"]),
+        "ghosts by fate": ", ".join(f"{k} {n}" for k, n in figures["fates"].items()),
+        "fleet.claim_refused events": str(figures["refused_events"]),
+        "own heartbeats during the run": str(figures["own_beats"]),
+        "inpaintd status answered in (s)": str(figures["status_seconds"]),
+    }
+    result.checks["every invariant held (see tests/fleet_forgery.py)"] = not run.violations
+    result.problems = run.violations[:20]
     result.seconds = time.monotonic() - started
     return result
 
@@ -572,8 +611,8 @@ def table(results: list[PhaseResult], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phases", default="kill,load,hostile,chaos,fleet,pauses",
-                        help="comma list of kill, load, hostile, chaos, fleet")
+    parser.add_argument("--phases", default="kill,load,hostile,chaos,forgery,fleet,pauses",
+                        help="comma list of kill, load, hostile, chaos, forgery, fleet, pauses")
     parser.add_argument("--fleet-jobs", type=int, default=600, help="jobs in the fleet phase (default 600)")
     parser.add_argument("--pause-repeats", type=int, default=5,
                         help="pauses per point and length in the pauses phase (default 5)")
@@ -581,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chaos-kills", type=int, default=30, help="SIGKILLs in the chaos phase (default 30)")
     parser.add_argument("--chaos-faults", type=int, default=24, help="filesystem faults in the chaos phase (default 24)")
     parser.add_argument("--chaos-seconds", type=float, default=420.0, help="length of the chaos (default 420)")
+    parser.add_argument("--forgery-rounds", type=int, default=12,
+                        help="rounds of ghost devices in the forgery phase (default 12)")
     parser.add_argument("--kills", type=int, default=52, help="SIGKILLs in the kill phase (default 52)")
     parser.add_argument("--load", type=int, default=500, help="jobs dropped at once (default 500)")
     parser.add_argument("--burst", type=int, default=50, help="jobs dropped during processing (default 50)")
@@ -612,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         elif phase == "chaos":
             results.append(phase_chaos(model, work, args.seed, args.chaos_drops, args.chaos_kills, args.chaos_faults,
                                        args.chaos_seconds))
+        elif phase == "forgery":
+            results.append(phase_forgery(model, work, args.seed, args.forgery_rounds))
         else:
             parser.error(f"unknown phase {phase}")
         say(f"phase {phase}: {'PASS' if results[-1].ok else 'FAIL'}")
