@@ -14,7 +14,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -447,16 +446,18 @@ def test_a_kill_mid_copy_to_an_archive_on_another_disk_is_finished_by_the_next_a
     claim = claimed(place, folder=folder)
     originals = {p.name: p.read_bytes() for p in claim.inputs.rglob("*") if p.is_file()}
     with tempfile.TemporaryDirectory(dir="/dev/shm") as archive:
-        real = shutil.copyfileobj
+        from inpaintd.store import fsutil
 
-        def interrupted(src, dst, length=0):
-            dst.write(src.read(stop_after_bytes))
+        real = fsutil._copy_range
+
+        def interrupted(src, dst, start, end):  # the copy loop since holes are kept (fsutil._copy_data)
+            os.pwrite(dst, os.pread(src, stop_after_bytes, start), start)
             raise Stop
 
-        monkeypatch.setattr(shutil, "copyfileobj", interrupted)
+        monkeypatch.setattr(fsutil, "_copy_range", interrupted)
         with pytest.raises(Stop):
             archive_inputs(spool, claim, Path(archive), "archive")
-        monkeypatch.setattr(shutil, "copyfileobj", real)
+        monkeypatch.setattr(fsutil, "_copy_range", real)
         again = spool.load(claim.dir)
         target = archive_inputs(spool, again, Path(archive), "archive")
         assert target == Path(archive) / "cat"
