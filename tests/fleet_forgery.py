@@ -235,6 +235,9 @@ def plant(rng: random.Random, run: Run, kind: Forgery, index: int) -> Ghost:
         _heartbeat(folder / "heartbeat", device)
     if kind is Forgery.FIFO_STATUS:
         os.mkfifo(folder / "status.json")
+    elif kind is Forgery.WRONG_TYPES:  # its status.json too: inpaintd status shows it as unknown
+        status = {"state": ["busy"], "current": rng.choice(["pwned", ["x"], {"name": {"x": 1}}]), "queue_length": "9"}
+        (folder / "status.json").write_text(json.dumps(status))
     if kind in (Forgery.CLAIMED_SYMLINK,):
         return ghost
     claim = claimed / job_id

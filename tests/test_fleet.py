@@ -435,3 +435,15 @@ def test_a_forged_claim_is_refused_in_the_dead_devices_folder_and_a_sound_one_st
     won = FleetView(state, "dev0", 6, 1).take_claims("ghost", Spool.claim_problem)
     assert [p.name for p in won] == ["20261204T000000Z-00000002"]
     assert sorted(os.listdir(ghost / "claimed")) == ["20261204T000000Z-00000001", "20261204T000000Z-00000003"]
+
+
+@pytest.mark.parametrize("current", ["pwned", ["x"], {"name": {"x": 1}}, 7])
+def test_a_ghosts_status_of_the_wrong_types_is_listed_as_unknown_not_a_crash(current) -> None:
+    """`inpaintd status` lists every device's status.json; a forged one whose `current` was a
+    string crashed it (AttributeError)."""
+    from inpaintd.cli import _device_row
+    from inpaintd.store.fleet import Peer
+
+    row = _device_row(Peer("ghost", 99.0, {"state": ["busy"], "current": current, "queue_length": "9"}), lease=6)
+    assert row == {"device": "ghost", "heartbeat_age_seconds": 99.0, "presumed_dead": True, "state": None,
+                   "current": None, "queue_length": None}

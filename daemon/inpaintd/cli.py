@@ -264,16 +264,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     me = fleet.device_id(config.fleet.device_id)
     state = status.read_status(config.paths.state / me)
     view = fleet.Fleet(config.paths.state, me, config.fleet.lease_seconds, config.fleet.heartbeat_seconds)
-    devices = [{"device": p.device, "heartbeat_age_seconds": None if p.age is None else round(p.age, 1),
-                "presumed_dead": p.dead(config.fleet.lease_seconds), "state": p.status.get("state"),
-                "current": (p.status.get("current") or {}).get("name"), "queue_length": p.status.get("queue_length")}
-               for p in view.peers()]
+    devices = [_device_row(p, config.fleet.lease_seconds) for p in view.peers()]
     if args.json:
         print(record_json({**state, "device": me, "devices": devices}))
     else:
         print(status.format_status(state))
         print(status.format_devices(me, devices))
     return EXIT_OK
+
+
+def _device_row(peer: fleet.Peer, lease: float) -> dict[str, Any]:
+    """One device as `inpaintd status` lists it. Its status.json is another device's file on the
+    share (or a forged one, issue 22): a value of the wrong type is shown as unknown, never a crash."""
+    current = peer.status.get("current")
+    state, queued = peer.status.get("state"), peer.status.get("queue_length")
+    return {"device": peer.device, "heartbeat_age_seconds": None if peer.age is None else round(peer.age, 1),
+            "presumed_dead": peer.dead(lease), "state": state if isinstance(state, str) else None,
+            "current": current.get("name") if isinstance(current, dict) and isinstance(current.get("name"), str)
+            else None,
+            "queue_length": queued if isinstance(queued, int) and not isinstance(queued, bool) else None}
 
 
 def _cmd_init_share(args: argparse.Namespace) -> int:
