@@ -436,6 +436,23 @@ def test_an_input_grown_after_its_check_is_archived_on_another_disk_at_most_max_
 
 
 @other_fs
+def test_a_drop_rejected_as_too_large_is_filed_whole_on_another_disk(place) -> None:
+    """The cut above is for what passed the check: a drop rejected at intake (input_too_large:
+    never within the limit) is the uploader's file, filed whole in failed/ on another disk."""
+    import tempfile
+
+    root, spool = place
+    data = os.urandom(3 << 20)
+    (root / "inbox" / "big.png").write_bytes(data)
+    rejection = {"code": "input_too_large", "message": "too large", "details": {}}
+    claim = spool.claim_rejected(root / "inbox", "big", ["big.png"], None, 1000.0, rejection)
+    error = JobError("input_too_large", "too large", {})
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as failed:
+        target = records.fail_claim(spool, claim, error, Path(failed), time.time(), max_bytes=1 << 20)
+        assert target is not None and (target / "big.png").read_bytes() == data
+
+
+@other_fs
 @pytest.mark.parametrize("folder", [False, True])
 @pytest.mark.parametrize("stop_after_bytes", [0, 1, 100_000])
 def test_a_kill_mid_copy_to_an_archive_on_another_disk_is_finished_by_the_next_attempt(

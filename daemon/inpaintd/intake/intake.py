@@ -370,8 +370,7 @@ class Intake(threading.Thread):
         self._folders_left = self._folders_left or folder is not None
         error = JobError(rejected.code, rejection["message"], rejection["details"])
         try:
-            path = records.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time(),
-                                      max_bytes=self.config.limits.max_input_bytes)
+            path = records.fail_claim(self.spool, claim, error, self.config.paths.failed, time.time())
         except Exception as exc:  # noqa: BLE001 - the worker holds and retries it
             log.warning("job.failed_later", job=rejected.name, job_id=claim.job_id, code=rejected.code,
                         error=shorten(str(exc)), note="claimed; recorded in failed/ once it can be written")

@@ -259,7 +259,10 @@ def fail_claim(spool: Spool, claim: Claim, error: JobError, failed: Path, now: f
                 **(extra or {}),
             )
             spool.mark(claim, ClaimState.FAILING, error=record)
-        return _file_away(spool, claim, failed, claim.record["error"], max_bytes)
+        # A drop rejected at intake was never found within the limit (input_too_large is one of
+        # them): it is filed whole, however large; only a copy of what passed the check is cut.
+        bound = None if "rejection" in claim.record else max_bytes
+        return _file_away(spool, claim, failed, claim.record["error"], bound)
     except OSError as exc:
         _taken_over(exc, claim)
         trouble = transient(exc, failed, "failed")
