@@ -418,3 +418,32 @@ def test_folders_and_loose_files_differing_in_case_clash():
 def test_unrelated_names_stay_apart():
     result = plan(seen_at(0.0, "a.png", "a.mask.png", "b.png", "b.mask.png", "å.png", "å.mask.png"), 5.0, RULES)
     assert sorted(j.name for j in result.ready) == ["a", "b", "å"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ENTRY, min_size=1, max_size=12), st.data())
+def test_a_part_taken_away_is_activity_in_its_job_and_holds_the_rest_back(entries, data):
+    """Another daemon on the inbox claims a job part by part, or rolls back a claim that lost a
+    part: the look that sees a part gone never rejects or takes what is left of that job (the
+    chaos run once recorded one drop twice that way)."""
+    seen: dict[str, Seen] = {}
+    for name, t, kind, nlink, writing, alpha in entries:
+        if "/" in name.rstrip("/"):
+            continue
+        path = name.rstrip("/")
+        seen[path] = Seen(stat(path, Kind.DIR if name.endswith("/") else Kind.FILE, nlink=nlink), first_seen=t,
+                          changed_at=t, writing=False, alpha=alpha)
+    if not seen:
+        return
+    gone = data.draw(st.sampled_from(sorted(seen)))
+    now = 1000.0  # every entry long past settle and incomplete timeouts
+    after = observe(seen, [s.stat for p, s in seen.items() if p != gone], {}, now)
+    parsed = parse_name(gone)
+    key = job_key(parsed[0] if parsed else gone)
+    p = plan(after, now, RULES)
+    for job in p.ready:
+        assert job_key(job.name) != key, (gone, job)
+    for rejected in p.rejected:
+        assert all(job_key((parse_name(e) or (e, ""))[0]) != key for e in rejected.entries), (gone, rejected)
+    # Held back as fresh activity (settle, then the incomplete timeout), never for ever.
+    assert not plan(after, now + RULES.incomplete_timeout, RULES).waiting

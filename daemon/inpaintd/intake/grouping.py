@@ -181,7 +181,21 @@ def observe(
             writing=writing,
             alpha=prev.alpha if not changed else None,
         )
+    # A part that vanished is activity in its job: another daemon on this inbox is claiming it
+    # part by part (or rolling a lost race back). Judged now, the parts left would look like an
+    # incomplete job of their own and be recorded apart from the part that comes back.
+    gone = {_group_key(path) for path in seen if "/" not in path and path not in result}
+    if gone:
+        for path, s in result.items():
+            if "/" not in path and _group_key(path) in gone:
+                result[path] = replace(s, changed_at=now)
     return result
+
+
+def _group_key(name: str) -> str:
+    """The job a top-level entry would join in plan (a folder's or an unknown file's own name)."""
+    parsed = parse_name(name)
+    return job_key(parsed[0]) if parsed is not None else job_key(name)
 
 
 def merge_hint(previous: Hint | None, new: Hint) -> Hint:
