@@ -80,6 +80,7 @@ print(\"cpuinfo (a Raspberry Pi 5 capture in place of the host one):\", cpu_fact
 say "inpaintd demo (embedded tiny model, compute dtype fp32: INPAINTD_CPU_BF16=0 as on a Pi 5)"
 in_root 'cd /src && INPAINTD_CPU_BF16=0 timeout 3600 .venv/bin/inpaintd demo --dir /tmp/demo' && demo=ok || demo="failed ($?)"
 say "tests: $TESTS"
-in_root "cd /src && INPAINTD_CPU_BF16=0 timeout 7200 .venv/bin/python -m pytest -q -p no:cacheprovider $TESTS" \
+# Not the CPU-time bounds against blow-ups (every instruction is translated, 5-20x slower).
+in_root "cd /src && INPAINTD_CPU_BF16=0 timeout 7200 .venv/bin/python -m pytest -q -p no:cacheprovider -m 'not cost_bound' $TESTS" \
   && tests=ok || tests="failed ($?)"
 say "done: demo $demo, tests $tests, $(( $(date +%s) - start )) s in all"

@@ -244,6 +244,7 @@ def test_tiny_images_use_the_whole_side_and_a_work_size_of_their_own_aspect():
         assert aspect_error(region) <= Fraction(1, 50)
 
 
+@pytest.mark.cost_bound
 def test_speckle_mask_gives_few_regions_quickly():
     rng = np.random.default_rng(0)
     mask = rng.random((3000, 4000)) < 0.001
@@ -254,6 +255,7 @@ def test_speckle_mask_gives_few_regions_quickly():
     assert len(regions) <= 1024
 
 
+@pytest.mark.cost_bound
 def test_region_finding_on_a_big_sparse_mask_is_fast():
     mask = np.zeros((3000, 4000), dtype=bool)
     for k in range(20):
