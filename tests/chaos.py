@@ -238,7 +238,9 @@ class World:
             self.ns("mount", "--bind", str(self.outbox), str(self.outbox))
             self.ns("mount", "-o", "remount,ro,bind", str(self.outbox))
         elif not on and self.read_only:
-            self.ns("umount", str(self.outbox))
+            # A daemon may hold the folder open at this instant (fsync of the directory): EBUSY.
+            # Detached lazily, its open descriptor keeps the old view and every new path the rw one.
+            self.ns("umount", "-l", str(self.outbox))
         self.read_only = on
 
     def clear_faults(self) -> None:
